@@ -4,7 +4,7 @@ from medflowad.flows.actnorm import ActNorm
 from medflowad.flows.base import FlowSequence, InvertibleLayer
 from medflowad.flows.conv1x1 import InvConv1x1
 from medflowad.flows.coupling import AdditiveCoupling, AffineCoupling
-from medflowad.flows.glow import Glow, GlowConfig, GlowOutput
+from medflowad.flows.glow import Glow, GlowConfig, GlowOutput, class_mixture_log_prob
 from medflowad.flows.prior import LearnedGaussianPrior
 from medflowad.flows.squeeze import Squeeze
 
@@ -20,4 +20,5 @@ __all__ = [
     "InvertibleLayer",
     "LearnedGaussianPrior",
     "Squeeze",
+    "class_mixture_log_prob",
 ]

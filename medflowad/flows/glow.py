@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -79,6 +80,11 @@ class GlowOutput:
     def log_prob(self) -> torch.Tensor:
         """log p(x) = c_1 + ... + c_L: (B,), or (B, K) per class."""
         return self.contributions.sum(dim=-1)
+
+
+def class_mixture_log_prob(log_p_given_class: torch.Tensor) -> torch.Tensor:
+    """log((1/K) sum_c p(x | c)) from (B, K) per-class log-likelihoods."""
+    return torch.logsumexp(log_p_given_class, dim=-1) - math.log(log_p_given_class.shape[-1])
 
 
 def _flow_step(channels: int, hidden: int, coupling: str) -> FlowSequence:

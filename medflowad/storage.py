@@ -1,0 +1,114 @@
+"""Model folders and checkpoints: safetensors for tensors, YAML/JSON for everything else, written atomically.
+
+A model folder holds ``model.safetensors`` and ``config.yaml`` (the resolved run configuration, whose
+``model`` section rebuilds the architecture). Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from medflowad.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from medflowad.flows.glow import Glow
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.yaml"
+
+
+class ModelFolderError(ValueError):
+    """A model folder that is missing, incomplete or does not match its configuration."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelFolderError(f"{path}: cannot read safetensors file ({exc})") from exc
+
+
+def save_model(model: Glow, config: RunConfig, folder: Path) -> None:
+    folder = Path(folder)
+    write_yaml(folder / MODEL_CONFIG, config_to_dict(config))
+    write_tensors(folder / MODEL_WEIGHTS, model.state_dict(), metadata={"format": "medflowad-glow"})
+
+
+def read_model_config(folder: Path) -> RunConfig:
+    folder = Path(folder)
+    path = folder / MODEL_CONFIG
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: model folder does not exist")
+    if not path.exists():
+        raise ModelFolderError(f"{folder}: not a model folder (no {MODEL_CONFIG})")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise ModelFolderError(f"{path}: {exc}") from exc
+
+
+def load_weights(model: Glow, path: Path) -> None:
+    """Load a state dict saved by :func:`save_model` into ``model``; mismatches are clear errors."""
+    state = read_tensors(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+        )
+        raise ModelFolderError(f"{path}: weights do not fit the configured architecture ({detail})")
+    model.load_state_dict(state)
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Glow, RunConfig]:
+    """Rebuild the Glow of a model folder in eval mode on ``device``."""
+    folder = Path(folder)
+    config = read_model_config(folder)
+    weights = folder / MODEL_WEIGHTS
+    if not weights.exists():
+        raise ModelFolderError(f"{folder}: no {MODEL_WEIGHTS} (training not finished?)")
+    model = Glow(config.model)
+    load_weights(model, weights)
+    return model.to(device).eval(), config

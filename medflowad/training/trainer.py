@@ -1,0 +1,381 @@
+"""Maximum-likelihood training of Glow, with the outlier and supervised losses of METHOD.md.
+
+All randomness of step ``s`` (batch order, augmentation, dequantisation noise) is drawn from generators
+seeded by ``(seed, s)``, so a run resumed from a checkpoint continues exactly as if uninterrupted.
+Losses are optimised in bits/dim units: the outlier terms of METHOD.md (nats) are divided by D ln 2,
+the same factor as the NLL, which leaves the objective unchanged up to a positive constant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from medflowad.config import ConfigError, RunConfig, config_to_dict
+from medflowad.data.augment import random_hflip, random_translate
+from medflowad.data.natural import ImageSet, load_image_set
+from medflowad.devices import resolve_device
+from medflowad.flows.glow import Glow, class_mixture_log_prob
+from medflowad.scores import likelihoods
+from medflowad.storage import (
+    MODEL_CONFIG,
+    ModelFolderError,
+    load_model,
+    load_weights,
+    read_tensors,
+    save_model,
+    write_json,
+    write_tensors,
+    write_yaml,
+)
+from medflowad.training.losses import outlier_bce, outlier_margin, wrong_class_bce
+from medflowad.units import bits_per_dim, to_model_input
+
+log = logging.getLogger("medflowad.train")
+
+CHECKPOINT = "checkpoint.safetensors"
+MAX_CONSECUTIVE_SKIPS = 50
+# Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",)}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, inconsistent resume, unusable data)."""
+
+
+@dataclass
+class TrainData:
+    train: ImageSet
+    test: ImageSet | None = None
+    general: ImageSet | None = None
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    skipped_steps: int
+    train_bpd: float
+    test_bpd: float | None
+    images_per_second: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (stable across runs and platforms)."""
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class _BatchSampler:
+    """Epoch-wise shuffled batches; batch ``s`` depends only on (seed, stream, s)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int) -> None:
+        self.n, self.batch_size, self.seed, self.stream = n, min(batch_size, n), seed, stream
+        self.per_epoch = max(1, n // self.batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(_mix(self.seed, self.stream, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+def load_train_data(config: RunConfig) -> TrainData:
+    if not config.data.train:
+        raise ConfigError("no training data: set data.train in the config or pass --train-data")
+    shape = dict(channels=config.model.in_channels, size=config.model.image_size)
+    data = TrainData(load_image_set(config.data.train, **shape))
+    if config.data.test:
+        data.test = load_image_set(config.data.test, **shape)
+        if config.data.test_limit and len(data.test) > config.data.test_limit:
+            pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(config.seed))
+            data.test = ImageSet(data.test.images[pick[: config.data.test_limit]],
+                                 data.test.labels[pick[: config.data.test_limit]], data.test.class_names,
+                                 data.test.source)
+    if config.outlier.enabled:
+        data.general = load_image_set(config.data.general, **shape)
+    return data
+
+
+def _make_optimizer(model: Glow, config: RunConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.Adamax if config.optim.optimizer == "adamax" else torch.optim.Adam
+    return cls(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+
+
+def _lr_at(step: int, config: RunConfig) -> float:
+    warm = config.optim.warmup_steps
+    return config.optim.lr * min(1.0, (step + 1) / warm) if warm > 0 else config.optim.lr
+
+
+def _save_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, entries in opt_state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    meta = {"state": state, "param_groups": opt_state["param_groups"], "optim_scalars": scalars}
+    write_tensors(path, tensors, metadata={"medflowad": json.dumps(meta)})
+
+
+def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get("medflowad", "{}"))
+    if "state" not in meta:
+        raise TrainingError(f"{path}: not a medflowad checkpoint")
+    tensors = read_tensors(path)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    for index, entries in meta["optim_scalars"].items():
+        opt_state.setdefault(int(index), {}).update(entries)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    return meta["state"]
+
+
+def _check_resumable(out_dir: Path, config: RunConfig) -> None:
+    import yaml
+
+    stored = yaml.safe_load((out_dir / MODEL_CONFIG).read_text())
+    current = config_to_dict(config)
+    differences = []
+    for section, values in current.items():
+        if isinstance(values, dict):
+            differences += [(section, k) for k, v in values.items() if stored.get(section, {}).get(k) != v]
+        elif stored.get(section) != values:
+            differences.append((section,))
+    blocking = [".".join(d) for d in differences if d not in RESUMABLE_CHANGES]
+    if blocking:
+        raise TrainingError(
+            f"{out_dir} holds a checkpoint of a different run (changed: {', '.join(blocking)}); "
+            "choose another output folder or delete that one"
+        )
+
+
+class _Objective:
+    """Computes the step loss (bits/dim units) for the configured variant."""
+
+    def __init__(self, model: Glow, general: Glow | None, config: RunConfig) -> None:
+        self.model, self.general, self.config = model, general, config
+        self.num_dims = config.model.num_dims
+        self.nats_to_bpd = 1.0 / (self.num_dims * math.log(2))
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None, x_general: torch.Tensor | None):
+        cfg, out_cfg = self.config, self.config.outlier
+        parts: dict[str, float] = {}
+        if cfg.supervised:
+            per_class = self.model(x).log_prob  # (B, K)
+            log_p_in = per_class.gather(1, labels[:, None]).squeeze(1)
+        else:
+            log_p_in = self.model(x).log_prob
+        nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
+        loss = nll_bpd
+        parts["bpd"] = nll_bpd.item()
+        if cfg.supervised and self.general is not None:
+            with torch.no_grad():
+                log_p_g_in = self.general(x).log_prob
+            negatives = wrong_class_bce(per_class, log_p_g_in, labels, out_cfg.temperature)
+            loss = loss + out_cfg.weight * negatives * self.nats_to_bpd
+            parts["class_bce"] = negatives.item()
+        if x_general is not None:
+            out_g = self.model(x_general)
+            log_p_in_g = class_mixture_log_prob(out_g.log_prob) if cfg.supervised else out_g.log_prob
+            if out_cfg.kind == "bce":
+                with torch.no_grad():
+                    log_p_g_g = self.general(x_general).log_prob
+                term = outlier_bce(log_p_in_g, log_p_g_g, out_cfg.temperature)
+            else:
+                term = outlier_margin(-log_p_in, -log_p_in_g, out_cfg.margin)
+            loss = loss + out_cfg.weight * term * self.nats_to_bpd
+            parts["outlier"] = term.item()
+        return loss, parts
+
+
+def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) the run described by ``config`` into ``out_dir``.
+
+    ``stop_after`` ends the loop early after that many total steps, leaving a checkpoint as an
+    interruption would (used to test exact resumption).
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT
+    if checkpoint_path.exists():
+        _check_resumable(out_dir, config)
+    write_yaml(out_dir / MODEL_CONFIG, config_to_dict(config))
+    _attach_log_file(out_dir)
+    device = resolve_device(config.device)
+    data = data or load_train_data(config)
+    _check_data(data, config)
+
+    torch.manual_seed(config.seed)
+    model = Glow(config.model)
+    if config.init_from:
+        load_weights(model, Path(config.init_from) / "model.safetensors")
+        log.info("initialised from %s", config.init_from)
+    model.to(device).train()
+    general = None
+    needs_general = (config.outlier.enabled and config.outlier.kind == "bce") or config.supervised
+    if config.general_model and needs_general:
+        general, general_cfg = load_model(Path(config.general_model), device)
+        if general_cfg.model.image_size != config.model.image_size or \
+                general_cfg.model.in_channels != config.model.in_channels:
+            raise ModelFolderError(f"{config.general_model}: general model input differs from this model's")
+        general.requires_grad_(False)
+    optimizer = _make_optimizer(model, config)
+
+    state = {"step": 0, "skipped_steps": 0, "history": [], "train_seconds": 0.0, "images_seen": 0}
+    if checkpoint_path.exists():
+        state = _load_checkpoint(checkpoint_path, model, optimizer)
+        log.info("resumed from %s at step %d", checkpoint_path, state["step"])
+
+    objective = _Objective(model, general, config)
+    sampler = _BatchSampler(len(data.train), config.optim.batch_size, config.seed, stream=0)
+    general_sampler = (_BatchSampler(len(data.general), config.outlier.batch_size, config.seed, stream=1)
+                       if data.general is not None else None)
+    total_steps = config.optim.steps
+    last_step = min(total_steps, stop_after) if stop_after is not None else total_steps
+    consecutive_skips = 0
+    running_bpd = None
+    test_bpd = None
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not show_progress,
+    )
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=state["step"], status="")
+        while state["step"] < last_step:
+            step = state["step"]
+            started = time.perf_counter()
+            gen = torch.Generator().manual_seed(_mix(config.seed, 2, step))
+            idx = sampler.indices(step)
+            x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
+            labels = data.train.labels[idx].to(device) if config.supervised else None
+            x_general = None
+            if general_sampler is not None:
+                g_idx = general_sampler.indices(step)
+                x_general = _augment_and_dequantize(data.general.images[g_idx], config, gen).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            loss, parts = objective(x, labels, x_general)
+            skipped = not torch.isfinite(loss)
+            if not skipped:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                limit = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
+                skipped = not torch.isfinite(grad_norm)
+                if not skipped:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if skipped:
+                state["skipped_steps"] += 1
+                consecutive_skips += 1
+                log.warning("step %d skipped: non-finite loss or gradient (%d skipped so far)",
+                            step, state["skipped_steps"])
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    raise TrainingError(f"training diverged: {consecutive_skips} consecutive steps with "
+                                        f"non-finite loss or gradients at step {step}; lower optim.lr")
+            else:
+                consecutive_skips = 0
+                running_bpd = parts["bpd"] if running_bpd is None else 0.98 * running_bpd + 0.02 * parts["bpd"]
+            state["step"] = step + 1
+            state["train_seconds"] += time.perf_counter() - started
+            state["images_seen"] += len(x) + (len(x_general) if x_general is not None else 0)
+            ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
+            status = f"loss {loss.item():.3f}  bpd {running_bpd or float('nan'):.3f}  {ips:.0f} img/s"
+            progress.update(task, completed=state["step"], status=status)
+
+            finished = state["step"] == total_steps
+            if data.test is not None and (state["step"] % config.eval_every == 0 or finished):
+                test_bpd = _test_bpd(model, data.test, config)
+                model.train()
+                entry = {"step": state["step"], "train_bpd": running_bpd, "test_bpd": test_bpd,
+                         "images_per_second": ips, **parts}
+                state["history"].append(entry)
+                log.info("step %d: train bpd %.4f, test bpd %.4f, %.1f img/s",
+                         state["step"], running_bpd or float("nan"), test_bpd, ips)
+            if state["step"] % config.checkpoint_every == 0 or finished or state["step"] == last_step:
+                _save_checkpoint(checkpoint_path, model, optimizer, state)
+
+    ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
+    result = TrainResult(out_dir, state["step"], state["skipped_steps"], running_bpd or float("nan"),
+                         test_bpd, ips, state["history"])
+    if state["step"] == total_steps:
+        save_model(model.eval(), config, out_dir)
+        write_json(out_dir / "metrics.json", {
+            "steps": state["step"],
+            "skipped_steps": state["skipped_steps"],
+            "train_bpd_running": running_bpd,
+            "test_bpd": test_bpd,
+            "test_images": len(data.test) if data.test is not None else 0,
+            "images_per_second": ips,
+            "train_seconds": state["train_seconds"],
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+            "history": state["history"],
+        })
+        log.info("finished: %d steps, %d skipped, model in %s", state["step"], state["skipped_steps"], out_dir)
+    return result
+
+
+def _augment_and_dequantize(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
+    if config.data.translate > 0:
+        images = random_translate(images, config.data.translate, gen)
+    if config.data.hflip:
+        images = random_hflip(images, gen)
+    noise = torch.rand(images.shape, generator=gen)
+    return to_model_input(images, noise)
+
+
+def _test_bpd(model: Glow, test: ImageSet, config: RunConfig) -> float:
+    result = likelihoods(model, test.images, batch_size=256)
+    return float(bits_per_dim(torch.from_numpy(result.log_prob), config.model.num_dims).mean())
+
+
+def _check_data(data: TrainData, config: RunConfig) -> None:
+    if config.supervised:
+        labels = data.train.labels
+        if (labels < 0).any() or (labels >= config.model.num_classes).any():
+            raise TrainingError(f"{data.train.source}: supervised training needs labels in "
+                                f"0..{config.model.num_classes - 1}, found {labels.min()}..{labels.max()}")
+    if len(data.train) == 0:
+        raise TrainingError(f"{data.train.source}: no training images")
+
+
+def _attach_log_file(out_dir: Path) -> None:
+    path = (out_dir / "train.log").resolve()
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
+            return
+    for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
