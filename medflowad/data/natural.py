@@ -7,6 +7,7 @@ A data set is named by a *spec*: a path, optionally followed by ``::SUBDIR`` to 
     cifar-10-batches-py::test   CIFAR-10 python batches (``::train`` = data_batch_1..5)
     cifar-100-python::train     CIFAR-100 python batches
     test_32x32.mat              SVHN cropped digits (format 2)
+    $MEDFLOWAD_DATA/natural/flowers32.zip::all   environment variables are expanded
     arrays.npz                  ``images`` or ``x`` (N,H,W[,C] or N,C,H,W uint8), optional ``labels``/``y``
 
 CIFAR batches are Python pickles: they are read with an unpickler that only admits the plain
@@ -16,6 +17,7 @@ containers and numpy array reconstruction they need, never arbitrary objects.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -57,7 +59,11 @@ class ImageSet:
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
-    path, _, subdir = str(spec).partition("::")
+    """``PATH[::SUBDIR]`` -> (path, subdir); environment variables such as $MEDFLOWAD_DATA are expanded."""
+    expanded = os.path.expandvars(str(spec))
+    if "$" in expanded:
+        raise DataError(f"{spec}: environment variable not set ({expanded})")
+    path, _, subdir = expanded.partition("::")
     return Path(path).expanduser(), subdir.strip("/")
 
 

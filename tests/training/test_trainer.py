@@ -138,3 +138,24 @@ def test_config_errors_are_specific(blobs_npz):
         tiny_config(blobs_npz, outlier__enabled=True, data__general=str(blobs_npz))
     with pytest.raises(ConfigError, match="expected float"):
         config_from_dict({"optim": {"lr": "fast"}})
+
+
+def test_atomic_write_leaves_no_partial_file_and_normal_permissions(tmp_path):
+    import os
+
+    from medflowad.storage import atomic_write, write_text
+
+    target = tmp_path / "out.txt"
+    write_text(target, "old")
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)

@@ -1,0 +1,1 @@
+"""The ``medflowad`` command line (installed as the package ``medflowad.cli``)."""

@@ -1,0 +1,87 @@
+"""The command line: help, info, a tiny train -> evaluate round trip, and clean errors."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from medflowad.cli.app import app
+
+runner = CliRunner()
+
+
+def test_console_script_help_runs():
+    exe = shutil.which("medflowad")
+    if exe is None:
+        pytest.skip("medflowad console script not installed (pip install -e .)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_train_help_and_info():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "--outlier-loss" in result.output
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "torch" in result.output and "default device" in result.output
+
+
+def _tiny_config(tmp_path, train, test):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"in_channels": 3, "image_size": [8, 8], "levels": 2, "steps": 1, "hidden": 8},
+        "data": {"train": str(train), "test": str(test), "translate": 0.0, "test_limit": 0},
+        "optim": {"steps": 6, "batch_size": 16, "warmup_steps": 2, "lr": 1e-3},
+        "device": "cpu", "checkpoint_every": 3, "eval_every": 3,
+    }))
+    return path
+
+
+def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, stripes_npz):
+    config = _tiny_config(tmp_path, blobs_npz, blobs_test_npz)
+    general = runner.invoke(app, ["train", "-c", str(config), "-o", str(tmp_path / "g"), "-q",
+                                  "--train-data", str(stripes_npz)])
+    assert general.exit_code == 0, general.output
+    result = runner.invoke(app, ["train", "-c", str(config), "-o", str(tmp_path / "m"), "-q", "--steps", "4",
+                                 "--init-from", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert "test bits/dim" in result.output
+    saved = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    assert saved["optim"]["steps"] == 4 and saved["init_from"] == str(tmp_path / "g")
+
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "m"), "--general-model", str(tmp_path / "g"),
+                                 "--in", str(blobs_test_npz), "--ood", f"stripes={stripes_npz}",
+                                 "-o", str(tmp_path / "eval"), "-q"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    scores = {row["score"] for row in metrics["rows"]}
+    assert {"nll", "llr", "last_scale", "c_1", "c_2", "input_complexity", "nll_general"} <= scores
+    assert all(0.0 <= row["auroc"] <= 1.0 for row in metrics["rows"])
+    assert set(metrics["spearman"]) == {"in", "stripes"}
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "| stripes (n=128) |" in table
+    assert (tmp_path / "eval" / "scores_stripes.npz").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "-o", "x", "-c", "does_not_exist"], "no config file or preset"),
+    (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "b=c.npz"], "model folder does not exist"),
+    (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "bad"], "NAME=SPEC"),
+])
+def test_errors_are_one_line_without_traceback(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_training_data_is_named(tmp_path, blobs_test_npz):
+    config = _tiny_config(tmp_path, tmp_path / "absent.npz", blobs_test_npz)
+    result = runner.invoke(app, ["train", "-c", str(config), "-o", str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 2
+    assert "absent.npz: no such file" in result.output
