@@ -134,6 +134,9 @@ def evaluate(
     ood: Annotated[list[str], typer.Option(help="NAME=SPEC of an out-of-distribution set; repeatable.")],
     general_model: Annotated[Path | None, typer.Option(help="General model folder (enables llr).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, scores.")] = None,
+    score: Annotated[list[str] | None, typer.Option(
+        help="Report only this score (nll, llr, last_scale, c_1.., input_complexity, nll_general); repeatable.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Random subset of at most N images per set.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -145,7 +148,7 @@ def evaluate(
     from medflowad.evaluation import evaluate_ood
 
     report = evaluate_ood(model, in_data, _parse_named_sets(ood), general_model, out, batch_size, device,
-                          limit, input_complexity, show_progress=not quiet)
+                          limit, input_complexity, show_progress=not quiet, only=score)
     _print_report(report)
     if out is not None:
         console.print(f"results: [bold]{out / 'table.md'}[/], {out / 'metrics.json'}")

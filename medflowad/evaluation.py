@@ -68,9 +68,12 @@ def _subsample(data: ImageSet, limit: int | None, seed: int) -> ImageSet:
 def evaluate_ood(
     model_dir: Path, in_spec: str, ood_specs: dict[str, str], general_model_dir: Path | None = None,
     out_dir: Path | None = None, batch_size: int = 128, device: str = "auto", limit: int | None = None,
-    input_complexity: bool = True, seed: int = 0, show_progress: bool = True,
+    input_complexity: bool = True, seed: int = 0, show_progress: bool = True, only: list[str] | None = None,
 ) -> EvaluationReport:
-    """Score the in-distribution test set and each OOD set; metrics per (OOD set, score)."""
+    """Score the in-distribution test set and each OOD set; metrics per (OOD set, score).
+
+    ``only`` restricts the reported scores (all that the models allow by default).
+    """
     if not ood_specs:
         raise ValueError("give at least one out-of-distribution set")
     started = time.perf_counter()
@@ -108,8 +111,13 @@ def evaluate_ood(
             report.bits_per_dim[name] = _bpd_summary(p_in, p_g, in_cfg.model.num_dims)
             if p_g is not None:
                 report.spearman[name] = float(spearmanr(p_in.log_prob, p_g.log_prob).statistic)
+    available = _ordered_scores(set(all_scores["in"]))
+    reported = available if not only else list(dict.fromkeys(only))
+    unknown = [s for s in reported if s not in available]
+    if unknown:
+        raise ValueError(f"score(s) {', '.join(unknown)} not available here (available: {', '.join(available)})")
     for name in ood_specs:
-        for score in _ordered_scores(set(all_scores["in"])):
+        for score in reported:
             metrics = detection_metrics(all_scores["in"][score], all_scores[name][score])
             report.rows.append({"set": name, "score": score, **metrics})
     report.seconds = time.perf_counter() - started

@@ -49,7 +49,7 @@ def likelihoods(
     model.eval()
     log_probs, contribs, maps = [], [], []
     for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start : start + batch_size]).to(device)
+        x = to_model_input(images[start : start + batch_size].to(device))  # move uint8: 4x less traffic
         out = model(x)
         if model.config.num_classes:
             per_class = out.log_prob  # (B, K)

@@ -14,7 +14,7 @@ def random_translate(images: torch.Tensor, max_fraction: float, generator: torch
     if max_fraction <= 0:
         return images
     b, _, h, w = images.shape
-    max_dy, max_dx = int(round(max_fraction * h)), int(round(max_fraction * w))
+    max_dy, max_dx = round(max_fraction * h), round(max_fraction * w)
     if max_dy == 0 and max_dx == 0:
         return images
     padded = F.pad(images.float(), (max_dx, max_dx, max_dy, max_dy), mode="reflect").to(images.dtype)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +131,7 @@ def _stack_images(arrays: list[np.ndarray], names: list[str], source: str) -> to
             raise DataError(f"{name}: image is {arr.shape[:2]}, the others are {first[:2]}; "
                             "pass an image size to resize")
     stacked = np.stack(fixed)
-    if stacked.ndim == 3:
-        stacked = stacked[:, None]
-    else:
-        stacked = stacked.transpose(0, 3, 1, 2)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(stacked))
 
 
@@ -187,7 +185,7 @@ def _load_disk_folder(root: Path, size) -> ImageSet:
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Admits only what CIFAR batches contain: builtin containers and numpy array reconstruction."""
 
-    _ALLOWED = {
+    _ALLOWED: typing.ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

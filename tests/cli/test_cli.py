@@ -6,9 +6,8 @@ import subprocess
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from medflowad.cli.app import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -66,6 +65,16 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
     assert "| stripes (n=128) |" in table
     assert (tmp_path / "eval" / "scores_stripes.npz").exists()
 
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "m"), "--in", str(blobs_test_npz),
+                                 "--ood", f"stripes={stripes_npz}", "--score", "last_scale", "--score", "nll",
+                                 "-o", str(tmp_path / "eval2"), "-q", "--no-input-complexity"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["rows"]
+    assert [r["score"] for r in rows] == ["last_scale", "nll"]
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "m"), "--in", str(blobs_test_npz),
+                                 "--ood", f"stripes={stripes_npz}", "--score", "llr", "-q"])
+    assert result.exit_code == 2 and "llr not available" in result.output
+
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "-o", "x", "-c", "does_not_exist"], "no config file or preset"),
@@ -85,3 +94,17 @@ def test_missing_training_data_is_named(tmp_path, blobs_test_npz):
     result = runner.invoke(app, ["train", "-c", str(config), "-o", str(tmp_path / "m"), "-q"])
     assert result.exit_code == 2
     assert "absent.npz: no such file" in result.output
+
+
+def test_cli_reference_is_current(tmp_path):
+    """docs/cli.md is generated from the Typer app; regenerate it when this fails (command in docs/README.md)."""
+    from pathlib import Path
+
+    exe = shutil.which("typer")
+    if exe is None:
+        pytest.skip("typer command not installed")
+    out = tmp_path / "cli.md"
+    subprocess.run([exe, "medflowad.cli.app", "utils", "docs", "--name", "medflowad", "--output", str(out)],
+                   check=True, capture_output=True)
+    committed = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    assert out.read_text() == committed.read_text()

@@ -115,7 +115,7 @@ def test_corrupt_image_names_file(tmp_path):
     root = tmp_path / "imgs" / "a"
     root.mkdir(parents=True)
     (root / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png: cannot decode"):
+    with pytest.raises(DataError, match=r"broken\.png: cannot decode"):
         load_image_set(str(tmp_path / "imgs"))
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medflowad.scores import Likelihoods, scores_from_likelihoods
 from medflowad.flows.glow import class_mixture_log_prob
+from medflowad.scores import Likelihoods, scores_from_likelihoods
 from medflowad.training.losses import outlier_bce, outlier_margin, wrong_class_bce
 from medflowad.units import bits_per_dim
 

@@ -62,7 +62,7 @@ def test_resume_refuses_a_different_run(tmp_path, blobs_npz):
     config = tiny_config(blobs_npz, optim__steps=6)
     train(config, tmp_path / "run", show_progress=False, stop_after=2)
     changed = tiny_config(blobs_npz, optim__steps=6, optim__lr=1e-4)
-    with pytest.raises(TrainingError, match="optim.lr"):
+    with pytest.raises(TrainingError, match=r"optim\.lr"):
         train(changed, tmp_path / "run", show_progress=False)
 
 
