@@ -86,7 +86,8 @@ class RunConfig:
             raise ConfigError("optim.steps and optim.batch_size must be positive")
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys and wrong types are errors."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
@@ -98,7 +99,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{where}.{name}")
+            kwargs[name] = build_dataclass(hint, value, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
     try:
@@ -124,7 +125,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def config_from_dict(values: dict, where: str = "config") -> RunConfig:
-    config = _build(RunConfig, values, where)
+    config = build_dataclass(RunConfig, values, where)
     config.validate()
     return config
 

@@ -8,6 +8,7 @@ A data set is named by a *spec*: a path, optionally followed by ``::SUBDIR`` to 
     cifar-100-python::train     CIFAR-100 python batches
     test_32x32.mat              SVHN cropped digits (format 2)
     $MEDFLOWAD_DATA/natural/flowers32.zip::all   environment variables are expanded
+    pool/                       a slice set (medflowad pool build, MRI model data)
     arrays.npz                  ``images`` or ``x`` (N,H,W[,C] or N,C,H,W uint8), optional ``labels``/``y``
 
 CIFAR batches are Python pickles: they are read with an unpickler that only admits the plain
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from medflowad.data.slice_sets import is_slice_set, load_slice_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -80,6 +83,9 @@ def load_image_set(spec: str, channels: int | None = None, size: tuple[int, int]
         data = _load_npz(path)
     elif name.endswith(".zip"):
         data = _load_zip_folder(path, subdir, size)
+    elif is_slice_set(path):
+        images, source_index, _ = load_slice_set(path)
+        data = ImageSet(images, torch.full((len(images),), -1, dtype=torch.long))
     elif path.is_dir() and _is_cifar_dir(path):
         data = _load_cifar_dir(path, subdir or "train")
     elif path.is_file() and _looks_like_cifar_batch(path):

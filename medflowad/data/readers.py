@@ -1,0 +1,197 @@
+"""Reading scans into MONAI MetaTensors whose ``affine`` maps voxel indices to RAS world millimetres.
+
+Readers are chosen by format, MONAI style: NIfTI through MONAI's ``NibabelReader``; DICOM series
+folders, NRRD and MetaImage through :class:`SimpleITKReader`, a MONAI ``ImageReader`` built on
+SimpleITK (whose LPS geometry is converted to RAS). For a DICOM folder with several series, the one
+with the most slices is read unless a series UID is given; slice order comes from the image
+geometry (GDCM), never from file names.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader, NibabelReader
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class ScanError(ValueError):
+    """A scan that cannot be read or processed; the message starts with the file name."""
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def is_dicom_file(path: Path) -> bool:
+    """DICOM part-10 files carry 'DICM' at byte 128; extension-less exports are common."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(path: Path) -> bool:
+    return path.is_dir() and any(is_dicom_file(f) for f in sorted(path.iterdir())[:20] if f.is_file())
+
+
+def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders into scan paths: volume files, and DICOM folders as one scan each."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            found.append(path)  # reported as unreadable by the caller, with its name
+        elif path.is_file():
+            found.append(path)
+        elif is_dicom_folder(path):
+            found.append(path)
+        else:
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES and _suffix(child) != ".raw":
+                    found.append(child)
+                elif child.is_dir() and is_dicom_folder(child):
+                    found.append(child)
+    return list(dict.fromkeys(found))
+
+
+def scan_id(path: Path) -> str:
+    """File name without the volume suffix, used to name outputs."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 affine from voxel (i, j, k) = SimpleITK index (x, y, z) to RAS millimetres."""
+    dim = image.GetDimension()
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    spacing = np.array(image.GetSpacing(), dtype=np.float64)
+    origin = np.array(image.GetOrigin(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:dim, :dim] = direction * spacing[None, :]
+    affine[:dim, 3] = origin
+    return LPS_TO_RAS @ affine
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI reader for DICOM series folders, NRRD and MetaImage files, via SimpleITK."""
+
+    def __init__(self, series_uid: str | None = None) -> None:
+        super().__init__()
+        self.series_uid = series_uid
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        names = [filename] if isinstance(filename, (str, Path)) else list(filename)
+        return all(_suffix(Path(n)) in ITK_SUFFIXES or Path(n).is_dir() for n in names)
+
+    def read(self, data: Sequence[str] | str, **kwargs) -> sitk.Image:
+        path = Path(data if isinstance(data, (str, Path)) else data[0])
+        if path.is_dir():
+            return self._read_series(path)
+        return sitk.ReadImage(str(path))
+
+    def _read_series(self, folder: Path) -> sitk.Image:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if not series:
+            raise ScanError(f"{folder}: no DICOM image series found")
+        if self.series_uid is not None:
+            if self.series_uid not in series:
+                raise ScanError(f"{folder}: series {self.series_uid} not found (has {', '.join(series)})")
+            chosen = self.series_uid
+        else:
+            chosen = max(series, key=lambda uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)))
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        return reader.Execute()
+
+    def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise ScanError(f"expected a single-component image, got {img.GetNumberOfComponentsPerPixel()}")
+        array = sitk.GetArrayFromImage(img)  # (z, y, x)
+        array = np.ascontiguousarray(array.transpose(tuple(reversed(range(array.ndim)))))
+        affine = sitk_affine_ras(img)
+        meta = {
+            "affine": affine, "original_affine": affine.copy(), "spatial_shape": np.array(array.shape),
+            "original_channel_dim": float("nan"), "space": "RAS",
+        }
+        return array, meta
+
+
+def load_scan(path: str | Path, series_uid: str | None = None) -> MetaTensor:
+    """Read a 3D scan as a float32 MetaTensor of shape (1, X, Y, Z) with its RAS affine.
+
+    A 2D image stored as a volume file (X, Y) becomes (1, X, Y, 1).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(f"{path}: no such file or folder")
+    suffix = _suffix(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            reader: ImageReader = NibabelReader()
+        elif suffix in ITK_SUFFIXES or path.is_dir() or is_dicom_file(path):
+            reader = SimpleITKReader(series_uid)
+        else:
+            raise ScanError(f"{path}: unsupported scan format '{suffix or 'no extension'}' "
+                            "(NIfTI, DICOM folder, NRRD, MHA/MHD)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("nibabel").setLevel(logging.ERROR)
+            array, meta = reader.get_data(reader.read(str(path)))
+    except ScanError as exc:
+        message = str(exc)
+        raise ScanError(message if message.startswith(str(path)) else f"{path}: {message}") from exc
+    except Exception as exc:  # readers raise many unrelated types on damaged files
+        raise ScanError(f"{path}: cannot read scan ({type(exc).__name__}: {exc})") from exc
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ScanError(f"{path}: expected a 3D volume, got array of shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise ScanError(f"{path}: non-numeric voxel type {array.dtype}")
+    data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if not torch.isfinite(data).all():
+        data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    affine = torch.as_tensor(np.asarray(meta["affine"], dtype=np.float64))
+    return MetaTensor(data, affine=affine, meta={"filename_or_obj": str(path)})
+
+
+def load_image_2d(path: str | Path) -> np.ndarray:
+    """A 2D picture (PNG/JPEG/...) or single-frame DICOM as a float32 (H, W) grey array, display orientation."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if is_dicom_file(path):
+            import pydicom
+
+            ds = pydicom.dcmread(str(path))
+            array = ds.pixel_array.astype(np.float32)
+            if array.ndim == 3:  # multi-frame: middle frame, or colour: luma
+                array = array[len(array) // 2] if array.shape[-1] not in (3, 4) else array[..., :3].mean(-1)
+            return array * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError, ValueError, AttributeError) as exc:
+        raise ScanError(f"{path}: cannot read image ({exc})") from exc

@@ -1,0 +1,171 @@
+"""Scan preprocessing for 2D-slice models, and the way back to the scan's native grid.
+
+Geometry steps are MONAI transforms on a MetaTensor, so the affine of the model grid is tracked
+exactly; maps computed on the model grid go back to the native grid by resampling through world
+coordinates (MONAI ``ResampleToMatch``), which inverts every step at once.
+
+Steps: orient to RAS -> optional resampling to a target spacing -> foreground mask (given or
+automatic) -> percentile normalisation inside the foreground -> in-plane square crop around the
+foreground -> resize to ``image_size`` x ``image_size`` -> 8-bit quantisation -> axial slices.
+Slices are laid out in radiological display orientation (anterior up, patient right on the left),
+the orientation of 2D image sets, so volumes and pictures can share one general pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, ResampleToMatch, Resize, ResizeWithPadOrCrop, Spacing, SpatialCrop
+from scipy import ndimage
+
+from medflowad.data.readers import ScanError
+
+
+@dataclass(frozen=True)
+class ScanPreprocessing:
+    """Preprocessing settings; stored in every MRI model folder so scoring repeats them exactly."""
+
+    image_size: int = 64
+    target_spacing: tuple[float, float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    foreground_threshold: float = 0.1  # automatic mask: fraction of the 99th intensity percentile
+    min_foreground: float = 0.1  # slices with a smaller foreground share are not scored
+    margin: float = 0.05  # in-plane crop margin, fraction of the foreground extent
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_spacing"] = list(self.target_spacing) if self.target_spacing else None
+        d["percentiles"] = list(self.percentiles)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ScanPreprocessing:
+        values = dict(values)
+        if values.get("target_spacing") is not None:
+            values["target_spacing"] = tuple(values["target_spacing"])
+        values["percentiles"] = tuple(values.get("percentiles", cls.percentiles))
+        return cls(**values)
+
+
+@dataclass
+class PreparedScan:
+    """A scan ready for a slice model, with what is needed to map results back."""
+
+    slices: torch.Tensor  # uint8 (Z, 1, S, S), display orientation
+    foreground: np.ndarray  # bool (Z, S, S)
+    keep: np.ndarray  # bool (Z,): slices with enough foreground
+    lesion_slices: np.ndarray | None  # bool (Z,) when a lesion mask was given
+    grid: MetaTensor  # (1, S, S, Z) model-grid reference carrying the affine
+    native: MetaTensor  # the scan as read: native shape and affine
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slices)
+
+
+def volume_to_display(volume: np.ndarray) -> np.ndarray:
+    """RAS (X, Y, Z) volume -> (Z, rows, cols) images, anterior up and patient right on the left."""
+    return np.ascontiguousarray(np.flip(volume, axis=(0, 1)).transpose(2, 1, 0))
+
+
+def display_to_volume(slices: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`volume_to_display`."""
+    return np.ascontiguousarray(np.flip(slices.transpose(2, 1, 0), axis=(0, 1)))
+
+
+def automatic_foreground(volume: np.ndarray, threshold: float) -> np.ndarray:
+    """Voxels above ``threshold`` x the 99th percentile, holes filled per slice, largest 3D component."""
+    positive = volume[volume > 0]
+    if positive.size == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    mask = volume > threshold * np.percentile(positive, 99)
+    mask = ndimage.binary_opening(mask, iterations=1)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    for k in range(mask.shape[2]):
+        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return mask
+
+
+def _as_channel(array: np.ndarray, like: MetaTensor) -> MetaTensor:
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], affine=like.affine)
+
+
+def prepare_scan(
+    scan: MetaTensor, config: ScanPreprocessing, brain_mask: MetaTensor | None = None,
+    lesion_mask: MetaTensor | None = None,
+) -> PreparedScan:
+    """Run the preprocessing chain on a scan read by :func:`medflowad.data.readers.load_scan`."""
+    name = scan.meta.get("filename_or_obj", "scan")
+    channels = [scan]
+    for extra in (brain_mask, lesion_mask):
+        if extra is not None:
+            channels.append(ResampleToMatch(mode="nearest")(extra, scan))
+    stacked = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=scan.affine)
+    stacked = Orientation(axcodes="RAS")(stacked)
+    if config.target_spacing is not None:
+        stacked = Spacing(pixdim=config.target_spacing, mode="bilinear")(stacked)
+    image = stacked[0].numpy()
+    index = 1
+    if brain_mask is not None:
+        foreground = stacked[index].numpy() > 0.5
+        index += 1
+    else:
+        foreground = automatic_foreground(image, config.foreground_threshold)
+    lesion = stacked[index].numpy() > 0.5 if lesion_mask is not None else None
+    if foreground.sum() < 16:
+        raise ScanError(f"{name}: no foreground found (empty mask or blank scan)")
+
+    lo, hi = np.percentile(image[foreground], config.percentiles)
+    if not hi > lo:
+        raise ScanError(f"{name}: no intensity contrast inside the foreground")
+    normalised = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+
+    # Square in-plane crop around the foreground, all slices kept.
+    xs, ys = np.nonzero(foreground.any(axis=2))
+    extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    side = int(np.ceil(extent * (1 + 2 * config.margin)))
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    start = [max(0, int(round(cx - side / 2))), max(0, int(round(cy - side / 2))), 0]
+    end = [min(image.shape[0], start[0] + side), min(image.shape[1], start[1] + side), image.shape[2]]
+    geometry = MetaTensor(
+        torch.from_numpy(np.stack([normalised, foreground.astype(np.float32)]).astype(np.float32)),
+        affine=stacked.affine,
+    )
+    geometry = SpatialCrop(roi_start=start, roi_end=end)(geometry)
+    geometry = ResizeWithPadOrCrop(spatial_size=(side, side, -1))(geometry)
+    size = config.image_size
+    geometry = Resize(spatial_size=(size, size, -1), mode="bilinear", anti_aliasing=side > size)(geometry)
+
+    grid_image = np.clip(geometry[0].numpy(), 0.0, 1.0)
+    grid_foreground = geometry[1].numpy() > 0.5
+    slices = torch.from_numpy(np.round(volume_to_display(grid_image) * 255).astype(np.uint8))[:, None]
+    display_fg = volume_to_display(grid_foreground)
+    keep = display_fg.mean(axis=(1, 2)) >= config.min_foreground
+    lesion_slices = lesion.any(axis=(0, 1)) if lesion is not None else None
+    grid = MetaTensor(torch.zeros(1, size, size, grid_image.shape[2]), affine=geometry.affine)
+    return PreparedScan(slices, display_fg, keep, lesion_slices, grid, scan)
+
+
+def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") -> np.ndarray:
+    """(Z, S, S) display-oriented maps on the model grid -> float32 array on the scan's native grid."""
+    volume = display_to_volume(np.asarray(maps, dtype=np.float32))
+    on_grid = MetaTensor(torch.from_numpy(volume)[None], affine=prepared.grid.affine)
+    native = ResampleToMatch(mode=mode, padding_mode="zeros")(on_grid, prepared.native)
+    return native[0].numpy().astype(np.float32)
+
+
+def prepare_image_2d(image: np.ndarray, config: ScanPreprocessing) -> torch.Tensor | None:
+    """A 2D picture (already in display orientation) -> uint8 (1, S, S), or None without foreground."""
+    volume = display_to_volume(np.asarray(image, dtype=np.float32)[None])
+    scan = MetaTensor(torch.from_numpy(volume)[None], affine=torch.eye(4, dtype=torch.float64))
+    try:
+        prepared = prepare_scan(scan, config)
+    except ScanError:
+        return None
+    return prepared.slices[0] if prepared.keep[0] else None

@@ -1,0 +1,36 @@
+"""Slice sets: preprocessed 2D slices on disk (a folder with ``slices.safetensors`` and ``manifest.json``).
+
+The general scan pool and the healthy training/validation slices of an MRI model are slice sets; any
+data-set spec may name one, so they train like any other image set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from medflowad.storage import read_tensors, write_json, write_tensors
+
+SLICES_FILE = "slices.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def is_slice_set(path: Path) -> bool:
+    return (Path(path) / SLICES_FILE).is_file()
+
+
+def save_slice_set(folder: Path, images: torch.Tensor, source_index: torch.Tensor, manifest: dict) -> None:
+    """images uint8 (N, 1, S, S); source_index (N,) into manifest['sources']."""
+    folder = Path(folder)
+    write_tensors(folder / SLICES_FILE, {"images": images.contiguous(), "source_index": source_index.to(torch.int64)})
+    write_json(folder / MANIFEST_FILE, manifest)
+
+
+def load_slice_set(folder: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    folder = Path(folder)
+    tensors = read_tensors(folder / SLICES_FILE)
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    return tensors["images"], tensors["source_index"], manifest

@@ -1,0 +1,94 @@
+"""Slice scores and voxel maps of one prepared scan, scan aggregation and conformal calibration.
+
+Maps are per-location likelihood contributions on the model grid, spread evenly over the pixels of
+each location (a location of scale i covers 2^i x 2^i pixels), so a slice's ``llr`` map sums to its
+``llr`` score and its ``last_scale`` map to its ``last_scale`` score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medflowad.data.scans import PreparedScan
+from medflowad.flows.glow import Glow
+from medflowad.scores import likelihoods, scores_from_likelihoods
+
+SLICE_SCORES = ("llr", "last_scale", "nll")
+MAP_TYPES = ("llr", "last_scale")
+
+
+@dataclass
+class ScanAnalysis:
+    slice_scores: dict[str, np.ndarray]  # (Z,) each, NaN on slices that are not scored
+    maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground
+
+    def scan_scores(self, top_fraction: float) -> dict[str, float]:
+        return {name: aggregate(values, top_fraction) for name, values in self.slice_scores.items()}
+
+
+def aggregate(slice_scores: np.ndarray, top_fraction: float) -> float:
+    """Scan score: mean of the highest ceil(top_fraction * n) scored slices (NaN if none is scored)."""
+    values = np.sort(slice_scores[np.isfinite(slice_scores)])[::-1]
+    if len(values) == 0:
+        return float("nan")
+    k = max(1, math.ceil(top_fraction * len(values)))
+    return float(values[:k].mean())
+
+
+def _spread(maps: list[np.ndarray], size: int) -> np.ndarray:
+    """Sum per-scale maps after nearest upsampling to ``size``, each divided by its pixels per location."""
+    total = np.zeros((maps[0].shape[0], size, size), dtype=np.float64)
+    for m in maps:
+        factor = size // m.shape[-1]
+        total += np.repeat(np.repeat(m, factor, axis=-2), factor, axis=-1) / factor**2
+    return total
+
+
+def analyse_slices(
+    slices: torch.Tensor, in_model: Glow, general_model: Glow, batch_size: int = 64,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Scores (N,) and maps (N, S, S) for uint8 slices (N, 1, S, S); one pass of each model."""
+    size = slices.shape[-1]
+    p_in = likelihoods(in_model, slices, batch_size, keep_maps=True)
+    p_g = likelihoods(general_model, slices, batch_size, keep_maps=True)
+    scores = scores_from_likelihoods(math.prod(slices.shape[1:]), p_in, p_g)
+    maps = {
+        "llr": _spread([g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)], size),
+        "last_scale": _spread([-p_in.maps[-1]], size),
+    }
+    return {k: scores[k] for k in SLICE_SCORES}, maps
+
+
+def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, batch_size: int = 64) -> ScanAnalysis:
+    z, size = prepared.num_slices, prepared.slices.shape[-1]
+    keep = np.nonzero(prepared.keep)[0]
+    slice_scores = {name: np.full(z, np.nan) for name in SLICE_SCORES}
+    maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in MAP_TYPES}
+    if len(keep):
+        scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
+        for name in SLICE_SCORES:
+            slice_scores[name][keep] = scores[name]
+        for name in MAP_TYPES:
+            maps[name][keep] = kept_maps[name] * prepared.foreground[keep]
+    maps["intensity"] = prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
+    return ScanAnalysis(slice_scores, maps)
+
+
+def conformal_p_value(score: float, calibration: np.ndarray) -> float:
+    """(1 + #{healthy calibration scores >= score}) / (1 + n): valid under exchangeability."""
+    if not np.isfinite(score):
+        return float("nan")
+    return float((1 + np.count_nonzero(calibration >= score)) / (1 + len(calibration)))
+
+
+def threshold_at_fpr(calibration: np.ndarray, fpr: float) -> float:
+    """Smallest threshold t with at most ``fpr`` of healthy calibration scores strictly above t."""
+    values = np.sort(calibration[np.isfinite(calibration)])
+    if len(values) == 0:
+        raise ValueError("empty calibration set")
+    index = min(len(values) - 1, math.ceil((1 - fpr) * len(values)) - 1)
+    return float(values[max(index, 0)])

@@ -1,0 +1,241 @@
+"""MRI model folders: training both models from scans, calibration, and loading for scoring.
+
+Layout of MODEL_DIR (all that ``medflowad score`` needs)::
+
+    mri.yaml                 modality, preprocessing, scoring settings (readable)
+    general/                 general-distribution Glow (model.safetensors + config.yaml)
+    in/                      in-distribution Glow, fine-tuned from general/
+    calibration.safetensors  healthy validation slice, scan and voxel scores
+    calibration.json         the same summarised: counts and thresholds at the configured FPR
+    data/healthy_train/      the healthy training slices (slice set) and their manifest
+    data/healthy_val/        the healthy validation slices
+    metrics.json, train.log
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from medflowad.config import DataConfig, OptimConfig, RunConfig
+from medflowad.data.readers import ScanError, find_scans, load_scan, scan_id
+from medflowad.data.scans import PreparedScan, prepare_scan
+from medflowad.data.slice_sets import save_slice_set
+from medflowad.devices import resolve_device
+from medflowad.flows.glow import Glow
+from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, ScanAnalysis, analyse_scan, threshold_at_fpr
+from medflowad.mri.config import MriConfig, mri_config_from_dict
+from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
+from medflowad.training import train
+
+log = logging.getLogger("medflowad.mri")
+MRI_CONFIG = "mri.yaml"
+VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
+
+
+@dataclass
+class MriModel:
+    config: MriConfig
+    in_model: Glow
+    general_model: Glow
+    calibration: dict[str, np.ndarray]  # "slice/<score>", "scan/<score>", "voxel/<map>"
+    folder: Path
+
+
+def lesion_mask_path(scan: Path, replace: tuple[str, str] | None) -> Path | None:
+    """Mask beside the scan whose name has ``old`` replaced by ``new`` (e.g. _flair -> _mask)."""
+    if replace is None:
+        return None
+    old, new = replace
+    if old not in scan.name:
+        raise ScanError(f"{scan}: name does not contain '{old}' to derive the lesion mask name")
+    return scan.with_name(scan.name.replace(old, new))
+
+
+def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace: tuple[str, str] | None) -> list[Path]:
+    scans = find_scans(inputs)
+    if pattern:
+        scans = [s for s in scans if fnmatch.fnmatch(s.name, pattern)]
+    if mask_replace:
+        scans = [s for s in scans if mask_replace[1] not in s.name]
+    return scans
+
+
+def prepare(path: Path, config: MriConfig, mask_replace: tuple[str, str] | None = None) -> PreparedScan:
+    mask_path = lesion_mask_path(path, mask_replace)
+    lesion = load_scan(mask_path) if mask_path is not None else None
+    return prepare_scan(load_scan(path), config.preprocessing, lesion_mask=lesion)
+
+
+def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images, index = [], []
+    for i, p in enumerate(prepared):
+        keep = p.keep & ~p.lesion_slices if (exclude_lesions and p.lesion_slices is not None) else p.keep
+        picked = np.nonzero(keep)[0]
+        images.append(p.slices[picked])
+        index += [i] * len(picked)
+    if not index:
+        raise ValueError("no usable healthy slices (all slices lack foreground or contain lesions)")
+    return torch.cat(images), torch.tensor(index)
+
+
+def train_mri_model(
+    config: MriConfig, healthy: Sequence[str | Path], out: Path, pool: Path | None = None,
+    general_model: Path | None = None, pattern: str | None = None, mask_replace: tuple[str, str] | None = None,
+    show_progress: bool = True, echo: Callable[[str], None] = print,
+) -> dict:
+    """Train (or resume) the general and in-distribution models and calibrate; returns metrics."""
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if general_model is None and pool is None:
+        raise ValueError("give --pool (to train the general model) or --general-model (a trained one)")
+    scans = select_scans(healthy, pattern, mask_replace)
+    if len(scans) < 2:
+        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
+    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_val = max(1, round(config.val_fraction * len(scans)))
+    val_scans = sorted(scans[i] for i in order[:n_val])
+    train_scans = sorted(scans[i] for i in order[n_val:])
+
+    prepared: dict[str, list] = {"train": [], "val": []}
+    skipped = []
+    for split, paths in (("train", train_scans), ("val", val_scans)):
+        for path in paths:
+            try:
+                prepared[split].append((path, prepare(path, config, mask_replace)))
+            except ScanError as exc:
+                skipped.append({"scan": str(path), "error": str(exc)})
+                echo(f"skipped {path}: {exc}")
+    for split in ("train", "val"):
+        if not prepared[split]:
+            raise ValueError(f"no readable {split} scans")
+        images, index = _slices_of([p for _, p in prepared[split]], exclude_lesions=True)
+        save_slice_set(out / "data" / f"healthy_{split}", images, index, {
+            "kind": f"healthy-{split}", "modality": config.modality,
+            "sources": [{"path": str(path), "slices": int((index == i).sum())}
+                        for i, (path, _) in enumerate(prepared[split])],
+        })
+    write_yaml(out / MRI_CONFIG, config.to_dict())
+
+    general_dir = out / "general"
+    if general_model is not None:
+        _copy_model(Path(general_model), general_dir)
+    else:
+        echo(f"training the general model on {pool}")
+        train(_run_config(config, train_spec=str(pool), steps=config.general_steps, lr=config.general_lr),
+              general_dir, show_progress=show_progress)
+    general_cfg = load_model(general_dir)[1]
+    if general_cfg.model != config.model:
+        raise ModelFolderError(f"{general_dir}: general model architecture differs from the MRI config's model")
+
+    echo("fine-tuning the in-distribution model on healthy slices")
+    in_run = _run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
+                         lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir))
+    if config.outlier.enabled:
+        if pool is None:
+            raise ValueError("the outlier loss needs --pool (general samples)")
+        in_run.outlier = config.outlier
+        in_run.general_model = str(general_dir)
+        in_run.data.general = str(pool)
+    result = train(in_run, out / "in", show_progress=show_progress)
+
+    model = load_mri_model(out, calibrated=False)
+    calibration = calibrate(model, [p for _, p in prepared["val"]])
+    write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
+    summary = calibration_summary(calibration, config.fpr)
+    write_json(out / "calibration.json", summary)
+    metrics = {
+        "modality": config.modality, "train_scans": len(prepared["train"]), "val_scans": len(prepared["val"]),
+        "skipped_scans": skipped, "in_model_test_bpd": result.test_bpd,
+        "train_slices": int(sum(p.keep.sum() for _, p in prepared["train"])),
+        "calibration": summary,
+    }
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_spec: str | None = None,
+                init_from: str | None = None) -> RunConfig:
+    return RunConfig(
+        model=config.model,
+        data=DataConfig(train=train_spec, test=test_spec, hflip=config.hflip, translate=config.translate,
+                        test_limit=0),
+        optim=OptimConfig(lr=lr, steps=steps, batch_size=config.batch_size,
+                          warmup_steps=min(200, max(1, steps // 10))),
+        init_from=init_from, seed=config.seed, device=config.device,
+        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4),
+    )
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    load_model(source)  # validates the folder before anything is copied
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "config.yaml"):
+        shutil.copyfile(source / name, target / name)
+
+
+def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.ndarray]:
+    """Healthy validation distributions of slice scores, scan scores and foreground voxel map values."""
+    slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
+    scan_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
+    voxel_values: dict[str, list] = {n: [] for n in MAP_TYPES}
+    for prepared in healthy_val:
+        analysis = analyse_scan(prepared, model.in_model, model.general_model)
+        for name, values in analysis.slice_scores.items():
+            slice_values[name].append(values[np.isfinite(values)])
+            scan_values[name].append(analysis.scan_scores(model.config.top_fraction)[name])
+        scored = prepared.foreground & prepared.keep[:, None, None]
+        for name in MAP_TYPES:
+            voxel_values[name].append(analysis.maps[name][scored])
+    rng = np.random.default_rng(model.config.seed)
+    calibration = {}
+    for name in SLICE_SCORES:
+        calibration[f"slice/{name}"] = np.concatenate(slice_values[name])
+        calibration[f"scan/{name}"] = np.asarray(scan_values[name], dtype=np.float64)
+    for name in MAP_TYPES:
+        values = np.concatenate(voxel_values[name]).astype(np.float64)
+        if len(values) > VOXEL_SAMPLE:
+            values = rng.choice(values, VOXEL_SAMPLE, replace=False)
+        calibration[f"voxel/{name}"] = values
+    return calibration
+
+
+def calibration_summary(calibration: dict[str, np.ndarray], fpr: float) -> dict:
+    return {
+        "fpr": fpr,
+        "counts": {k: len(v) for k, v in calibration.items()},
+        "thresholds": {k: threshold_at_fpr(v, fpr) for k, v in calibration.items() if len(v)},
+    }
+
+
+def load_mri_model(folder: Path, device: str = "auto", calibrated: bool = True) -> MriModel:
+    folder = Path(folder)
+    path = folder / MRI_CONFIG
+    if not path.exists():
+        raise ModelFolderError(f"{folder}: not an MRI model folder (no {MRI_CONFIG}; train with --modality)")
+    config = mri_config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    dev = resolve_device(device)
+    in_model, _ = load_model(folder / "in", dev)
+    general_model, _ = load_model(folder / "general", dev)
+    calibration: dict[str, np.ndarray] = {}
+    if calibrated:
+        if not (folder / "calibration.safetensors").exists():
+            raise ModelFolderError(f"{folder}: no calibration.safetensors (training did not finish)")
+        calibration = {k: v.numpy() for k, v in read_tensors(folder / "calibration.safetensors").items()}
+    return MriModel(config, in_model, general_model, calibration, folder)
+
+
+def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> ScanAnalysis:
+    return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
+
+
+__all__ = ["MriModel", "analyse", "load_mri_model", "prepare", "scan_id", "select_scans", "train_mri_model"]
