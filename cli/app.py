@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -24,6 +26,16 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # never break file paths across lines
 
 
+@contextmanager
+def _status(message: str, quiet: bool) -> Iterator:
+    """A live status line, or a silent stand-in with the same ``update`` method."""
+    if quiet:
+        yield SimpleNamespace(update=lambda *_: None)
+    else:
+        with console.status(message) as status:
+            yield status
+
+
 def _friendly_errors(func: Callable) -> Callable:
     """Turn the library's expected errors into one red line and exit code 2, never a traceback."""
 
@@ -31,12 +43,14 @@ def _friendly_errors(func: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from medflowad.config import ConfigError
         from medflowad.data.natural import DataError
+        from medflowad.data.readers import ScanError
         from medflowad.storage import ModelFolderError
         from medflowad.training.trainer import TrainingError
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DataError, ModelFolderError, TrainingError, ValueError, FileNotFoundError) as exc:
+        except (ConfigError, DataError, ScanError, ModelFolderError, TrainingError, ValueError,
+                FileNotFoundError) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -78,8 +92,20 @@ def info() -> None:
 @_friendly_errors
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; an interrupted run resumes).")],
-    config: Annotated[str, typer.Option(
-        "--config", "-c", help="YAML file, or a preset name: " "cifar10_cpu, cifar10_paper, sample.")] = "cifar10_cpu",
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", help="YAML file or preset: cifar10_cpu (default), cifar10_paper, sample; "
+        "with --modality: mri_cpu (default).")] = None,
+    modality: Annotated[str | None, typer.Option(
+        help="Brain-MRI mode: t1, t2, flair, pd or ct. Trains general + in-distribution models and calibrates.")
+    ] = None,
+    data: Annotated[list[Path] | None, typer.Option(
+        help="MRI mode: healthy scans (files, folders, DICOM folders); repeatable.")] = None,
+    pool: Annotated[Path | None, typer.Option(help="MRI mode: general scan pool (medflowad pool build).")] = None,
+    pattern: Annotated[str | None, typer.Option(help="MRI mode: only scans whose file name matches this glob.")
+                       ] = None,
+    lesion_masks: Annotated[str | None, typer.Option(
+        help="MRI mode: OLD=NEW turns a scan name into its lesion-mask name (e.g. _flair=_mask); "
+        "slices with lesions are left out of training.")] = None,
     train_data: Annotated[str | None, typer.Option(help="Training set spec, e.g. cifar10.zip::train.")] = None,
     test_data: Annotated[str | None, typer.Option(help="Held-out set for bits/dim, e.g. cifar10.zip::test.")] = None,
     general_data: Annotated[str | None, typer.Option(help="General samples for the outlier loss.")] = None,
@@ -88,19 +114,25 @@ def train(
     outlier_loss: Annotated[bool | None, typer.Option(
         "--outlier-loss/--no-outlier-loss", help="Train against general samples (needs both general options).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (MRI mode: of the in-distribution model).")
+                     ] = None,
+    general_steps: Annotated[int | None, typer.Option(help="MRI mode: steps of the general model.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (2e-4 is safe for fine-tuning).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Train a Glow on natural images from a preset or YAML config, with flag overrides."""
+    """Train a Glow from a preset or YAML config (natural images), or, with --modality, an MRI model folder."""
+    if modality is not None:
+        _train_mri(modality, config or "mri_cpu", data, out, pool, general_model, pattern, lesion_masks,
+                   outlier_loss, steps, general_steps, lr, device, seed, quiet)
+        return
     from medflowad.config import with_overrides
     from medflowad.presets import load_preset_or_file
     from medflowad.training import train as run_training
 
-    run_config = with_overrides(load_preset_or_file(config), {
+    run_config = with_overrides(load_preset_or_file(config or "cifar10_cpu"), {
         "data.train": train_data, "data.test": test_data, "data.general": general_data,
         "general_model": str(general_model) if general_model else None,
         "init_from": str(init_from) if init_from else None, "outlier.enabled": outlier_loss,
@@ -112,6 +144,46 @@ def train(
         summary += f", test bits/dim {result.test_bpd:.3f}"
     console.print(summary)
     console.print(f"model folder: [bold]{out}[/]")
+
+
+def _parse_replace(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    old, sep, new = value.partition("=")
+    if not sep or not old or not new:
+        raise ValueError(f"--lesion-masks expects OLD=NEW (e.g. _flair=_mask), got {value!r}")
+    return old, new
+
+
+def _train_mri(modality, config_name, data, out, pool, general_model, pattern, lesion_masks, outlier_loss,
+               steps, general_steps, lr, device, seed, quiet) -> None:
+    from medflowad.mri.config import load_mri_config
+    from medflowad.mri.model import train_mri_model
+
+    if not data:
+        raise ValueError("--modality needs --data with the healthy scans")
+    config = load_mri_config(config_name)
+    config.modality = modality
+    if outlier_loss is not None:
+        config.outlier.enabled = outlier_loss
+    if steps is not None:
+        config.in_steps = steps
+    if general_steps is not None:
+        config.general_steps = general_steps
+    if lr is not None:
+        config.in_lr = lr
+    if device is not None:
+        config.device = device
+    if seed is not None:
+        config.seed = seed
+    metrics = train_mri_model(config, data, out, pool=pool, general_model=general_model, pattern=pattern,
+                              mask_replace=_parse_replace(lesion_masks), show_progress=not quiet,
+                              echo=lambda m: console.print(m, highlight=False))
+    console.print(f"{metrics['train_scans']} training and {metrics['val_scans']} calibration scans; "
+                  f"in-distribution test bits/dim {metrics['in_model_test_bpd']:.3f}")
+    for skipped in metrics["skipped_scans"]:
+        err_console.print(f"[yellow]skipped[/] {skipped['error']}", highlight=False)
+    console.print(f"model folder: [bold]{out}[/] (all that `medflowad score` needs)")
 
 
 def _parse_named_sets(values: list[str]) -> dict[str, str]:
@@ -129,9 +201,15 @@ def _parse_named_sets(values: list[str]) -> dict[str, str]:
 @app.command()
 @_friendly_errors
 def evaluate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="In-distribution model folder.")],
-    in_data: Annotated[str, typer.Option("--in", help="In-distribution test set spec.")],
-    ood: Annotated[list[str], typer.Option(help="NAME=SPEC of an out-of-distribution set; repeatable.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="In-distribution (or MRI) model folder.")],
+    in_data: Annotated[str | None, typer.Option("--in", help="In-distribution test set spec.")] = None,
+    ood: Annotated[list[str] | None, typer.Option(help="NAME=SPEC of an out-of-distribution set; repeatable.")
+                   ] = None,
+    scans: Annotated[list[Path] | None, typer.Option(
+        help="MRI mode: scans with lesion masks (files or folders); repeatable.")] = None,
+    lesion_masks: Annotated[str, typer.Option(help="MRI mode: OLD=NEW from scan name to mask name.")
+                            ] = "_flair=_mask",
+    pattern: Annotated[str | None, typer.Option(help="MRI mode: only scans whose file name matches.")] = None,
     general_model: Annotated[Path | None, typer.Option(help="General model folder (enables llr).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, scores.")] = None,
     score: Annotated[list[str] | None, typer.Option(
@@ -144,7 +222,13 @@ def evaluate(
         "--input-complexity/--no-input-complexity", help="Also compute the PNG-based baseline.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Score in- and out-of-distribution sets and print AUROC / AUPR / FPR@95TPR for every score."""
+    """Natural images: AUROC / AUPR / FPR@95TPR of every score for --in vs each --ood set.
+    MRI (--scans): slice AUROC/AUPRC, voxel AUPRC, Dice at the healthy-FPR threshold and best Dice."""
+    if scans:
+        _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, quiet)
+        return
+    if not in_data or not ood:
+        raise ValueError("give --in and at least one --ood (natural images), or --scans (MRI)")
     from medflowad.evaluation import evaluate_ood
 
     report = evaluate_ood(model, in_data, _parse_named_sets(ood), general_model, out, batch_size, device,
@@ -152,6 +236,97 @@ def evaluate(
     _print_report(report)
     if out is not None:
         console.print(f"results: [bold]{out / 'table.md'}[/], {out / 'metrics.json'}")
+
+
+def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, quiet) -> None:
+    from medflowad.mri.evaluate import evaluate_scans, metrics_markdown
+
+    with _status("evaluating scans", quiet) as status:
+        result = evaluate_scans(model, scans, _parse_replace(lesion_masks), out, pattern, device, batch_size,
+                                on_scan=lambda p: status.update(f"evaluated {Path(p).name}"))
+    console.print(metrics_markdown(result), highlight=False)
+    for failed in result["failed"]:
+        err_console.print(f"[yellow]not evaluated[/] {failed['error']}", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files, folders, DICOM series folders.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="MRI model folder (medflowad train --modality).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps and tables.")],
+    fpr: Annotated[float | None, typer.Option(help="False-positive rate for flags (default: the model's, 5 %).")
+                   ] = None,
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from medflowad.data.readers import find_scans
+    from medflowad.mri.score import score_scans
+
+    total = len(find_scans(paths))
+    progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        console=console, disable=quiet)
+    with progress:
+        task = progress.add_task("", total=total)
+
+        def on_scan(sid: str, row: dict) -> None:
+            progress.update(task, advance=1, description=sid)
+            if row["status"] != "ok":
+                progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
+
+        result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan)
+    table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
+    for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
+        table.add_column(column, justify="left" if column in ("scan", "status") else "right")
+    for row in result.rows:
+        if row["status"] == "ok":
+            table.add_row(row["scan_id"], "ok", f"{row['llr']:.1f}", f"{row['llr_p']:.3f}",
+                          "[red]yes[/]" if row["llr_flag"] else "no", f"{row['last_scale']:.1f}",
+                          f"{row['last_scale_p']:.3f}", f"{row['scored_slices']}/{row['slices']}")
+        else:
+            table.add_row(row["scan_id"], "[red]error[/]", "", "", "", "", "", "")
+    console.print(table)
+    failed = sum(r["status"] != "ok" for r in result.rows)
+    console.print(f"maps and tables in [bold]{out}[/] (scores.csv, slices.csv, scores.json)")
+    if failed:
+        err_console.print(f"[red]{failed} of {len(result.rows)} scans failed[/] (reasons in scores.csv)")
+        raise typer.Exit(1)
+
+
+pool_app = typer.Typer(help="General scan pool for the general-distribution model.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
+
+
+@pool_app.command("build")
+@_friendly_errors
+def pool_build(
+    sources: Annotated[list[Path], typer.Argument(help="Volumes, DICOM folders, 2D images, zips, folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Pool folder to write.")],
+    config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset for preprocessing.")
+                      ] = "mri_cpu",
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Glob of file names to skip; repeatable (default: *mask*, *roi*, *seg*, *label*).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Turn any mix of scans and pictures into a slice set, with a manifest of what went in."""
+    from medflowad.mri.config import load_mri_config
+    from medflowad.mri.pool import DEFAULT_EXCLUDES, build_pool
+
+    preprocessing = load_mri_config(config).preprocessing
+    with _status("building pool", quiet) as status:
+        manifest = build_pool(sources, out, preprocessing, exclude or DEFAULT_EXCLUDES,
+                              progress=lambda p: status.update(f"read {Path(p.split('::')[-1]).name}"))
+    errors = [s for s in manifest["sources"] if s["error"]]
+    console.print(f"pool: {manifest['total_slices']} slices from {len(manifest['sources']) - len(errors)} "
+                  f"sources in [bold]{out}[/]")
+    for source in errors[:20]:
+        err_console.print(f"[yellow]skipped[/] {source['error']}", highlight=False)
+    if len(errors) > 20:
+        err_console.print(f"... and {len(errors) - 20} more (see {out / 'manifest.json'})")
 
 
 def _print_report(report) -> None:

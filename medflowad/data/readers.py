@@ -56,15 +56,11 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if not path.exists():
             found.append(path)  # reported as unreadable by the caller, with its name
-        elif path.is_file():
-            found.append(path)
-        elif is_dicom_folder(path):
+        elif path.is_file() or is_dicom_folder(path):
             found.append(path)
         else:
             for child in sorted(path.rglob("*")):
-                if child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES and _suffix(child) != ".raw":
-                    found.append(child)
-                elif child.is_dir() and is_dicom_folder(child):
+                if (child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES and _suffix(child) != ".raw") or (child.is_dir() and is_dicom_folder(child)):
                     found.append(child)
     return list(dict.fromkeys(found))
 

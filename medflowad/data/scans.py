@@ -82,7 +82,10 @@ def automatic_foreground(volume: np.ndarray, threshold: float) -> np.ndarray:
     if positive.size == 0:
         return np.zeros(volume.shape, dtype=bool)
     mask = volume > threshold * np.percentile(positive, 99)
-    mask = ndimage.binary_opening(mask, iterations=1)
+    # In-plane opening only: a 3D element would erode away the first and last slices (and 2D images).
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    mask = ndimage.binary_opening(mask, structure=in_plane)
     labels, count = ndimage.label(mask)
     if count > 1:
         sizes = ndimage.sum(mask, labels, index=range(1, count + 1))

@@ -18,7 +18,7 @@ from medflowad.flows.glow import Glow
 from medflowad.scores import likelihoods, scores_from_likelihoods
 
 SLICE_SCORES = ("llr", "last_scale", "nll")
-MAP_TYPES = ("llr", "last_scale")
+MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised image (baseline)
 
 
 @dataclass
@@ -72,8 +72,9 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
         scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
         for name in SLICE_SCORES:
             slice_scores[name][keep] = scores[name]
-        for name in MAP_TYPES:
+        for name in ("llr", "last_scale"):
             maps[name][keep] = kept_maps[name] * prepared.foreground[keep]
+    # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
     return ScanAnalysis(slice_scores, maps)
 

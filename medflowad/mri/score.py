@@ -2,7 +2,8 @@
 
 For every scan, OUT receives ``<scan-id>_anomaly.nii.gz`` (per-voxel llr, nats per model pixel),
 ``<scan-id>_last_scale.nii.gz`` and ``<scan-id>_anomaly_mask.nii.gz`` (voxels above the healthy voxel
-threshold at the chosen false-positive rate), all float32/uint8 NIfTI on the scan's own grid with its
+threshold at the chosen false-positive rate). A scan is flagged when its conformal p-value is at most
+that rate, all float32/uint8 NIfTI on the scan's own grid with its
 affine; the batch gets ``scores.csv``, ``slices.csv`` and ``scores.json``. Each file is written through
 a temporary file and a rename, and the tables are rewritten after every scan, so an interrupted or
 partly failing batch never leaves a partial file. A scan that fails is reported with its reason.
@@ -86,7 +87,7 @@ def score_scans(
     scans = find_scans(inputs)
     if not scans:
         raise ValueError(f"no scans found in {', '.join(str(i) for i in inputs)}")
-    thresholds = {name: threshold_at_fpr(values, fpr) for name, values in model.calibration.items()}
+    voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     result = BatchResult(out=out)
     for path, sid in zip(scans, _unique_ids(scans), strict=True):
         started = time.perf_counter()
@@ -100,10 +101,10 @@ def score_scans(
                 value = scan_scores[name]
                 row[name] = value
                 row[f"{name}_p"] = conformal_p_value(value, model.calibration[f"scan/{name}"])
-                row[f"{name}_flag"] = bool(np.isfinite(value) and value > thresholds[f"scan/{name}"])
+                row[f"{name}_flag"] = bool(row[f"{name}_p"] <= fpr)
             native_llr = to_native(analysis.maps["llr"], prepared)
             native_last = to_native(analysis.maps["last_scale"], prepared)
-            flagged = (native_llr > thresholds["voxel/llr"]).astype(np.uint8)
+            flagged = (native_llr > voxel_threshold).astype(np.uint8)
             write_nifti(out / f"{sid}_anomaly.nii.gz", native_llr, prepared)
             write_nifti(out / f"{sid}_last_scale.nii.gz", native_last, prepared)
             write_nifti(out / f"{sid}_anomaly_mask.nii.gz", flagged, prepared)

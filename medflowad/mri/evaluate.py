@@ -1,0 +1,128 @@
+"""Lesion-detection metrics for scans with lesion masks (protocol B of PROTOCOL.md).
+
+Slice level (scored slices; positive = slice whose mask has any lesion voxel): AUROC and AUPRC of the
+slice scores ``llr``, ``last_scale``, ``nll`` and of the intensity baseline (99th percentile of the
+normalised image inside the slice's foreground).
+Voxel level, on each scan's native grid inside the foreground of scored slices, pooled over scans:
+AUPRC of each map; Dice at the threshold giving the configured false-positive rate on healthy
+validation voxels; and the best Dice over thresholds, which is tuned on the test labels themselves and
+therefore optimistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import ResampleToMatch
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from medflowad.data.readers import ScanError, load_scan
+from medflowad.data.scans import to_native
+from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, threshold_at_fpr
+from medflowad.mri.model import analyse, lesion_mask_path, load_mri_model, prepare, select_scans
+from medflowad.storage import write_json, write_text
+
+
+def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    values = np.full(len(intensity_map), np.nan)
+    for z in range(len(intensity_map)):
+        if foreground[z].any():
+            values[z] = np.percentile(intensity_map[z][foreground[z]], 99)
+    return values
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    denominator = prediction.sum() + truth.sum()
+    return float(2 * np.logical_and(prediction, truth).sum() / denominator) if denominator else 1.0
+
+
+def best_dice(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Maximum Dice over all thresholds (from the precision-recall curve): (dice, threshold)."""
+    precision, recall, thresholds = precision_recall_curve(truth, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
+    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
+
+
+def evaluate_scans(
+    model_dir: Path, inputs: Sequence[str | Path], mask_replace: tuple[str, str], out: Path | None = None,
+    pattern: str | None = None, device: str = "auto", batch_size: int = 64, fpr: float | None = None,
+    on_scan: Callable[[str], None] | None = None,
+) -> dict:
+    model = load_mri_model(Path(model_dir), device)
+    fpr = model.config.fpr if fpr is None else fpr
+    scans = select_scans(inputs, pattern, mask_replace)
+    if not scans:
+        raise ValueError("no scans with lesion masks found")
+    slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, "intensity")}
+    slice_labels: list[np.ndarray] = []
+    voxel_scores: dict[str, list] = {n: [] for n in MAP_TYPES}
+    voxel_labels: list[np.ndarray] = []
+    failed = []
+    for path in scans:
+        try:
+            prepared = prepare(path, model.config, mask_replace)
+            analysis = analyse(model, prepared, batch_size)
+            lesion = load_scan(lesion_mask_path(path, mask_replace))
+            lesion = ResampleToMatch(mode="nearest")(lesion, prepared.native)[0].numpy() > 0.5
+        except ScanError as exc:
+            failed.append({"scan": str(path), "error": str(exc)})
+            continue
+        keep = prepared.keep
+        for name in SLICE_SCORES:
+            slice_scores[name].append(analysis.slice_scores[name][keep])
+        slice_scores["intensity"].append(
+            _slice_intensity_score(analysis.maps["intensity"], prepared.foreground)[keep])
+        slice_labels.append(prepared.lesion_slices[keep])
+        scored = prepared.foreground & keep[:, None, None]
+        region = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
+        for name in MAP_TYPES:
+            voxel_scores[name].append(to_native(analysis.maps[name], prepared)[region])
+        voxel_labels.append(lesion[region])
+        if on_scan is not None:
+            on_scan(str(path))
+    if not slice_labels:
+        raise ValueError("no scan could be evaluated: " + "; ".join(f["error"] for f in failed))
+
+    labels = np.concatenate(slice_labels)
+    truth = np.concatenate(voxel_labels)
+    result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr,
+                    "slices": len(labels), "lesion_slices": int(labels.sum()),
+                    "voxels": len(truth), "lesion_voxels": int(truth.sum()), "slice": {}, "voxel": {}}
+    for name, values in slice_scores.items():
+        scores = np.concatenate(values)
+        both = len(np.unique(labels)) == 2
+        result["slice"][name] = {
+            "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+            "auprc": float(average_precision_score(labels, scores)) if both else float("nan"),
+        }
+    for name in MAP_TYPES:
+        scores = np.concatenate(voxel_scores[name])
+        threshold = threshold_at_fpr(model.calibration[f"voxel/{name}"], fpr)
+        best, best_threshold = best_dice(scores, truth)
+        result["voxel"][name] = {
+            "auprc": float(average_precision_score(truth, scores)),
+            "dice_at_healthy_fpr": dice(scores > threshold, truth),
+            "threshold": threshold,
+            "best_dice_optimistic": best,
+            "best_dice_threshold": best_threshold,
+        }
+    if out is not None:
+        write_json(Path(out) / "metrics.json", result)
+        write_text(Path(out) / "table.md", metrics_markdown(result))
+    return result
+
+
+def metrics_markdown(result: dict) -> str:
+    lines = [f"Scans: {result['scans']}, scored slices: {result['slices']} ({result['lesion_slices']} with lesion), "
+             f"foreground voxels: {result['voxels']} ({result['lesion_voxels']} lesion).", "",
+             "| slice score | AUROC | AUPRC |", "|---|---|---|"]
+    lines += [f"| {n} | {m['auroc']:.3f} | {m['auprc']:.3f} |" for n, m in result["slice"].items()]
+    lines += ["", f"| voxel map | AUPRC | Dice at {result['fpr']:.0%} healthy FPR | best Dice (optimistic, "
+              "label-tuned) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m['best_dice_optimistic']:.3f} |"
+              for n, m in result["voxel"].items()]
+    return "\n".join(lines) + "\n"
