@@ -84,7 +84,7 @@ def load_image_set(spec: str, channels: int | None = None, size: tuple[int, int]
     elif name.endswith(".zip"):
         data = _load_zip_folder(path, subdir, size)
     elif is_slice_set(path):
-        images, source_index, _ = load_slice_set(path)
+        images, _, _ = load_slice_set(path)
         data = ImageSet(images, torch.full((len(images),), -1, dtype=torch.long))
     elif path.is_dir() and _is_cifar_dir(path):
         data = _load_cifar_dir(path, subdir or "train")

@@ -9,13 +9,14 @@ geometry (GDCM), never from file names.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 import torch
 from monai.data import MetaTensor
 from monai.data.image_reader import ImageReader, NibabelReader
@@ -24,6 +25,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*")
 
 
 class ScanError(ValueError):
@@ -50,7 +52,10 @@ def is_dicom_folder(path: Path) -> bool:
 
 
 def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders into scan paths: volume files, and DICOM folders as one scan each."""
+    """Expand files and folders into scan paths: volume files, and DICOM folders as one scan each.
+
+    Inside folders, names matching :data:`LABEL_PATTERNS` (masks, ROIs, segmentations) are skipped.
+    """
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -60,9 +65,17 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
             found.append(path)
         else:
             for child in sorted(path.rglob("*")):
-                if (child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES and _suffix(child) != ".raw") or (child.is_dir() and is_dicom_folder(child)):
+                if is_label_name(child.name):
+                    continue
+                is_volume = child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES
+                if is_volume or (child.is_dir() and is_dicom_folder(child)):
                     found.append(child)
     return list(dict.fromkeys(found))
+
+
+def is_label_name(name: str, patterns: Sequence[str] = LABEL_PATTERNS) -> bool:
+    """Masks and segmentations found while expanding folders are not scans (explicit files always are)."""
+    return any(fnmatch.fnmatch(name.lower(), p.lower()) for p in patterns)
 
 
 def scan_id(path: Path) -> str:

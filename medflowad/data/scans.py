@@ -110,7 +110,7 @@ def prepare_scan(
         if extra is not None:
             channels.append(ResampleToMatch(mode="nearest")(extra, scan))
     stacked = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=scan.affine)
-    stacked = Orientation(axcodes="RAS")(stacked)
+    stacked = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(stacked)
     if config.target_spacing is not None:
         stacked = Spacing(pixdim=config.target_spacing, mode="bilinear")(stacked)
     image = stacked[0].numpy()
@@ -134,7 +134,7 @@ def prepare_scan(
     extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     side = int(np.ceil(extent * (1 + 2 * config.margin)))
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-    start = [max(0, int(round(cx - side / 2))), max(0, int(round(cy - side / 2))), 0]
+    start = [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)), 0]
     end = [min(image.shape[0], start[0] + side), min(image.shape[1], start[1] + side), image.shape[2]]
     geometry = MetaTensor(
         torch.from_numpy(np.stack([normalised, foreground.astype(np.float32)]).astype(np.float32)),

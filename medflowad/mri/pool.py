@@ -7,7 +7,6 @@ matching ``*mask*``, ``*roi*``, ``*seg*``, ``*label*``) are skipped by default: 
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import zipfile
 from collections.abc import Callable, Sequence
@@ -21,17 +20,19 @@ from PIL import Image
 from medflowad.data.readers import (
     IMAGE_2D_SUFFIXES,
     ITK_SUFFIXES,
+    LABEL_PATTERNS,
     NIFTI_SUFFIXES,
     ScanError,
     is_dicom_file,
     is_dicom_folder,
+    is_label_name,
     load_image_2d,
     load_scan,
 )
 from medflowad.data.scans import ScanPreprocessing, prepare_image_2d, prepare_scan
 from medflowad.data.slice_sets import save_slice_set
 
-DEFAULT_EXCLUDES = ("*mask*", "*roi*", "*seg*", "*label*")
+DEFAULT_EXCLUDES = LABEL_PATTERNS
 
 
 @dataclass
@@ -40,11 +41,6 @@ class PoolSource:
     kind: str  # volume | image | dicom-series | zip-member
     slices: int = 0
     error: str | None = None
-
-
-def _excluded(path: str, excludes: Sequence[str]) -> bool:
-    name = Path(path).name.lower()
-    return any(fnmatch.fnmatch(name, pattern.lower()) for pattern in excludes)
 
 
 def _is_volume(path: Path) -> bool:
@@ -57,7 +53,7 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
     found: list[tuple[str, str]] = []
 
     def visit_file(f: Path) -> None:
-        if _excluded(str(f), excludes):
+        if is_label_name(f.name, excludes):
             return
         if _is_volume(f):
             found.append((str(f), "volume"))
@@ -66,7 +62,7 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
         elif f.suffix.lower() == ".zip":
             with zipfile.ZipFile(f) as archive:
                 for member in sorted(archive.namelist()):
-                    if member.lower().endswith(IMAGE_2D_SUFFIXES) and not _excluded(member, excludes):
+                    if member.lower().endswith(IMAGE_2D_SUFFIXES) and not is_label_name(Path(member).name, excludes):
                         found.append((f"{f}::{member}", "zip-member"))
 
     for item in inputs:

@@ -1,0 +1,76 @@
+"""Synthetic volumes with known geometry, and a tiny trained MRI model shared by the MRI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medflowad.mri.config import mri_config_from_dict
+from medflowad.mri.model import train_mri_model
+
+
+def rotation(ax: float, az: float) -> np.ndarray:
+    cx, sx, cz, sz = np.cos(ax), np.sin(ax), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def oblique_lps_affine(spacing=(1.2, 0.9, 3.0), origin=(30.0, -20.0, 15.0)) -> np.ndarray:
+    """Voxel -> RAS affine of an LPS-stored (first two axes flipped), oblique, anisotropic grid."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ rotation(np.deg2rad(10), np.deg2rad(20)) @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def brain_like(shape=(48, 56, 14), seed=0, blob: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A textured ellipsoid on a dark background (int16), optionally with a small bright blob at ``blob``."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    radii = np.array(shape) * np.array([0.38, 0.4, 0.45])
+    inside = (((idx - centre) / radii) ** 2).sum(-1) <= 1
+    volume = np.where(inside, 100 + 8 * np.sin(idx[..., 0] / 3) * np.cos(idx[..., 1] / 4), 0.0)
+    volume += rng.normal(0, 2, shape) * inside
+    if blob is not None:
+        distance = np.linalg.norm(idx - np.array(blob), axis=-1)
+        volume = np.where(distance <= 2.0, 300.0, volume)
+    return np.clip(volume, 0, None).astype(np.int16)
+
+
+def save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
+    image = nib.Nifti1Image(volume, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+TINY_MRI = {
+    "modality": "flair",
+    "preprocessing": {"image_size": 32, "min_foreground": 0.05},
+    "model": {"in_channels": 1, "image_size": [32, 32], "levels": 2, "steps": 2, "hidden": 16},
+    "batch_size": 16, "general_steps": 15, "in_steps": 10, "device": "cpu", "val_fraction": 0.34,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_mri_model(tmp_path_factory) -> Path:
+    """Trained on synthetic volumes (3 healthy scans, a pool of textured volumes), a few seconds."""
+    root = tmp_path_factory.mktemp("tiny_mri")
+    affine = oblique_lps_affine()
+    healthy = [save_nifti(root / f"healthy_{i}.nii.gz", brain_like(seed=i), affine) for i in range(3)]
+    pool_dir = root / "pool_src"
+    pool_dir.mkdir()
+    for i in range(2):
+        save_nifti(pool_dir / f"other_{i}.nii.gz", brain_like(shape=(40, 40, 10), seed=10 + i), np.eye(4))
+    from medflowad.mri.pool import build_pool
+
+    config = mri_config_from_dict(TINY_MRI)
+    build_pool([pool_dir], root / "pool", config.preprocessing)
+    train_mri_model(config, healthy, root / "model", pool=root / "pool", show_progress=False, echo=lambda m: None)
+    return root / "model"

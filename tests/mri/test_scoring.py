@@ -1,0 +1,91 @@
+"""Batch scoring robustness, calibration arithmetic, pool building and lesion metrics."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medflowad.cli.app import app
+from medflowad.mri.analysis import aggregate, conformal_p_value, threshold_at_fpr
+from medflowad.mri.evaluate import best_dice, dice
+from medflowad.mri.pool import build_pool
+from medflowad.data.scans import ScanPreprocessing
+from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+
+
+def test_corrupt_scan_does_not_stop_the_batch(tiny_mri_model, tmp_path):
+    good_a = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=21), oblique_lps_affine())
+    good_b = save_nifti(tmp_path / "b.nii.gz", brain_like(seed=22), np.diag([0.8, 0.8, 5.0, 1.0]))
+    corrupt = tmp_path / "c.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b\x08" + b"truncated gzip")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["score", str(good_a), str(corrupt), str(good_b),
+                                      "-m", str(tiny_mri_model), "-o", str(out), "-q", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "c.nii.gz" in result.output and "1 of 3 scans failed" in result.output
+    for sid, path in (("a", good_a), ("b", good_b)):
+        written = nib.load(str(out / f"{sid}_anomaly.nii.gz"))
+        assert written.shape == nib.load(str(path)).shape
+        assert np.isfinite(np.asarray(written.dataobj)).all()
+    assert not list(out.glob("c_*"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    rows = {r["scan_id"]: r for r in json.loads((out / "scores.json").read_text())["scans"]}
+    assert rows["c"]["status"] == "error" and "c.nii.gz" in rows["c"]["error"]
+    assert rows["a"]["status"] == rows["b"]["status"] == "ok"
+    assert 0 < rows["a"]["llr_p"] <= 1
+    csv_lines = (out / "scores.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[0].startswith("scan_id,status,error,path")
+
+
+def test_conformal_p_values_and_thresholds_by_hand():
+    calibration = np.array([1.0, 2.0, 3.0, 4.0])
+    assert conformal_p_value(5.0, calibration) == pytest.approx(1 / 5)
+    assert conformal_p_value(3.0, calibration) == pytest.approx(3 / 5)  # 3 and 4 are >= 3
+    assert conformal_p_value(0.0, calibration) == pytest.approx(1.0)
+    assert np.isnan(conformal_p_value(float("nan"), calibration))
+    values = np.arange(1, 101, dtype=float)
+    t = threshold_at_fpr(values, 0.05)
+    assert (values > t).mean() <= 0.05 and (values >= t).mean() > 0.05
+
+
+def test_scan_aggregation_is_mean_of_top_fraction():
+    scores = np.array([1.0, np.nan, 5.0, 3.0, 4.0, 2.0, np.nan, 0.0, 6.0, 7.0, 8.0, 9.0])
+    # 10 finite values, top 20 % = 2 slices: 9 and 8
+    assert aggregate(scores, 0.2) == pytest.approx(8.5)
+    assert aggregate(scores, 0.01) == pytest.approx(9.0)  # at least one slice
+    assert np.isnan(aggregate(np.array([np.nan]), 0.1))
+
+
+def test_dice_and_best_dice_against_brute_force():
+    rng = np.random.default_rng(0)
+    truth = rng.random(500) < 0.2
+    scores = truth * 1.0 + rng.normal(0, 0.7, 500)
+    assert dice(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)) == pytest.approx(0.5)
+    brute = max(dice(scores >= t, truth) for t in np.unique(scores))
+    assert best_dice(scores, truth)[0] == pytest.approx(brute)
+
+
+def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_nifti(src / "scan.nii.gz", brain_like(), np.eye(4))
+    save_nifti(src / "scan_mask.nii.gz", (brain_like() > 0).astype(np.uint8), np.eye(4))
+    from PIL import Image
+
+    picture = (np.clip(brain_like(shape=(40, 40, 1))[..., 0], 0, 255)).astype(np.uint8)
+    Image.fromarray(picture).save(src / "slice.png")
+    (src / "broken.png").write_bytes(b"nope")
+    manifest = build_pool([src], tmp_path / "pool", ScanPreprocessing(image_size=32, min_foreground=0.05))
+    by_name = {Path(s["path"]).name: s for s in manifest["sources"]}
+    assert "scan_mask.nii.gz" not in by_name
+    assert by_name["scan.nii.gz"]["slices"] > 5 and by_name["slice.png"]["slices"] == 1
+    assert "broken.png" in by_name["broken.png"]["error"]
+    from medflowad.data import load_image_set
+
+    pool = load_image_set(str(tmp_path / "pool"))
+    assert pool.images.shape[1:] == (1, 32, 32)
+    assert len(pool) == manifest["total_slices"]
