@@ -1,7 +1,8 @@
 """The general scan pool: slices of scans and pictures of many kinds, preprocessed like the scans.
 
 Sources may be volume files (NIfTI, NRRD, MHA), DICOM series folders, 2D pictures (PNG, JPEG, ...),
-single DICOM images, zip archives of pictures, and folders of any of these. Label images (names
+single DICOM images, zip archives of pictures (``archive.zip::Training`` takes one folder of it), and
+folders of any of these. Label images (names
 matching ``*mask*``, ``*roi*``, ``*seg*``, ``*label*``) are skipped by default: they are not scans.
 """
 
@@ -52,7 +53,7 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
     """(path, kind) pairs in a stable order; zip members are ``archive.zip::member``."""
     found: list[tuple[str, str]] = []
 
-    def visit_file(f: Path) -> None:
+    def visit_file(f: Path, prefix: str = "") -> None:
         if is_label_name(f.name, excludes):
             return
         if _is_volume(f):
@@ -62,12 +63,17 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
         elif f.suffix.lower() == ".zip":
             with zipfile.ZipFile(f) as archive:
                 for member in sorted(archive.namelist()):
+                    if not member.startswith(prefix):
+                        continue
                     if member.lower().endswith(IMAGE_2D_SUFFIXES) and not is_label_name(Path(member).name, excludes):
                         found.append((f"{f}::{member}", "zip-member"))
 
     for item in inputs:
-        path = Path(item)
-        if not path.exists():
+        path_text, _, subdir = str(item).partition("::")
+        path = Path(path_text)
+        if subdir and path.suffix.lower() == ".zip" and path.is_file():
+            visit_file(path, subdir.strip("/") + "/")
+        elif not path.exists():
             found.append((str(path), "missing"))
         elif path.is_file():
             visit_file(path)
