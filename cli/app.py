@@ -146,12 +146,12 @@ def train(
     console.print(f"model folder: [bold]{out}[/]")
 
 
-def _parse_replace(value: str | None) -> tuple[str, str] | None:
+def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[str, str] | None:
     if value is None:
         return None
     old, sep, new = value.partition("=")
     if not sep or not old or not new:
-        raise ValueError(f"--lesion-masks expects OLD=NEW (e.g. _flair=_mask), got {value!r}")
+        raise ValueError(f"{option} expects OLD=NEW (e.g. _flair=_mask), got {value!r}")
     return old, new
 
 
@@ -257,6 +257,9 @@ def score(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps and tables.")],
     fpr: Annotated[float | None, typer.Option(help="False-positive rate for flags (default: the model's, 5 %).")
                    ] = None,
+    brain_masks: Annotated[str | None, typer.Option(
+        help="OLD=NEW from scan name to a brain-mask file beside it (e.g. .nii=_brainmask.nii); "
+        "default: automatic foreground.")] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -278,7 +281,8 @@ def score(
             if row["status"] != "ok":
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
-        result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan)
+        result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
+                             brain_masks=_parse_replace(brain_masks, "--brain-masks"))
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
         table.add_column(column, justify="left" if column in ("scan", "status") else "right")

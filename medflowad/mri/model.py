@@ -69,10 +69,14 @@ def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace
     return scans
 
 
-def prepare(path: Path, config: MriConfig, mask_replace: tuple[str, str] | None = None) -> PreparedScan:
+def prepare(path: Path, config: MriConfig, mask_replace: tuple[str, str] | None = None,
+            brain_replace: tuple[str, str] | None = None) -> PreparedScan:
+    """Read and preprocess a scan; masks beside it are found by name replacement (see lesion_mask_path)."""
     mask_path = lesion_mask_path(path, mask_replace)
     lesion = load_scan(mask_path) if mask_path is not None else None
-    return prepare_scan(load_scan(path), config.preprocessing, lesion_mask=lesion)
+    brain_path = lesion_mask_path(path, brain_replace)
+    brain = load_scan(brain_path) if brain_path is not None else None
+    return prepare_scan(load_scan(path), config.preprocessing, brain_mask=brain, lesion_mask=lesion)
 
 
 def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,7 @@ def _unique_ids(paths: Sequence[Path]) -> list[str]:
 def score_scans(
     inputs: Sequence[str | Path], model_dir: Path, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
+    brain_masks: tuple[str, str] | None = None,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows)."""
     model = model or load_mri_model(Path(model_dir), device)
@@ -93,7 +94,7 @@ def score_scans(
         started = time.perf_counter()
         row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": str(path)}
         try:
-            prepared = prepare(path, model.config)
+            prepared = prepare(path, model.config, brain_replace=brain_masks)
             analysis = analyse(model, prepared, batch_size)
             scan_scores = analysis.scan_scores(model.config.top_fraction)
             row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))

@@ -7,9 +7,9 @@ import time
 import nibabel as nib
 import pytest
 import yaml
+from medflowad.cli.app import app
 from typer.testing import CliRunner
 
-from medflowad.cli.app import app
 from tests.conftest import data_root
 from tests.mri.conftest import TINY_MRI
 

@@ -6,13 +6,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from medflowad.cli.app import app
 from typer.testing import CliRunner
 
-from medflowad.cli.app import app
+from medflowad.data.scans import ScanPreprocessing
 from medflowad.mri.analysis import aggregate, conformal_p_value, threshold_at_fpr
 from medflowad.mri.evaluate import best_dice, dice
 from medflowad.mri.pool import build_pool
-from medflowad.data.scans import ScanPreprocessing
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
 
@@ -89,3 +89,23 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     pool = load_image_set(str(tmp_path / "pool"))
     assert pool.images.shape[1:] == (1, 32, 32)
     assert len(pool) == manifest["total_slices"]
+
+
+def test_given_brain_mask_limits_the_map(tiny_mri_model, tmp_path):
+    from scipy import ndimage
+
+    from medflowad.mri.score import score_scans
+
+    volume = brain_like(seed=31)
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    save_nifti(tmp_path / "p.nii.gz", volume, affine)
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[8:30, 10:40, :] = 1
+    save_nifti(tmp_path / "p_brain.nii.gz", mask, affine)
+    result = score_scans([tmp_path / "p.nii.gz"], tiny_mri_model, tmp_path / "out", device="cpu",
+                         brain_masks=(".nii.gz", "_brain.nii.gz"))
+    assert result.all_ok, result.rows
+    written = np.asarray(nib.load(str(tmp_path / "out" / "p_anomaly.nii.gz")).dataobj)
+    outside = ~ndimage.binary_dilation(mask.astype(bool), iterations=3)
+    assert np.abs(written[outside]).max() == 0
+    assert np.abs(written[mask.astype(bool)]).max() > 0
