@@ -137,7 +137,9 @@ def _source_slices(path: str, kind: str, config: ScanPreprocessing, archives: di
         return [prepared.slices[k] for k in np.nonzero(prepared.keep)[0]]
     if kind == "zip-member":
         archive_path, member = path.split("::", 1)
-        archive = archives.setdefault(archive_path, zipfile.ZipFile(archive_path))
+        if archive_path not in archives:  # open each archive once: its directory read is the slow part
+            archives[archive_path] = zipfile.ZipFile(archive_path)
+        archive = archives[archive_path]
         try:
             with Image.open(io.BytesIO(archive.read(member))) as img:
                 picture = np.asarray(img.convert("L"), dtype=np.float32)
