@@ -59,7 +59,7 @@ class PreparedScan:
     keep: np.ndarray  # bool (Z,): slices with enough foreground
     lesion_slices: np.ndarray | None  # bool (Z,) when a lesion mask was given
     grid: MetaTensor  # (1, S, S, Z) model-grid reference carrying the affine
-    native: MetaTensor  # the scan as read: native shape and affine
+    native: MetaTensor | None  # the scan as read (native shape and affine); None once no longer needed
 
     @property
     def num_slices(self) -> int:

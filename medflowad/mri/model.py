@@ -14,6 +14,7 @@ Layout of MODEL_DIR (all that ``medflowad score`` needs)::
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import shutil
@@ -115,7 +116,9 @@ def train_mri_model(
     for split, paths in (("train", train_scans), ("val", val_scans)):
         for path in paths:
             try:
-                prepared[split].append((path, prepare(path, config, mask_replace)))
+                # Only the model-grid slices are needed from here on; dropping the native volume keeps
+                # memory at a few MB per scan even for 1 mm volumes.
+                prepared[split].append((path, dataclasses.replace(prepare(path, config, mask_replace), native=None)))
             except ScanError as exc:
                 skipped.append({"scan": str(path), "error": str(exc)})
                 echo(f"skipped {path}: {exc}")

@@ -118,8 +118,9 @@ def score_scans(
                     slice_row[name] = value
                     slice_row[f"{name}_p"] = conformal_p_value(value, model.calibration[f"slice/{name}"])
                 result.slice_rows.append(slice_row)
-        except (ScanError, ValueError, OSError, RuntimeError) as exc:
-            row.update(status="error", error=str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+        except Exception as exc:  # one bad scan never stops the batch; its reason goes into the tables
+            reason = str(exc) if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
+            row.update(status="error", error=reason if str(path) in reason else f"{path}: {reason}")
         row["seconds"] = round(time.perf_counter() - started, 3)
         result.rows.append(row)
         _write_tables(result, model, fpr)

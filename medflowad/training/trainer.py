@@ -311,14 +311,15 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
             progress.update(task, completed=state["step"], status=status)
 
             finished = state["step"] == total_steps
-            if data.test is not None and (state["step"] % config.eval_every == 0 or finished):
-                test_bpd = _test_bpd(model, data.test, config)
-                model.train()
+            if state["step"] % config.eval_every == 0 or finished:
+                if data.test is not None:
+                    test_bpd = _test_bpd(model, data.test, config)
+                    model.train()
                 entry = {"step": state["step"], "train_bpd": running_bpd, "test_bpd": test_bpd,
                          "images_per_second": ips, **parts}
                 state["history"].append(entry)
-                log.info("step %d: train bpd %.4f, test bpd %.4f, %.1f img/s",
-                         state["step"], running_bpd or float("nan"), test_bpd, ips)
+                log.info("step %d: train bpd %.4f, test bpd %s, %.1f img/s", state["step"],
+                         running_bpd or float("nan"), "-" if test_bpd is None else f"{test_bpd:.4f}", ips)
             if state["step"] % config.checkpoint_every == 0 or finished or state["step"] == last_step:
                 _save_checkpoint(checkpoint_path, model, optimizer, state)
 
