@@ -244,7 +244,7 @@ def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, 
     with _status("evaluating scans", quiet) as status:
         result = evaluate_scans(model, scans, _parse_replace(lesion_masks), out, pattern, device, batch_size,
                                 on_scan=lambda p: status.update(f"evaluated {Path(p).name}"))
-    console.print(metrics_markdown(result), highlight=False)
+    console.print(metrics_markdown(result), highlight=False, soft_wrap=True)
     for failed in result["failed"]:
         err_console.print(f"[yellow]not evaluated[/] {failed['error']}", highlight=False)
 
