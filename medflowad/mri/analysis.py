@@ -17,7 +17,10 @@ from medflowad.data.scans import PreparedScan
 from medflowad.flows.glow import Glow
 from medflowad.scores import likelihoods, scores_from_likelihoods
 
-SLICE_SCORES = ("llr", "last_scale", "nll")
+# *_fg: the map's mean over the slice's foreground (nats per pixel). Unlike the whole-slice sums, they do
+# not grow with the share of predictable background, which varies from slice to slice.
+SLICE_SCORES = ("llr", "llr_fg", "last_scale", "last_scale_fg", "nll")
+WHOLE_SLICE_SCORES = ("llr", "last_scale", "nll")
 MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised image (baseline)
 
 
@@ -60,7 +63,7 @@ def analyse_slices(
         "llr": _spread([g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)], size),
         "last_scale": _spread([-p_in.maps[-1]], size),
     }
-    return {k: scores[k] for k in SLICE_SCORES}, maps
+    return {k: scores[k] for k in WHOLE_SLICE_SCORES}, maps
 
 
 def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, batch_size: int = 64) -> ScanAnalysis:
@@ -70,10 +73,13 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in MAP_TYPES}
     if len(keep):
         scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
-        for name in SLICE_SCORES:
+        for name in WHOLE_SLICE_SCORES:
             slice_scores[name][keep] = scores[name]
+        foreground = prepared.foreground[keep]
+        pixels = np.maximum(foreground.sum(axis=(1, 2)), 1)
         for name in ("llr", "last_scale"):
-            maps[name][keep] = kept_maps[name] * prepared.foreground[keep]
+            maps[name][keep] = kept_maps[name] * foreground
+            slice_scores[f"{name}_fg"][keep] = maps[name][keep].sum(axis=(1, 2), dtype=np.float64) / pixels
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
     return ScanAnalysis(slice_scores, maps)

@@ -238,6 +238,12 @@ def load_mri_model(folder: Path, device: str = "auto", calibrated: bool = True) 
         if not (folder / "calibration.safetensors").exists():
             raise ModelFolderError(f"{folder}: no calibration.safetensors (training did not finish)")
         calibration = {k: v.numpy() for k, v in read_tensors(folder / "calibration.safetensors").items()}
+        expected = {f"{level}/{n}" for level in ("slice", "scan") for n in SLICE_SCORES}
+        expected |= {f"voxel/{n}" for n in MAP_TYPES}
+        missing = sorted(expected - set(calibration))
+        if missing:
+            raise ModelFolderError(f"{folder}: calibration lacks {', '.join(missing)} (made by an older "
+                                   "medflowad); rerun `medflowad train --modality` with --general-model")
     return MriModel(config, in_model, general_model, calibration, folder)
 
 

@@ -57,7 +57,7 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
                                  "--scans", str(lgg[11]), "-o", str(tmp_path / "eval"), "-q"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics["slice"]) == {"llr", "last_scale", "nll", "intensity"}
+    assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity"}
     assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity"}
     assert 0 <= metrics["voxel"]["llr"]["auprc"] <= 1
     assert time.perf_counter() - started < 60

@@ -98,6 +98,9 @@ def test_llr_and_last_scale_maps_sum_to_slice_scores(tiny_mri_model, tmp_path):
     for name in ("llr", "last_scale"):
         sums = analysis.maps[name][scored].sum(axis=(1, 2))
         assert np.allclose(sums, analysis.slice_scores[name][scored], rtol=1e-4, atol=1e-2), name
+        # With the whole slice as foreground, the foreground mean is the sum over S*S pixels.
+        size = prepared.slices.shape[-1]
+        assert np.allclose(analysis.slice_scores[f"{name}_fg"][scored], sums / size**2, rtol=1e-4), name
 
 
 def _write_dicom_series(volume_path: Path, folder: Path) -> None:
