@@ -270,18 +270,20 @@ def score(
     from medflowad.data.readers import find_scans
     from medflowad.mri.score import score_scans
 
-    total = len(find_scans(paths))
+    scans = find_scans(paths)
+    if not scans:
+        raise ValueError(f"no scans found in {', '.join(map(str, paths))} (NIfTI, NRRD, MHA, DICOM folders)")
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
     with progress:
-        task = progress.add_task("", total=total)
+        task = progress.add_task("", total=len(scans))
 
         def on_scan(sid: str, row: dict) -> None:
             progress.update(task, advance=1, description=sid)
             if row["status"] != "ok":
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
-        result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
+        result = score_scans(scans, model, out, device, batch_size, fpr, on_scan=on_scan,
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"))
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
@@ -334,9 +336,9 @@ def pool_build(
 
 
 def _print_report(report) -> None:
-    from medflowad.evaluation import _ordered_scores
+    from medflowad.evaluation import ordered_scores
 
-    scores = _ordered_scores({r["score"] for r in report.rows})
+    scores = ordered_scores({r["score"] for r in report.rows})
     table = Table(title="AUROC (anomalies = positives; higher score = more anomalous)")
     table.add_column("OOD set")
     for s in scores:

@@ -31,7 +31,7 @@ class EvaluationReport:
     seconds: float = 0.0
 
     def to_markdown(self) -> str:
-        scores = _ordered_scores({r["score"] for r in self.rows})
+        scores = ordered_scores({r["score"] for r in self.rows})
         sets = list(dict.fromkeys(r["set"] for r in self.rows))
         lookup = {(r["set"], r["score"]): r for r in self.rows}
         lines = []
@@ -53,7 +53,8 @@ class EvaluationReport:
         return "\n".join(lines) + "\n"
 
 
-def _ordered_scores(names: set[str]) -> list[str]:
+def ordered_scores(names: set[str]) -> list[str]:
+    """Score names in report order: the named scores first, then c_1, c_2, ... by scale."""
     per_scale = sorted((n for n in names if n.startswith("c_")), key=lambda n: int(n[2:]))
     return [s for s in SCORE_ORDER if s in names] + per_scale
 
@@ -111,7 +112,7 @@ def evaluate_ood(
             report.bits_per_dim[name] = _bpd_summary(p_in, p_g, in_cfg.model.num_dims)
             if p_g is not None:
                 report.spearman[name] = float(spearmanr(p_in.log_prob, p_g.log_prob).statistic)
-    available = _ordered_scores(set(all_scores["in"]))
+    available = ordered_scores(set(all_scores["in"]))
     reported = available if not only else list(dict.fromkeys(only))
     unknown = [s for s in reported if s not in available]
     if unknown:

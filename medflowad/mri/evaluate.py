@@ -19,9 +19,9 @@ from monai.transforms import ResampleToMatch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from medflowad.data.readers import ScanError, load_scan
-from medflowad.data.scans import to_native
+from medflowad.data.scans import prepare_scan, to_native
 from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, threshold_at_fpr
-from medflowad.mri.model import analyse, lesion_mask_path, load_mri_model, prepare, select_scans
+from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
 from medflowad.storage import write_json, write_text
 
 
@@ -64,10 +64,10 @@ def evaluate_scans(
     failed = []
     for path in scans:
         try:
-            prepared = prepare(path, model.config, mask_replace)
+            lesion_file = load_scan(companion_path(path, mask_replace))
+            prepared = prepare_scan(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
             analysis = analyse(model, prepared, batch_size)
-            lesion = load_scan(lesion_mask_path(path, mask_replace))
-            lesion = ResampleToMatch(mode="nearest")(lesion, prepared.native)[0].numpy() > 0.5
+            lesion = ResampleToMatch(mode="nearest")(lesion_file, prepared.native)[0].numpy() > 0.5
         except ScanError as exc:
             failed.append({"scan": str(path), "error": str(exc)})
             continue

@@ -51,13 +51,13 @@ class MriModel:
     folder: Path
 
 
-def lesion_mask_path(scan: Path, replace: tuple[str, str] | None) -> Path | None:
-    """Mask beside the scan whose name has ``old`` replaced by ``new`` (e.g. _flair -> _mask)."""
+def companion_path(scan: Path, replace: tuple[str, str] | None) -> Path | None:
+    """A mask beside the scan whose name has ``old`` replaced by ``new`` (e.g. _flair -> _mask)."""
     if replace is None:
         return None
     old, new = replace
     if old not in scan.name:
-        raise ScanError(f"{scan}: name does not contain '{old}' to derive the lesion mask name")
+        raise ScanError(f"{scan}: name does not contain '{old}' to derive its mask's name")
     return scan.with_name(scan.name.replace(old, new))
 
 
@@ -72,10 +72,10 @@ def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace
 
 def prepare(path: Path, config: MriConfig, mask_replace: tuple[str, str] | None = None,
             brain_replace: tuple[str, str] | None = None) -> PreparedScan:
-    """Read and preprocess a scan; masks beside it are found by name replacement (see lesion_mask_path)."""
-    mask_path = lesion_mask_path(path, mask_replace)
+    """Read and preprocess a scan; masks beside it are found by name replacement (see companion_path)."""
+    mask_path = companion_path(path, mask_replace)
     lesion = load_scan(mask_path) if mask_path is not None else None
-    brain_path = lesion_mask_path(path, brain_replace)
+    brain_path = companion_path(path, brain_replace)
     brain = load_scan(brain_path) if brain_path is not None else None
     return prepare_scan(load_scan(path), config.preprocessing, brain_mask=brain, lesion_mask=lesion)
 

@@ -16,7 +16,7 @@ def test_console_script_help_runs():
     exe = shutil.which("medflowad")
     if exe is None:
         pytest.skip("medflowad console script not installed (pip install -e .)")
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([exe, "--help"], capture_output=True, encoding="utf-8", errors="replace", check=True)
     assert "train" in out.stdout and "evaluate" in out.stdout
 
 
