@@ -303,6 +303,37 @@ def score(
         raise typer.Exit(1)
 
 
+bench_app = typer.Typer(help="Benchmarks of PROTOCOL.md as commands.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("natural")
+@_friendly_errors
+def bench_natural(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (models are reused when present).")],
+    data: Annotated[str, typer.Option(help="Data root holding natural/*.zip; default: $MEDFLOWAD_DATA.")
+                    ] = "$MEDFLOWAD_DATA",
+    preset: Annotated[str, typer.Option(help="cifar10_cpu, cifar10_paper or a YAML path.")] = "cifar10_cpu",
+    ood: Annotated[list[str] | None, typer.Option(help="Extra NAME=SPEC OOD set (any format); repeatable.")
+                   ] = None,
+    general_steps: Annotated[int, typer.Option(help="Steps of the Tiny ImageNet general model.")] = 1500,
+    finetune_steps: Annotated[int, typer.Option(help="Steps of each CIFAR-10 fine-tuning.")] = 750,
+    limit: Annotated[int, typer.Option(help="Images per evaluation set (0 = all).")] = 2000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Protocol A: general model, fine-tuned CIFAR-10 model with and without the outlier loss, all scores."""
+    from medflowad.bench.natural import NaturalBenchSettings, natural_markdown, run_natural_bench
+
+    settings = NaturalBenchSettings(data=data, preset=preset, general_steps=general_steps,
+                                    finetune_steps=finetune_steps, limit=limit or None, device=device)
+    result = run_natural_bench(settings, out, _parse_named_sets(ood or []), show_progress=not quiet,
+                               echo=lambda m: console.print(m, highlight=False))
+    columns = list(dict.fromkeys(r["score"] for r in result["rows"]))
+    console.print(natural_markdown(result, columns), highlight=False, soft_wrap=True)
+    console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, score_histograms.png, per_scale_auroc.png")
+
+
 pool_app = typer.Typer(help="General scan pool for the general-distribution model.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 

@@ -1,0 +1,1 @@
+"""Benchmarks that reproduce PROTOCOL.md as commands."""
