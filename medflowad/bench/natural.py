@@ -161,6 +161,7 @@ def _plots(scores: dict, rows: list[dict], columns: list[str], out: Path) -> Non
         for set_name, values in scores.items():
             ax.hist(values[score], bins=60, histtype="step", density=True, label=set_name)
         ax.set_title(score)
+        ax.set_xlabel("bits/dim" if score == "nll" else "nats (higher = more anomalous)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     atomic_write(out / "score_histograms.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
