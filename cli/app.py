@@ -334,6 +334,35 @@ def bench_natural(
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, score_histograms.png, per_scale_auroc.png")
 
 
+@bench_app.command("mri")
+@_friendly_errors
+def bench_mri(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (models are reused when present).")],
+    data: Annotated[str, typer.Option(help="Data root holding medical/; default: $MEDFLOWAD_DATA.")
+                    ] = "$MEDFLOWAD_DATA",
+    config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
+    split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
+                     ] = None,
+    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 1000,
+    in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution model.")] = 400,
+    outlier: Annotated[bool, typer.Option("--outlier/--no-outlier", help="Also train with the outlier loss.")
+                       ] = True,
+    tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
+                        ] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Protocol B: LGG FLAIR lesions (fixed split) against the intensity baseline, and the 2D tumour set."""
+    from medflowad.bench.mri import MriBenchSettings, mri_markdown, run_mri_bench
+
+    settings = MriBenchSettings(data=data, config=config, split=str(split) if split else None,
+                                general_steps=general_steps, in_steps=in_steps, outlier=outlier,
+                                tumor_2d=tumor_2d, device=device)
+    result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
+    console.print(mri_markdown(result), highlight=False, soft_wrap=True)
+    console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")
+
+
 pool_app = typer.Typer(help="General scan pool for the general-distribution model.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 

@@ -1,7 +1,8 @@
 """pyproject.toml lists every package, so a regular (non-editable) install is complete."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -58,6 +58,7 @@ class PreparedScan:
     foreground: np.ndarray  # bool (Z, S, S)
     keep: np.ndarray  # bool (Z,): slices with enough foreground
     lesion_slices: np.ndarray | None  # bool (Z,) when a lesion mask was given
+    lesion: np.ndarray | None  # float (Z, S, S) lesion mask on the model grid (share of each pixel), if given
     grid: MetaTensor  # (1, S, S, Z) model-grid reference carrying the affine
     native: MetaTensor | None  # the scan as read (native shape and affine); None once no longer needed
 
@@ -136,10 +137,8 @@ def prepare_scan(
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
     start = [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)), 0]
     end = [min(image.shape[0], start[0] + side), min(image.shape[1], start[1] + side), image.shape[2]]
-    geometry = MetaTensor(
-        torch.from_numpy(np.stack([normalised, foreground.astype(np.float32)]).astype(np.float32)),
-        affine=stacked.affine,
-    )
+    channels = [normalised, foreground.astype(np.float32)] + ([lesion.astype(np.float32)] if lesion is not None else [])
+    geometry = MetaTensor(torch.from_numpy(np.stack(channels).astype(np.float32)), affine=stacked.affine)
     geometry = SpatialCrop(roi_start=start, roi_end=end)(geometry)
     geometry = ResizeWithPadOrCrop(spatial_size=(side, side, -1))(geometry)
     size = config.image_size
@@ -152,8 +151,9 @@ def prepare_scan(
     display_fg = volume_to_display(grid_foreground)
     keep = display_fg.mean(axis=(1, 2)) >= config.min_foreground
     lesion_slices = lesion.any(axis=(0, 1)) if lesion is not None else None
+    lesion_grid = volume_to_display(geometry[2].numpy()) if lesion is not None else None
     grid = MetaTensor(torch.zeros(1, size, size, grid_image.shape[2]), affine=geometry.affine)
-    return PreparedScan(slices, display_fg, keep, lesion_slices, grid, scan)
+    return PreparedScan(slices, display_fg, keep, lesion_slices, lesion_grid, grid, scan)
 
 
 def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") -> np.ndarray:

@@ -1,0 +1,265 @@
+"""Protocol B (PROTOCOL.md): LGG FLAIR lesion detection with the fixed patient split, against baselines.
+
+Everything lands in OUT and is reused when present:
+
+- ``pool/``: general pool from the 2D brain tumour MRI set (Training split, all classes), head CT and
+  the NIfTI samples; never anything from the test patients;
+- ``flair/``: general + in-distribution models on the lesion-free slices of the train patients
+  (``flair_outlier/``: the same in-distribution model trained with the outlier loss);
+- ``eval/``: slice- and voxel-level metrics of the test patients for every score and the FLAIR
+  intensity baseline, in ``results.md`` and ``metrics.json``; ``maps/``: the test patients' NIfTI maps;
+  ``overlays/``: image, lesion contour and maps for a few test slices;
+- ``tumor2d/``: the 2D set, notumor (Training) as in-distribution, slice AUROC of notumor (Testing)
+  against each tumour class (Testing), Testing images with a pixel-identical Training twin dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from medflowad.config import DataConfig, OptimConfig, RunConfig
+from medflowad.data.scans import prepare_image_2d
+from medflowad.devices import resolve_device
+from medflowad.mri.analysis import analyse_slices
+from medflowad.mri.config import load_mri_config
+from medflowad.mri.evaluate import evaluate_scans
+from medflowad.mri.model import analyse, load_mri_model, prepare, train_mri_model
+from medflowad.mri.pool import build_pool
+from medflowad.mri.score import score_scans
+from medflowad.storage import atomic_write, load_model, write_json, write_text
+from medflowad.training import train
+
+LESION_MASKS = ("_flair", "_mask")
+TUMOR_ZIP = "brain_tumor_mri_2d.zip"
+
+
+@dataclass
+class MriBenchSettings:
+    data: str = "$MEDFLOWAD_DATA"
+    config: str = "mri_cpu"
+    split: str | None = None  # TSV patient<TAB>split; default: the fixed split shipped with medflowad
+    general_steps: int = 1000
+    in_steps: int = 400
+    outlier: bool = True
+    tumor_2d: bool = True
+    overlays: int = 4
+    device: str = "auto"
+
+
+def read_split(path: str | None) -> dict[str, list[str]]:
+    text = Path(path).read_text() if path else (
+        resources.files("medflowad.presets_data") / "lgg_flair_split.tsv").read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith(("#", "patient\t"))]
+    return {name: [p for p, s in rows if s.strip() == name] for name in ("train", "test")}
+
+
+def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = True,
+                  echo: Callable[[str], None] = print) -> dict:
+    started = time.perf_counter()
+    out = Path(out)
+    medical = Path(os.path.expandvars(settings.data)) / "medical"
+    if not medical.is_dir():
+        raise ValueError(f"{medical}: no such folder (set MEDFLOWAD_DATA or --data)")
+    config = load_mri_config(settings.config)
+    config.general_steps, config.in_steps, config.device = settings.general_steps, settings.in_steps, settings.device
+    split = read_split(settings.split)
+    lgg = medical / "lgg_flair128"
+    train_scans = [lgg / f"{p}_flair.nii.gz" for p in split["train"]]
+    test_scans = [lgg / f"{p}_flair.nii.gz" for p in split["test"]]
+    timings: dict[str, float] = {}
+
+    def stage(name: str, done: bool, work: Callable[[], object]) -> None:
+        if done:
+            return
+        echo(name)
+        t0 = time.perf_counter()
+        work()
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    pool = out / "pool"
+    stage("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
+        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples"], pool,
+        config.preprocessing))
+    stage("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(), lambda: train_mri_model(
+        config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS, show_progress=show_progress,
+        echo=echo))
+    models = {"": out / "flair"}
+    if settings.outlier:
+        outlier_config = dataclasses.replace(config, outlier=dataclasses.replace(config.outlier, enabled=True))
+        stage("training the FLAIR model with the outlier loss",
+              (out / "flair_outlier" / "calibration.safetensors").exists(), lambda: train_mri_model(
+                  outlier_config, train_scans, out / "flair_outlier", pool=pool,
+                  general_model=out / "flair" / "general", mask_replace=LESION_MASKS,
+                  show_progress=show_progress, echo=echo))
+        models["_outlier"] = out / "flair_outlier"
+
+    evaluations = {}
+    for suffix, model_dir in models.items():
+        echo(f"evaluating {model_dir.name} on {len(test_scans)} test patients")
+        evaluations[suffix] = evaluate_scans(model_dir, test_scans, LESION_MASKS, out / f"eval{suffix}",
+                                             device=settings.device)
+    echo("writing the test patients' maps and overlays")
+    score_scans(test_scans, out / "flair", out / "maps", device=settings.device)
+    _overlays(out / "flair", test_scans, out / "overlays", settings.overlays, settings.device)
+    tumor = _tumor_2d(medical, out, config, show_progress, settings.device, echo) if settings.tumor_2d else None
+
+    result = {"settings": vars(settings), "lesion": _merge(evaluations), "tumor_2d": tumor,
+              "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
+              "torch_threads": torch.get_num_threads()}
+    write_json(out / "metrics.json", result)
+    write_text(out / "results.md", mri_markdown(result))
+    return result
+
+
+def _merge(evaluations: dict[str, dict]) -> dict:
+    """One table: baseline and scores of the plain model, plus the model-based scores with the outlier loss."""
+    base = evaluations[""]
+    merged = {k: base[k] for k in ("scans", "slices", "lesion_slices", "voxels", "lesion_voxels", "fpr")}
+    merged["slice"], merged["voxel"] = dict(base["slice"]), dict(base["voxel"])
+    for suffix, ev in evaluations.items():
+        if suffix:
+            merged["slice"].update({f"{k}{suffix}": v for k, v in ev["slice"].items() if k != "intensity"})
+            merged["voxel"].update({f"{k}{suffix}": v for k, v in ev["voxel"].items() if k != "intensity"})
+    return merged
+
+
+def mri_markdown(result: dict) -> str:
+    lesion = result["lesion"]
+    lines = [f"### LGG FLAIR lesions: {lesion['scans']} test patients, {lesion['slices']} scored slices "
+             f"({lesion['lesion_slices']} with lesion)", "", "| slice score | AUROC | AUPRC |", "|---|---|---|"]
+    lines += [f"| {n} | {m['auroc']:.3f} | {m['auprc']:.3f} |" for n, m in lesion["slice"].items()]
+    lines += ["", f"| voxel map | AUPRC | Dice at {lesion['fpr']:.0%} healthy FPR | best Dice (optimistic) |",
+              "|---|---|---|---|"]
+    lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m['best_dice_optimistic']:.3f} |"
+              for n, m in lesion["voxel"].items()]
+    if result["tumor_2d"]:
+        tumor = result["tumor_2d"]
+        lines += ["", f"### 2D brain tumour MRI: notumor (Testing, n={tumor['notumor_test']}) against each class "
+                  f"({tumor['dropped_duplicates']} Testing images with a Training twin dropped)", "",
+                  "| class | n | " + " | ".join(tumor["scores"]) + " |", "|---|---|" + "---|" * len(tumor["scores"])]
+        for cls, row in tumor["classes"].items():
+            lines.append(f"| {cls} | {row['n']} | " + " | ".join(f"{row[s]:.3f}" for s in tumor["scores"]) + " |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device: str) -> None:
+    """Image, lesion contour, llr map and intensity baseline for the slices with the largest lesions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = load_mri_model(model_dir, device)
+    candidates = []
+    for path in scans:
+        prepared = prepare(path, model.config, LESION_MASKS)
+        areas = prepared.lesion.sum(axis=(1, 2)) * prepared.keep
+        if areas.max() > 0:
+            candidates.append((areas.max(), path, int(areas.argmax()), prepared))
+    for _, path, z, prepared in sorted(candidates, key=lambda c: -c[0])[:count]:
+        lesion_mask = prepared.lesion
+        analysis = analyse(model, prepared)
+        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+        image = prepared.slices[z, 0].numpy()
+        panels = (("FLAIR + lesion", None), ("llr map", analysis.maps["llr"][z]),
+                  ("intensity baseline", analysis.maps["intensity"][z]))
+        for ax, (title, overlay) in zip(axes, panels, strict=True):
+            ax.imshow(image, cmap="gray")
+            if overlay is not None:
+                shown = np.ma.masked_where(~prepared.foreground[z], overlay)
+                ax.imshow(shown, cmap="inferno", alpha=0.6)
+            ax.contour(lesion_mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"{path.name} slice {z}", fontsize=9)
+        fig.tight_layout()
+        atomic_write(out / f"{path.name.replace('.nii.gz', '')}_slice{z}.png",
+                     lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90))
+        plt.close(fig)
+
+
+def _tumor_2d(medical: Path, out: Path, config, show_progress: bool, device: str, echo) -> dict:
+    """notumor (Training) as in-distribution, fine-tuned from the FLAIR run's general model."""
+    archive_path = medical / TUMOR_ZIP
+    twins = _testing_with_training_twin(medical / "brain_tumor_mri_2d_duplicates.tsv")
+    folder = out / "tumor2d"
+    slices = folder / "notumor_train"
+    if not (slices / "manifest.json").exists():
+        echo("preparing the 2D notumor training set")
+        build_pool([f"{archive_path}::Training/notumor"], slices, config.preprocessing)
+    model_dir = folder / "model"
+    run = RunConfig(
+        model=config.model,
+        data=DataConfig(train=str(slices), hflip=config.hflip, translate=config.translate),
+        optim=OptimConfig(lr=config.in_lr, steps=config.in_steps, batch_size=config.batch_size,
+                          warmup_steps=min(200, max(1, config.in_steps // 10))),
+        init_from=str(out / "flair" / "general"), seed=config.seed, device=device,
+        checkpoint_every=max(50, config.in_steps // 10), eval_every=max(50, config.in_steps // 4),
+    )
+    if not (model_dir / "model.safetensors").exists():
+        echo("fine-tuning the 2D notumor model")
+    train(run, model_dir, show_progress=show_progress)
+    in_model = load_model(model_dir, resolve_device(device))[0]
+    general = load_model(out / "flair" / "general", resolve_device(device))[0]
+
+    scores: dict[str, dict[str, list]] = {}
+    dropped = 0
+    with zipfile.ZipFile(archive_path) as archive:
+        for member in sorted(archive.namelist()):
+            parts = member.split("/")
+            if len(parts) != 3 or parts[0] != "Testing" or not member.lower().endswith(".png"):
+                continue
+            if member in twins:
+                dropped += 1
+                continue
+            with Image.open(io.BytesIO(archive.read(member))) as img:
+                prepared = prepare_image_2d(np.asarray(img.convert("L"), dtype=np.float32), config.preprocessing)
+            if prepared is None:
+                continue
+            scores.setdefault(parts[1], {}).setdefault("_slices", []).append(prepared)
+    names = ("llr", "last_scale", "nll")
+    per_class: dict[str, dict[str, np.ndarray]] = {}
+    for cls, entry in scores.items():
+        slice_scores, _ = analyse_slices(torch.stack(entry["_slices"]), in_model, general)
+        per_class[cls] = {n: slice_scores[n] for n in names}
+    if "notumor" not in per_class:
+        raise ValueError(f"{archive_path}: no notumor Testing images")
+    normal = per_class["notumor"]
+    classes = {}
+    for cls, values in per_class.items():
+        if cls == "notumor":
+            continue
+        labels = np.r_[np.zeros(len(normal["llr"])), np.ones(len(values["llr"]))]
+        classes[cls] = {"n": len(values["llr"]),
+                        **{n: float(roc_auc_score(labels, np.r_[normal[n], values[n]])) for n in names}}
+    return {"notumor_test": len(normal["llr"]), "dropped_duplicates": dropped, "scores": list(names),
+            "classes": classes}
+
+
+def _testing_with_training_twin(path: Path) -> set[str]:
+    """Testing files whose duplicate group also holds a Training file."""
+    groups: dict[str, list[str]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh, delimiter="\t"):
+            if len(row) == 2 and row[0] != "group":
+                groups.setdefault(row[0], []).append(row[1])
+    twins = set()
+    for files in groups.values():
+        if any(f.startswith("Training/") for f in files):
+            twins |= {f for f in files if f.startswith("Testing/")}
+    return twins
