@@ -158,8 +158,10 @@ def _plots(scores: dict, rows: list[dict], columns: list[str], out: Path) -> Non
     shown = [s for s in ("nll", "llr", "llr_outlier", "last_scale") if s in columns]
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
     for ax, score in zip(axes[0], shown, strict=True):
+        pooled = np.concatenate([values[score] for values in scores.values()])
+        span = tuple(np.percentile(pooled, [0.5, 99.5]))  # long tails would squash the bulk otherwise
         for set_name, values in scores.items():
-            ax.hist(values[score], bins=60, histtype="step", density=True, label=set_name)
+            ax.hist(values[score], bins=60, range=span, histtype="step", density=True, label=set_name)
         ax.set_title(score)
         ax.set_xlabel("bits/dim" if score == "nll" else "nats (higher = more anomalous)")
     axes[0][0].legend(fontsize=7)

@@ -226,6 +226,9 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         _check_resumable(out_dir, config)
     write_yaml(out_dir / MODEL_CONFIG, config_to_dict(config))
     _attach_log_file(out_dir)
+    finished = _finished_result(out_dir, checkpoint_path, config)
+    if finished is not None:  # nothing to do: no data to load, no model to rebuild
+        return finished
     device = resolve_device(config.device)
     data = data or load_train_data(config)
     _check_data(data, config)
@@ -342,6 +345,23 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         })
         log.info("finished: %d steps, %d skipped, model in %s", state["step"], state["skipped_steps"], out_dir)
     return result
+
+
+def _finished_result(out_dir: Path, checkpoint_path: Path, config: RunConfig) -> TrainResult | None:
+    """The result of a run that already reached its step count, read from its checkpoint, else None."""
+    from safetensors import safe_open
+
+    if not (checkpoint_path.exists() and (out_dir / "model.safetensors").exists()):
+        return None
+    with safe_open(str(checkpoint_path), framework="pt") as fh:
+        state = json.loads((fh.metadata() or {}).get("medflowad", "{}")).get("state", {})
+    if state.get("step", 0) < config.optim.steps:
+        return None
+    history = state.get("history", [])
+    last = history[-1] if history else {}
+    ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
+    return TrainResult(out_dir, state["step"], state["skipped_steps"], last.get("train_bpd") or float("nan"),
+                       last.get("test_bpd"), ips, history)
 
 
 def _augment_and_dequantize(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:

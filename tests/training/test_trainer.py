@@ -159,3 +159,11 @@ def test_atomic_write_leaves_no_partial_file_and_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (target.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_finished_run_returns_without_loading_data(tmp_path, blobs_npz):
+    config = tiny_config(blobs_npz, optim__steps=4, eval_every=2)
+    first = train(config, tmp_path / "run", show_progress=False)
+    blobs_npz.unlink()  # a finished run must not need its data again
+    again = train(config, tmp_path / "run", show_progress=False)
+    assert (again.steps, again.skipped_steps, again.history) == (first.steps, first.skipped_steps, first.history)
