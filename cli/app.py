@@ -305,14 +305,15 @@ def score(
 
 bench_app = typer.Typer(help="Benchmarks of PROTOCOL.md as commands.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+BenchOut = Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (models are reused when present).")]
+DataRoot = Annotated[str, typer.Option(help="Data root holding natural/ and medical/; default: $MEDFLOWAD_DATA.")]
 
 
 @bench_app.command("natural")
 @_friendly_errors
 def bench_natural(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (models are reused when present).")],
-    data: Annotated[str, typer.Option(help="Data root holding natural/*.zip; default: $MEDFLOWAD_DATA.")
-                    ] = "$MEDFLOWAD_DATA",
+    out: BenchOut,
+    data: DataRoot = "$MEDFLOWAD_DATA",
     preset: Annotated[str, typer.Option(help="cifar10_cpu, cifar10_paper or a YAML path.")] = "cifar10_cpu",
     ood: Annotated[list[str] | None, typer.Option(help="Extra NAME=SPEC OOD set (any format); repeatable.")
                    ] = None,
@@ -337,9 +338,8 @@ def bench_natural(
 @bench_app.command("mri")
 @_friendly_errors
 def bench_mri(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (models are reused when present).")],
-    data: Annotated[str, typer.Option(help="Data root holding medical/; default: $MEDFLOWAD_DATA.")
-                    ] = "$MEDFLOWAD_DATA",
+    out: BenchOut,
+    data: DataRoot = "$MEDFLOWAD_DATA",
     config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
     split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
                      ] = None,
