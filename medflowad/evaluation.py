@@ -11,7 +11,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from scipy.stats import spearmanr
 
-from medflowad.data.natural import ImageSet, load_image_set
+from medflowad.data.natural import load_image_set
 from medflowad.devices import resolve_device
 from medflowad.metrics import detection_metrics
 from medflowad.scores import Likelihoods, compute_scores
@@ -59,13 +59,6 @@ def ordered_scores(names: set[str]) -> list[str]:
     return [s for s in SCORE_ORDER if s in names] + per_scale
 
 
-def _subsample(data: ImageSet, limit: int | None, seed: int) -> ImageSet:
-    if not limit or len(data) <= limit:
-        return data
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
-    return ImageSet(data.images[pick], data.labels[pick], data.class_names, data.source)
-
-
 def evaluate_ood(
     model_dir: Path, in_spec: str, ood_specs: dict[str, str], general_model_dir: Path | None = None,
     out_dir: Path | None = None, batch_size: int = 128, device: str = "auto", limit: int | None = None,
@@ -87,11 +80,11 @@ def evaluate_ood(
                 general_cfg.model.in_channels != in_cfg.model.in_channels:
             raise ValueError(f"{general_model_dir}: general model input differs from {model_dir}")
     shape = dict(channels=in_cfg.model.in_channels, size=in_cfg.model.image_size)
-    sets = {"in": _subsample(load_image_set(in_spec, **shape), limit, seed)}
+    sets = {"in": load_image_set(in_spec, **shape).random_subset(limit, seed)}
     for name, spec in ood_specs.items():
         if name == "in":
             raise ValueError("'in' is reserved for the in-distribution set; rename that OOD set")
-        sets[name] = _subsample(load_image_set(spec, **shape), limit, seed)
+        sets[name] = load_image_set(spec, **shape).random_subset(limit, seed)
 
     passes = 2 if general is not None else 1
     total = passes * sum(len(s) for s in sets.values())

@@ -23,7 +23,7 @@ import torch
 from scipy.stats import spearmanr
 
 from medflowad.config import RunConfig, with_overrides
-from medflowad.data.natural import ImageSet, load_image_set
+from medflowad.data.natural import load_image_set
 from medflowad.devices import resolve_device
 from medflowad.evaluation import ordered_scores
 from medflowad.metrics import detection_metrics
@@ -64,13 +64,6 @@ def _configs(s: NaturalBenchSettings, out: Path) -> dict[str, RunConfig]:
     return {"general": general, "in": in_model, "in_outlier": outlier}
 
 
-def _subsample(data: ImageSet, limit: int | None, seed: int) -> torch.Tensor:
-    if not limit or len(data) <= limit:
-        return data.images
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit]
-    return data.images[pick]
-
-
 def run_natural_bench(
     settings: NaturalBenchSettings, out: Path, extra_ood: dict[str, str] | None = None,
     show_progress: bool = True, echo: Callable[[str], None] = print,
@@ -99,7 +92,7 @@ def run_natural_bench(
     t0 = time.perf_counter()
     for set_name, spec in sets.items():
         echo(f"scoring {set_name}")
-        images = _subsample(load_image_set(spec, **shape), settings.limit, settings.seed)
+        images = load_image_set(spec, **shape).random_subset(settings.limit, settings.seed).images
         lik: dict[str, Likelihoods] = {name: likelihoods(m, images, 128) for name, m in models.items()}
         set_scores = scores_from_likelihoods(num_dims, lik["in"], lik["general"], png_bits_per_dim(images))
         set_scores["llr_outlier"] = lik["general"].log_prob - lik["in_outlier"].log_prob

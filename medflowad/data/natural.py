@@ -61,6 +61,13 @@ class ImageSet:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
+    def random_subset(self, limit: int | None, seed: int) -> ImageSet:
+        """At most ``limit`` images drawn without replacement (seeded); all of them if ``limit`` is falsy."""
+        if not limit or len(self) <= limit:
+            return self
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
+        return ImageSet(self.images[pick], self.labels[pick], self.class_names, self.source)
+
 
 def split_spec(spec: str) -> tuple[Path, str]:
     """``PATH[::SUBDIR]`` -> (path, subdir); environment variables such as $MEDFLOWAD_DATA are expanded."""

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
-from medflowad.data.readers import ScanError, find_scans, load_scan, scan_id
+from medflowad.data.readers import ScanError, find_scans, load_scan
 from medflowad.data.scans import PreparedScan, prepare_scan
 from medflowad.data.slice_sets import save_slice_set
 from medflowad.devices import resolve_device
@@ -197,9 +197,10 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
     voxel_values: dict[str, list] = {n: [] for n in MAP_TYPES}
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model)
+        scan_scores = analysis.scan_scores(model.config.top_fraction)
         for name, values in analysis.slice_scores.items():
             slice_values[name].append(values[np.isfinite(values)])
-            scan_values[name].append(analysis.scan_scores(model.config.top_fraction)[name])
+            scan_values[name].append(scan_scores[name])
         scored = prepared.foreground & prepared.keep[:, None, None]
         for name in MAP_TYPES:
             voxel_values[name].append(analysis.maps[name][scored])
@@ -251,4 +252,4 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
 
 
-__all__ = ["MriModel", "analyse", "load_mri_model", "prepare", "scan_id", "select_scans", "train_mri_model"]
+__all__ = ["MriModel", "analyse", "load_mri_model", "prepare", "select_scans", "train_mri_model"]

@@ -2,11 +2,11 @@
 
 For every scan, OUT receives ``<scan-id>_anomaly.nii.gz`` (per-voxel llr, nats per model pixel),
 ``<scan-id>_last_scale.nii.gz`` and ``<scan-id>_anomaly_mask.nii.gz`` (voxels above the healthy voxel
-threshold at the chosen false-positive rate). A scan is flagged when its conformal p-value is at most
-that rate, all float32/uint8 NIfTI on the scan's own grid with its
-affine; the batch gets ``scores.csv``, ``slices.csv`` and ``scores.json``. Each file is written through
-a temporary file and a rename, and the tables are rewritten after every scan, so an interrupted or
-partly failing batch never leaves a partial file. A scan that fails is reported with its reason.
+threshold at the chosen false-positive rate), all float32/uint8 NIfTI on the scan's own grid with its
+affine. A scan is flagged when its conformal p-value is at most that rate. The batch gets
+``scores.csv``, ``slices.csv`` and ``scores.json``. Each file is written through a temporary file and
+a rename, and the tables are rewritten after every scan, so an interrupted or partly failing batch
+never leaves a partial file. A scan that fails is reported with its reason.
 """
 
 from __future__ import annotations
@@ -42,15 +42,25 @@ class BatchResult:
         return all(r["status"] == "ok" for r in self.rows)
 
 
-def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan) -> None:
+def source_header(reference: PreparedScan) -> nib.Nifti1Header | None:
+    """The input's NIfTI header (None for other formats), read once per scan for all its maps."""
+    source = Path(str(reference.native.meta.get("filename_or_obj", "")))
+    if source.name.lower().endswith(NIFTI_SUFFIXES) and source.is_file():
+        return nib.load(str(source)).header
+    return None
+
+
+def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
+                header: nib.Nifti1Header | None = None) -> None:
     """Write ``data`` (native shape) with the scan's affine in both sform and qform, atomically.
 
-    NIfTI inputs lend their own header (codes, units, orientation), so viewers overlay the map exactly.
+    NIfTI inputs lend their own header (codes, units, orientation), so viewers overlay the map exactly;
+    pass ``header`` from :func:`source_header` to avoid re-reading it for every map of a scan.
     """
-    source = Path(str(reference.native.meta.get("filename_or_obj", "")))
     affine = reference.native.affine.numpy().astype(np.float64)
-    if source.name.lower().endswith(NIFTI_SUFFIXES) and source.is_file():
-        header = nib.load(str(source)).header.copy()
+    header = header if header is not None else source_header(reference)
+    if header is not None:
+        header = header.copy()
         image = nib.Nifti1Image(data, affine, header=header)
         image.set_data_dtype(data.dtype)
         image.header.set_slope_inter(1.0, 0.0)
@@ -106,9 +116,10 @@ def score_scans(
             native_llr = to_native(analysis.maps["llr"], prepared)
             native_last = to_native(analysis.maps["last_scale"], prepared)
             flagged = (native_llr > voxel_threshold).astype(np.uint8)
-            write_nifti(out / f"{sid}_anomaly.nii.gz", native_llr, prepared)
-            write_nifti(out / f"{sid}_last_scale.nii.gz", native_last, prepared)
-            write_nifti(out / f"{sid}_anomaly_mask.nii.gz", flagged, prepared)
+            header = source_header(prepared)
+            write_nifti(out / f"{sid}_anomaly.nii.gz", native_llr, prepared, header)
+            write_nifti(out / f"{sid}_last_scale.nii.gz", native_last, prepared, header)
+            write_nifti(out / f"{sid}_anomaly_mask.nii.gz", flagged, prepared, header)
             row["flagged_voxels"] = int(flagged.sum())
             row["map"] = f"{sid}_anomaly.nii.gz"
             for z in range(prepared.num_slices):

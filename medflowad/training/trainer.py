@@ -98,12 +98,7 @@ def load_train_data(config: RunConfig) -> TrainData:
     shape = dict(channels=config.model.in_channels, size=config.model.image_size)
     data = TrainData(load_image_set(config.data.train, **shape))
     if config.data.test:
-        data.test = load_image_set(config.data.test, **shape)
-        if config.data.test_limit and len(data.test) > config.data.test_limit:
-            pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(config.seed))
-            data.test = ImageSet(data.test.images[pick[: config.data.test_limit]],
-                                 data.test.labels[pick[: config.data.test_limit]], data.test.class_names,
-                                 data.test.source)
+        data.test = load_image_set(config.data.test, **shape).random_subset(config.data.test_limit, config.seed)
     if config.outlier.enabled:
         data.general = load_image_set(config.data.general, **shape)
     return data
