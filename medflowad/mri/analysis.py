@@ -99,3 +99,15 @@ def threshold_at_fpr(calibration: np.ndarray, fpr: float) -> float:
         raise ValueError("empty calibration set")
     index = min(len(values) - 1, math.ceil((1 - fpr) * len(values)) - 1)
     return float(values[max(index, 0)])
+
+
+def flag_resolution_problem(n_calibration: int, fpr: float) -> str | None:
+    """Why no scan can be flagged, if the calibration set is too small for ``fpr`` (else None).
+
+    The smallest conformal p-value is 1 / (1 + n), so flags at rate ``fpr`` need n >= 1/fpr - 1.
+    """
+    smallest = 1 / (1 + n_calibration)
+    if smallest <= fpr:
+        return None
+    return (f"with {n_calibration} healthy calibration scans no p-value is below {smallest:.3f}, so no scan can be "
+            f"flagged at FPR {fpr:g}: calibrate on at least {math.ceil(1 / fpr - 1)} healthy scans or raise the FPR")

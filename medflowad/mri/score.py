@@ -24,8 +24,10 @@ import numpy as np
 
 from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, find_scans, scan_id
 from medflowad.data.scans import PreparedScan, to_native
-from medflowad.mri.analysis import SLICE_SCORES, conformal_p_value, threshold_at_fpr
+from medflowad.mri.analysis import SLICE_SCORES, conformal_p_value, flag_resolution_problem, threshold_at_fpr
 from medflowad.mri.model import MriModel, analyse, load_mri_model, prepare
+from medflowad.mri.report import SCORE as REPORT_SCORE
+from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.storage import atomic_write, write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
@@ -36,6 +38,8 @@ class BatchResult:
     rows: list[dict] = field(default_factory=list)
     slice_rows: list[dict] = field(default_factory=list)
     out: Path | None = None
+    report: Path | None = None
+    warning: str | None = None  # e.g. a calibration set too small for any flag at this FPR
 
     @property
     def all_ok(self) -> bool:
@@ -86,12 +90,15 @@ def _unique_ids(paths: Sequence[Path]) -> list[str]:
 
 
 def score_scans(
-    inputs: Sequence[str | Path], model_dir: Path, out: Path, device: str = "auto", batch_size: int = 64,
+    inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
-    brain_masks: tuple[str, str] | None = None,
+    brain_masks: tuple[str, str] | None = None, report: bool = False,
 ) -> BatchResult:
-    """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows)."""
-    model = model or load_mri_model(Path(model_dir), device)
+    """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
+
+    With ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`).
+    """
+    model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,9 @@ def score_scans(
     if not scans:
         raise ValueError(f"no scans found in {', '.join(str(i) for i in inputs)}")
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
-    result = BatchResult(out=out)
+    healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
+    result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr))
+    figures: dict[str, ScanFigures] = {}
     for path, sid in zip(scans, _unique_ids(scans), strict=True):
         started = time.perf_counter()
         row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": str(path)}
@@ -122,6 +131,9 @@ def score_scans(
             write_nifti(out / f"{sid}_anomaly_mask.nii.gz", flagged, prepared, header)
             row["flagged_voxels"] = int(flagged.sum())
             row["map"] = f"{sid}_anomaly.nii.gz"
+            if report:
+                figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
+                                            threshold_at_fpr(healthy_scores, fpr), f"{sid} ({path.name})")
             for z in range(prepared.num_slices):
                 slice_row = {"scan_id": sid, "slice": z, "scored": bool(prepared.keep[z])}
                 for name in SLICE_SCORES:
@@ -137,6 +149,10 @@ def score_scans(
         _write_tables(result, model, fpr)
         if on_scan is not None:
             on_scan(sid, row)
+    if report:
+        result.report = out / "report.html"
+        write_report(result.report, result.rows, figures, str(model.folder), model.config.modality, fpr,
+                     len(healthy_scores))
     return result
 
 
@@ -159,6 +175,7 @@ def _write_tables(result: BatchResult, model: MriModel, fpr: float) -> None:
         "model": str(model.folder), "modality": model.config.modality, "fpr": fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",
         "p_value": "conformal: (1 + healthy validation scans scoring at least as high) / (1 + their number)",
+        "warning": result.warning,
         "scans": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
                   for r in result.rows],
     })

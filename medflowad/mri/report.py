@@ -1,0 +1,177 @@
+"""``score --report``: one self-contained report.html for a scored batch.
+
+Per scan: the scan score, its p-value and flag, a montage of axial slices of the scan with the llr
+anomaly map overlaid where it exceeds the healthy voxel threshold, and the scan's score on the
+histogram of the healthy calibration scans' scores. Figures are PNGs embedded as base64, so the file
+can be mailed or archived alone. Slices are shown in radiological convention (patient right on the
+image left, anterior up), at the scan's own resolution, with the map as written to the NIfTI file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # figures without pyplot: no global state, no display needed
+from monai.data import MetaTensor
+from monai.transforms import Orientation
+
+from medflowad.data.scans import PreparedScan, volume_to_display
+from medflowad.mri.analysis import flag_resolution_problem
+from medflowad.storage import write_text
+
+MONTAGE_SLICES = 12
+SCORE = "llr"  # the scan score the report is about (also the one `score` prints first)
+
+
+@dataclass
+class ScanFigures:
+    montage: bytes  # PNG
+    histogram: bytes  # PNG
+
+
+def _display_volume(data: np.ndarray, affine: torch.Tensor) -> tuple[np.ndarray, tuple[float, float]]:
+    """(Z, rows, cols) radiological slices of a native-grid volume, and the (row, col) pixel spacing."""
+    tensor = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    volume = MetaTensor(tensor.reshape(1, *tensor.shape[-3:]), affine=affine)
+    oriented = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
+    spacing = np.sqrt((oriented.affine[:3, :3].numpy() ** 2).sum(axis=0))
+    return volume_to_display(oriented[0].numpy()), (float(spacing[1]), float(spacing[0]))
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight", facecolor=figure.get_facecolor())
+    return buffer.getvalue()
+
+
+def pick_slices(image: np.ndarray, anomaly: np.ndarray, count: int = MONTAGE_SLICES) -> list[int]:
+    """Evenly spaced slices through the head, always including the slice with the most anomaly."""
+    occupied = (image > np.percentile(image, 5)).mean(axis=(1, 2))
+    candidates = np.nonzero(occupied >= 0.25 * occupied.max())[0] if occupied.max() > 0 else np.arange(len(image))
+    chosen = set(candidates[np.linspace(0, len(candidates) - 1, min(count, len(candidates))).round().astype(int)])
+    if anomaly.any():
+        worst = int(anomaly.sum(axis=(1, 2)).argmax())
+        if worst not in chosen:
+            chosen.remove(min(chosen, key=lambda z: abs(z - worst)))
+            chosen.add(worst)
+    return sorted(int(z) for z in chosen)
+
+
+def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: float, scan_score: float,
+                 healthy_scores: np.ndarray, score_threshold: float, title: str) -> ScanFigures:
+    """The montage and the calibration histogram of one scan."""
+    affine = prepared.native.affine
+    image, (row_mm, col_mm) = _display_volume(prepared.native[0].numpy(), affine)
+    anomaly, _ = _display_volume(native_map, affine)
+    above = np.where(anomaly > threshold, anomaly, np.nan)
+    slices = pick_slices(image, np.nan_to_num(above, nan=0.0) > 0)
+    finite = image[image > 0] if (image > 0).any() else image.ravel()
+    low, high = np.percentile(finite, [1, 99.5])
+    top = float(np.nanmax(above)) if np.isfinite(above).any() else threshold + 1.0
+    columns = min(6, len(slices))
+    rows = int(np.ceil(len(slices) / columns))
+    figure = Figure(figsize=(2.2 * columns, 2.2 * rows * image.shape[1] * row_mm / (image.shape[2] * col_mm) + 0.4))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    figure.patch.set_facecolor("black")
+    overlay = None
+    for ax, z in zip(axes.ravel(), slices, strict=False):
+        ax.imshow(image[z], cmap="gray", vmin=low, vmax=high, aspect=row_mm / col_mm, interpolation="nearest")
+        overlay = ax.imshow(above[z], cmap="hot", vmin=threshold, vmax=max(top, threshold + 1e-6), alpha=0.75,
+                            aspect=row_mm / col_mm, interpolation="nearest")
+        ax.set_title(f"slice {z}", color="white", fontsize=8)
+        ax.text(0.02, 0.5, "R", color="cyan", fontsize=8, transform=ax.transAxes, va="center")
+        ax.text(0.98, 0.5, "L", color="cyan", fontsize=8, transform=ax.transAxes, va="center", ha="right")
+    for ax in axes.ravel():
+        ax.axis("off")
+    if overlay is not None:
+        bar = figure.colorbar(overlay, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+        bar.set_label("llr above healthy voxel threshold (nats/pixel)", color="white", fontsize=8)
+        bar.ax.tick_params(colors="white", labelsize=7)
+    figure.suptitle(title, color="white", fontsize=10)
+    montage = _png(figure)
+
+    figure = Figure(figsize=(5.0, 2.4))
+    ax = figure.subplots()
+    finite_scores = healthy_scores[np.isfinite(healthy_scores)]
+    ax.hist(finite_scores, bins=max(5, min(30, len(finite_scores) // 2)), color="#7a9cc6",
+            label=f"healthy calibration scans (n={len(finite_scores)})")
+    ax.axvline(score_threshold, color="black", linestyle="--", linewidth=1, label="flag threshold")
+    ax.axvline(scan_score, color="#d62728", linewidth=2.5, label="this scan")
+    ax.set_xlabel(f"scan score ({SCORE}, nats)")
+    ax.set_ylabel("scans")
+    ax.legend(fontsize=7, loc="upper left")
+    histogram = _png(figure)
+    return ScanFigures(montage, histogram)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.flag { color: #b00; font-weight: bold; }
+.error { color: #b00; }
+section { border-top: 1px solid #ddd; margin-top: 2em; padding-top: 1em; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], model_name: str, modality: str,
+                 fpr: float, n_healthy: int) -> None:
+    """Write report.html atomically from the score rows and each scored scan's figures."""
+    e = html.escape
+    problem = flag_resolution_problem(n_healthy, fpr)
+    problem = f' <b class="flag">Note: {e(problem)}.</b>' if problem else ""
+    flagged = sum(1 for r in rows if r.get(f"{SCORE}_flag"))
+    failed = sum(1 for r in rows if r["status"] != "ok")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>medflowad report: {len(rows)} scans</title><style>{_STYLE}</style></head><body>",
+        "<h1>medflowad anomaly report</h1>",
+        f'<p class="note">Model <code>{e(model_name)}</code> ({e(modality)}); written '
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Scan score: {SCORE}, the mean of the "
+        "top 10% of slice log-likelihood ratios (in-distribution minus general model). p-value (conformal): "
+        f"(1 + healthy calibration scans scoring at least as high) / (1 + {n_healthy}). A scan is flagged "
+        f"when p &le; {fpr:g}.{problem}</p>",
+        f"<p><b>{len(rows)}</b> scans: <b>{flagged}</b> flagged, <b>{failed}</b> failed.</p>",
+        "<table><tr><th>scan</th><th>status</th><th>score</th><th>p-value</th><th>flag</th>"
+        "<th>flagged voxels</th><th>scored slices</th></tr>",
+    ]
+    for r in rows:
+        sid = e(r["scan_id"])
+        if r["status"] == "ok":
+            flag = '<span class="flag">yes</span>' if r[f"{SCORE}_flag"] else "no"
+            parts.append(f'<tr><td><a href="#{sid}">{sid}</a></td><td>ok</td><td>{r[SCORE]:.1f}</td>'
+                         f"<td>{r[f'{SCORE}_p']:.3f}</td><td>{flag}</td><td>{r['flagged_voxels']}</td>"
+                         f"<td>{r['scored_slices']}/{r['slices']}</td></tr>")
+        else:
+            parts.append(f'<tr><td>{sid}</td><td class="error">failed</td><td colspan="5" class="error">'
+                         f"{e(r['error'])}</td></tr>")
+    parts.append("</table>")
+    for r in rows:
+        if r["status"] != "ok" or r["scan_id"] not in figures:
+            continue
+        sid = e(r["scan_id"])
+        verdict = '<span class="flag">flagged</span>' if r[f"{SCORE}_flag"] else "not flagged"
+        parts += [
+            f'<section id="{sid}"><h2>{sid}</h2>',
+            f"<p>score {r[SCORE]:.1f}, p = {r[f'{SCORE}_p']:.3f}: {verdict}. Map: <code>{e(r['map'])}</code>; "
+            f"source: <code>{e(r['path'])}</code>.</p>",
+            _img(figures[r["scan_id"]].montage, f"{r['scan_id']} axial montage with anomaly map"),
+            _img(figures[r["scan_id"]].histogram, f"{r['scan_id']} score on the healthy histogram"),
+            "</section>",
+        ]
+    parts.append("</body></html>")
+    write_text(path, "\n".join(parts))

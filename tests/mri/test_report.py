@@ -1,0 +1,115 @@
+"""score --report: report.html content, its figures, and rendering in a real browser (headless Chromium)."""
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medflowad.mri.analysis import conformal_p_value, flag_resolution_problem
+from medflowad.mri.report import pick_slices
+from medflowad.mri.score import score_scans
+from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+
+HISTOGRAM_RED = (214, 39, 40)  # the "this scan" line
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[dict] = []
+        self.ids: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
+
+
+@pytest.fixture(scope="module")
+def report_dir(tiny_mri_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    save_nifti(root / "healthy.nii.gz", brain_like(seed=31), oblique_lps_affine())
+    save_nifti(root / "blob.nii.gz", brain_like(seed=32, blob=(24, 28, 7)), oblique_lps_affine())
+    (root / "broken.nii.gz").write_bytes(b"not a nifti")
+    result = score_scans([root / "healthy.nii.gz", root / "blob.nii.gz", root / "broken.nii.gz"], tiny_mri_model,
+                         root / "out", device="cpu", report=True)
+    assert result.report == root / "out" / "report.html"
+    return root / "out"
+
+
+def _png(src: str) -> Image.Image:
+    assert src.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+
+
+def test_report_has_every_scan_and_decodable_figures(report_dir):
+    text = (report_dir / "report.html").read_text()
+    parser = _Images()
+    parser.feed(text)
+    assert parser.ids == ["healthy", "blob"]  # one section per scored scan
+    assert re.search(r"<td>broken</td><td class=\"error\">failed</td>.*broken\.nii\.gz", text)
+    assert len(parser.images) == 4
+    for attrs in parser.images:
+        image = _png(attrs["src"])
+        assert min(image.size) > 100
+    for attrs in parser.images[1::2]:  # histograms carry this scan's red line
+        pixels = np.asarray(_png(attrs["src"])).reshape(-1, 3)
+        assert (np.abs(pixels.astype(int) - HISTOGRAM_RED).sum(axis=1) < 30).sum() > 50
+    for attrs in parser.images[0::2]:  # montages: a grey scan on black, not an empty canvas
+        pixels = np.asarray(_png(attrs["src"]))
+        assert pixels.std() > 20
+
+
+def test_pick_slices_spans_the_head_and_keeps_the_worst_slice():
+    image = np.zeros((40, 8, 8))
+    image[5:35] = 1.0
+    anomaly = np.zeros_like(image, dtype=bool)
+    anomaly[17, 2:5, 2:5] = True
+    chosen = pick_slices(image, anomaly, count=6)
+    assert len(chosen) == 6 and chosen == sorted(chosen)
+    assert 17 in chosen and chosen[0] == 5 and chosen[-1] == 34
+
+
+def test_flag_resolution_problem_matches_the_smallest_p_value():
+    for n, fpr in ((8, 0.05), (19, 0.05), (18, 0.05), (99, 0.01), (50, 0.01)):
+        calibration = np.arange(n, dtype=float)
+        smallest = conformal_p_value(1e9, calibration)  # a score above every healthy scan
+        assert (flag_resolution_problem(n, fpr) is None) == (smallest <= fpr)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no Chromium on this machine (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    # A copy with a probe script: after load it writes how many images the browser decoded into the title.
+    probe = ("<script>window.addEventListener('load', () => { const all = [...document.images]; "
+             "document.title = 'decoded ' + all.filter(i => i.complete && i.naturalWidth > 0).length + ' of ' "
+             "+ all.length; });</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text((report_dir / "report.html").read_text().replace("</body>", probe))
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert re.search(r"<title>decoded 4 of 4</title>", dom), dom[:500]
+    shot = tmp_path / "shot.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=1280,2400",
+                    (report_dir / "report.html").as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    dark = (pixels.sum(axis=1) < 60).mean()  # the montages' black background
+    assert dark > 0.05, f"screenshot shows no figure ({dark:.1%} dark pixels)"
