@@ -50,7 +50,7 @@ def _friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except (ConfigError, DataError, ScanError, ModelFolderError, TrainingError, ValueError,
-                FileNotFoundError) as exc:
+                FileNotFoundError, FileExistsError) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -68,13 +68,15 @@ def info() -> None:
 
     import medflowad
     from medflowad.devices import resolve_device
+    from medflowad.mri.model import bundled_models
 
     table = Table(show_header=False, box=None)
     rows = [("medflowad", medflowad.__version__), ("python", platform.python_version()),
             ("platform", platform.platform()), ("torch", torch.__version__),
             ("torch threads", str(torch.get_num_threads())),
             ("cuda available", str(torch.cuda.is_available())),
-            ("default device", str(resolve_device("auto")))]
+            ("default device", str(resolve_device("auto"))),
+            ("bundled models", ", ".join(bundled_models()) or "none")]
     if torch.cuda.is_available():
         rows.append(("gpu", torch.cuda.get_device_name(0)))
     for package in ("monai", "nibabel", "SimpleITK", "pydicom", "sklearn", "safetensors", "numpy"):
@@ -253,8 +255,11 @@ def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, 
 @_friendly_errors
 def score(
     paths: Annotated[list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files, folders, DICOM series folders.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="MRI model folder (medflowad train --modality).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="MRI model folder (medflowad train --modality), "
+                                       "or the name of a bundled model: demo.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for maps and tables.")],
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html: per scan the score, p-value, "
+                                         "flag, a slice montage with the map and the healthy histogram.")] = False,
     fpr: Annotated[float | None, typer.Option(help="False-positive rate for flags (default: the model's, 5 %).")
                    ] = None,
     brain_masks: Annotated[str | None, typer.Option(
@@ -284,7 +289,7 @@ def score(
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
         result = score_scans(scans, model, out, device, batch_size, fpr, on_scan=on_scan,
-                             brain_masks=_parse_replace(brain_masks, "--brain-masks"))
+                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report)
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
         table.add_column(column, justify="left" if column in ("scan", "status") else "right")
@@ -297,10 +302,33 @@ def score(
             table.add_row(row["scan_id"], "[red]error[/]", "", "", "", "", "", "")
     console.print(table)
     failed = sum(r["status"] != "ok" for r in result.rows)
+    if result.warning:
+        err_console.print(f"[yellow]warning:[/] {result.warning}")
     console.print(f"maps and tables in [bold]{out}[/] (scores.csv, slices.csv, scores.json)")
+    if result.report is not None:
+        console.print(f"report: [bold]{result.report}[/] (open it in a browser)")
     if failed:
         err_console.print(f"[red]{failed} of {len(result.rows)} scans failed[/] (reasons in scores.csv)")
         raise typer.Exit(1)
+
+
+@app.command()
+@_friendly_errors
+def export(
+    model: Annotated[str, typer.Argument(help="MRI model folder, or a bundled model's name (demo).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the bundle to.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="Export format: monai-bundle.")] = "monai-bundle",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Export an MRI model, e.g. as a MONAI bundle that `python -m monai.bundle run` executes."""
+    if format != "monai-bundle":
+        raise ValueError(f"unknown --format {format!r}; supported: monai-bundle")
+    from medflowad.mri.bundle import export_monai_bundle
+
+    bundle = export_monai_bundle(model, out, overwrite=overwrite)
+    console.print(f"MONAI bundle in [bold]{bundle}[/]; run it with\n  python -m monai.bundle run --config_file "
+                  f"{bundle / 'configs' / 'inference.json'} --bundle_root {bundle} --input_dir SCANS "
+                  "--output_dir OUT", highlight=False)
 
 
 bench_app = typer.Typer(help="Benchmarks of PROTOCOL.md as commands.", no_args_is_help=True)

@@ -20,6 +20,7 @@ import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +226,26 @@ def calibration_summary(calibration: dict[str, np.ndarray], fpr: float) -> dict:
     }
 
 
-def load_mri_model(folder: Path, device: str = "auto", calibrated: bool = True) -> MriModel:
-    folder = Path(folder)
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package (see medflowad/models/)."""
+    root = resources.files("medflowad") / "models"
+    return sorted(p.name for p in root.iterdir() if (p / MRI_CONFIG).is_file()) if root.is_dir() else []
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model folder on disk, or the name of a bundled model (``demo``); a folder wins over a name."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if str(name_or_path) in bundled_models():
+        return Path(str(resources.files("medflowad") / "models" / str(name_or_path)))
+    names = ", ".join(bundled_models()) or "none"
+    raise ModelFolderError(f"{path}: no such model folder, and not a bundled model (bundled: {names})")
+
+
+def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = True) -> MriModel:
+    """Load an MRI model folder, or a bundled model by name (see :func:`resolve_model_dir`)."""
+    folder = resolve_model_dir(folder)
     path = folder / MRI_CONFIG
     if not path.exists():
         raise ModelFolderError(f"{folder}: not an MRI model folder (no {MRI_CONFIG}; train with --modality)")
@@ -252,4 +271,5 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
 
 
-__all__ = ["MriModel", "analyse", "load_mri_model", "prepare", "select_scans", "train_mri_model"]
+__all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "prepare", "resolve_model_dir", "select_scans",
+           "train_mri_model"]
