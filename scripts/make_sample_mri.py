@@ -2,7 +2,7 @@
 
     python scripts/make_sample_mri.py
 
-Four simulated subjects on a 2 mm grid (see medflowad.data.phantoms), each with a lesion mask (empty
+Five simulated subjects on a 2 mm grid (see medflowad.data.phantoms), each with a lesion mask (empty
 for the healthy ones). sub-02 is stored left-right and anterior-posterior flipped (LPS) with a 10 degree
 tilt in its affine, as scanners often write, so the demo also shows that maps land on each scan's grid.
 """
@@ -15,12 +15,13 @@ from medflowad.data.phantoms import insert_lesions, load_template, save_scan, si
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_data"
 
-# scan id -> (seed, lesion radii in mm); seeds differ from the demo model's training subjects (0-999)
+# scan id -> (seed, lesion radii in mm, lesion kind); seeds differ from the demo model's training subjects
 SUBJECTS = {
-    "sub-01": (1001, []),
-    "sub-02": (1002, []),
-    "sub-03": (1003, [14.0]),
-    "sub-04": (1004, [7.0, 9.0, 11.0]),
+    "sub-01": (1001, [], ""),
+    "sub-02": (1002, [], ""),
+    "sub-03": (1003, [14.0], "ring"),
+    "sub-04": (1004, [7.0, 9.0, 11.0], "hyper"),
+    "sub-05": (1005, [12.0], "hypo"),
 }
 
 
@@ -42,10 +43,10 @@ def main() -> None:
     template = load_template(ROOT / "mni_icbm152")
     out = ROOT / "mri"
     out.mkdir(exist_ok=True)
-    for sid, (seed, radii) in SUBJECTS.items():
+    for sid, (seed, radii, kind) in SUBJECTS.items():
         subject = simulate_subject(template, seed)
         if radii:
-            t1, mask = insert_lesions(subject, radii, seed)
+            t1, mask = insert_lesions(subject, radii, seed, kind)
         else:
             t1, mask = subject.t1, np.zeros(subject.t1.shape, dtype=np.uint8)
         affine = template.affine
@@ -54,7 +55,7 @@ def main() -> None:
             t1, mask = t1[::-1, ::-1].copy(), mask[::-1, ::-1].copy()
         save_scan(out / f"{sid}_t1.nii.gz", t1, affine)
         save_scan(out / f"{sid}_mask.nii.gz", mask, affine)
-        print(f"{sid}: seed {seed}, lesions {radii or 'none'}, {int(mask.sum())} lesion voxels")
+        print(f"{sid}: seed {seed}, lesions {radii or 'none'} {kind}, {int(mask.sum())} lesion voxels")
     for f in sorted(out.glob("*.nii.gz")):
         print(f.relative_to(ROOT.parent), f.stat().st_size, "bytes")
 

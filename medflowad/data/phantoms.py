@@ -81,7 +81,7 @@ def simulate_subject(template: Template, seed: int) -> Template:
     affine = RandAffine(prob=1.0, rotate_range=(0.08, 0.08, 0.08), scale_range=(0.06, 0.06, 0.06),
                         shear_range=(0.03, 0.03, 0.03), translate_range=(2, 2, 2), padding_mode="zeros")
     elastic = Rand3DElastic(sigma_range=(6, 8), magnitude_range=(40, 80), prob=1.0, padding_mode="zeros")
-    bias = RandBiasField(degree=3, coeff_range=(0.1, 0.25), prob=1.0)
+    bias = RandBiasField(degree=3, coeff_range=(0.05, 0.12), prob=1.0)  # residual shading after N4
     for i, transform in enumerate((affine, elastic, bias)):
         transform.set_random_state(seed=seed * 7919 + i)
     warped = elastic(affine(stacked)).numpy().clip(0, 1)
@@ -89,7 +89,7 @@ def simulate_subject(template: Template, seed: int) -> Template:
     t1 = warped[0]
     brain = t1 > 0.02
     t1 = np.where(brain, bias(torch.from_numpy(t1[None])).numpy()[0], 0.0)
-    t1 = np.clip(t1, 0, None) ** rng.uniform(0.85, 1.15)
+    t1 = np.clip(t1, 0, None) ** rng.uniform(0.92, 1.08)
     t1 = np.where(brain, t1 + rng.normal(0, 0.02, t1.shape), 0.0).clip(0, 1)
     return Template(t1.astype(np.float32), warped[1], warped[2], template.affine)
 
@@ -103,20 +103,28 @@ def tissue_contrast(subject: Template, contrast: str, seed: int) -> np.ndarray:
     return noisy.clip(0, 1).astype(np.float32)
 
 
-def insert_lesions(subject: Template, radii_mm: list[float], seed: int, level: float = 0.3,
+LESION_KINDS = ("hypo", "hyper", "ring")
+
+
+def insert_lesions(subject: Template, radii_mm: list[float], seed: int, kind: str = "hypo",
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Paint lesions into the subject's T1: returns (T1 with lesions, binary lesion mask).
 
-    Each lesion is a union of three jittered ellipsoids centred in deep white matter; inside it the
-    intensity falls towards ``level`` (hypointense, as tumours and chronic lesions are on T1) with a
-    soft 1-voxel rim. The mask is where the blend weight exceeds 0.5.
+    Each lesion is a union of three jittered ellipsoids centred in deep white matter, blended in with a
+    soft rim about one voxel wide. ``kind``: ``hypo``, darker than grey matter (0.3, as chronic lesions
+    and many tumours on T1); ``hyper``, brighter than white matter (1.0, as subacute haemorrhage, or
+    enhancing lesions after contrast); ``ring``, a bright rim around a dark core (as ring-enhancing
+    tumours after contrast). The mask is where the blend weight exceeds 0.5.
     """
+    if kind not in LESION_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LESION_KINDS)}, got {kind!r}")
     rng = np.random.default_rng(seed)
     spacing = np.abs(np.diag(subject.affine)[:3])
     grid = np.stack(np.meshgrid(*[np.arange(s) * d for s, d in zip(subject.t1.shape, spacing, strict=True)],
                                 indexing="ij"), axis=-1)
     candidates = np.argwhere(subject.wm > 0.9)
     weight = np.zeros(subject.t1.shape, dtype=np.float32)
+    core = np.zeros(subject.t1.shape, dtype=np.float32)
     for radius in radii_mm:
         centre = candidates[rng.integers(len(candidates))] * spacing
         field = np.full(subject.t1.shape, np.inf, dtype=np.float32)
@@ -125,11 +133,15 @@ def insert_lesions(subject: Template, radii_mm: list[float], seed: int, level: f
             axes = radius * rng.uniform(0.6, 1.0, 3)
             distance = np.sqrt((((grid - centre - offset) / axes) ** 2).sum(-1))
             field = np.minimum(field, distance)
-        # 1 inside, 0 outside, a soft rim about one voxel wide
-        weight = np.maximum(weight, 1.0 / (1.0 + np.exp((field - 1.0) * radius / spacing.mean() * 2.0)))
+        # field is 1 on the lesion's border; the logistic makes a rim about one voxel wide
+        sharpness = radius / spacing.mean() * 2.0
+        weight = np.maximum(weight, 1.0 / (1.0 + np.exp((field - 1.0) * sharpness)))
+        core = np.maximum(core, 1.0 / (1.0 + np.exp((field - 0.6) * sharpness)))
     weight *= subject.t1 > 0.02
+    target = {"hypo": np.full_like(weight, 0.3), "hyper": np.full_like(weight, 1.0),
+              "ring": core * 0.3 + (1 - core) * 1.0}[kind]
     texture = rng.normal(0, 0.03, subject.t1.shape)
-    t1 = (1 - weight) * subject.t1 + weight * (level + texture)
+    t1 = (1 - weight) * subject.t1 + weight * (target + texture)
     return t1.clip(0, 1).astype(np.float32), (weight > 0.5).astype(np.uint8)
 
 
