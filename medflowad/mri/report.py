@@ -83,7 +83,7 @@ def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: floa
     overlay = None
     for ax, z in zip(axes.ravel(), slices, strict=False):
         ax.imshow(image[z], cmap="gray", vmin=low, vmax=high, aspect=row_mm / col_mm, interpolation="nearest")
-        overlay = ax.imshow(above[z], cmap="hot", vmin=threshold, vmax=max(top, threshold + 1e-6), alpha=0.75,
+        overlay = ax.imshow(above[z], cmap="autumn", vmin=threshold, vmax=max(top, threshold + 1e-6), alpha=0.75,
                             aspect=row_mm / col_mm, interpolation="nearest")
         ax.set_title(f"slice {z}", color="white", fontsize=8)
         ax.text(0.02, 0.5, "R", color="cyan", fontsize=8, transform=ax.transAxes, va="center")
