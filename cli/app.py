@@ -328,7 +328,7 @@ def export(
     bundle = export_monai_bundle(model, out, overwrite=overwrite)
     console.print(f"MONAI bundle in [bold]{bundle}[/]; run it with\n  python -m monai.bundle run --config_file "
                   f"{bundle / 'configs' / 'inference.json'} --bundle_root {bundle} --input_dir SCANS "
-                  "--output_dir OUT", highlight=False)
+                  "--output_dir OUT", highlight=False, soft_wrap=True)
 
 
 bench_app = typer.Typer(help="Benchmarks of PROTOCOL.md as commands.", no_args_is_help=True)
