@@ -4,9 +4,9 @@ For every scan, OUT receives ``<scan-id>_anomaly.nii.gz`` (per-voxel llr, nats p
 ``<scan-id>_last_scale.nii.gz`` and ``<scan-id>_anomaly_mask.nii.gz`` (voxels above the healthy voxel
 threshold at the chosen false-positive rate), all float32/uint8 NIfTI on the scan's own grid with its
 affine. A scan is flagged when its conformal p-value is at most that rate. The batch gets
-``scores.csv``, ``slices.csv`` and ``scores.json``. Each file is written through a temporary file and
-a rename, and the tables are rewritten after every scan, so an interrupted or partly failing batch
-never leaves a partial file. A scan that fails is reported with its reason.
+``scores.csv``, ``slices.csv`` and ``scores.json`` (and ``report.html`` when asked). Each file is
+written through a temporary file and a rename, and the tables are rewritten after every scan, so an
+interrupted or partly failing batch never leaves a partial file. A scan that fails is reported with its reason.
 """
 
 from __future__ import annotations
