@@ -32,14 +32,12 @@ from medflowad.data.phantoms import (
 from medflowad.mri.analysis import SLICE_SCORES
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import evaluate_scans
-from medflowad.mri.model import train_mri_model
+from medflowad.mri.model import SCORING_FILES, train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "medflowad" / "models" / "demo"
-MODEL_FILES = ["mri.yaml", "general/config.yaml", "general/model.safetensors", "in/config.yaml",
-               "in/model.safetensors", "calibration.safetensors", "calibration.json", "metrics.json"]
 HEALTHY_SEEDS = range(60)
 POOL_SEEDS = range(200, 208)
 TEST_SEEDS = range(3000, 3024)  # the first 8 healthy, then lesions of each kind in turn
@@ -110,7 +108,7 @@ def main() -> None:
     metrics = train_mri_model(config, [args.work / "healthy"], args.work / "model", pool=pool,
                               general_model=args.general_model)
     print(f"in-distribution model: {metrics['in_model_test_bpd']:.3f} bits/dim on held-out healthy slices")
-    for name in MODEL_FILES:
+    for name in (*SCORING_FILES, "metrics.json"):
         (TARGET / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.work / "model" / name, TARGET / name)
     print(f"demo model written to {TARGET}")

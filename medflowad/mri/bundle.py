@@ -31,11 +31,8 @@ import numpy as np
 import torch
 
 from medflowad import __version__
-from medflowad.mri.model import MRI_CONFIG, load_mri_model, resolve_model_dir
+from medflowad.mri.model import MRI_CONFIG, SCORING_FILES, load_mri_model, resolve_model_dir
 from medflowad.storage import write_json, write_text
-
-MODEL_FILES = ["mri.yaml", "general/config.yaml", "general/model.safetensors", "in/config.yaml",
-               "in/model.safetensors", "calibration.safetensors", "calibration.json"]
 
 _LOGGING_CONF = """[loggers]
 keys=root
@@ -142,7 +139,7 @@ def export_monai_bundle(model: str | Path, out: Path, overwrite: bool = False) -
     model_config["image_size"] = list(model_config["image_size"])
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name in MODEL_FILES:
+        for name in SCORING_FILES:
             target = staging / "models" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model_dir / name, target)

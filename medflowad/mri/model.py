@@ -40,6 +40,9 @@ from medflowad.training import train
 
 log = logging.getLogger("medflowad.mri")
 MRI_CONFIG = "mri.yaml"
+# What `score` needs of a model folder (what a bundled model or an exported bundle ships).
+SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors", "in/config.yaml",
+                 "in/model.safetensors", "calibration.safetensors", "calibration.json")
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
 
 
