@@ -67,6 +67,11 @@ class PreparedScan:
         return len(self.slices)
 
 
+def orient_ras(volume: MetaTensor) -> MetaTensor:
+    """Reorient a (C, X, Y, Z) MetaTensor to RAS; explicit labels keep MONAI from reinterpreting axes."""
+    return Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
+
+
 def volume_to_display(volume: np.ndarray) -> np.ndarray:
     """RAS (X, Y, Z) volume -> (Z, rows, cols) images, anterior up and patient right on the left."""
     return np.ascontiguousarray(np.flip(volume, axis=(0, 1)).transpose(2, 1, 0))
@@ -111,7 +116,7 @@ def prepare_scan(
         if extra is not None:
             channels.append(ResampleToMatch(mode="nearest")(extra, scan))
     stacked = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=scan.affine)
-    stacked = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(stacked)
+    stacked = orient_ras(stacked)
     if config.target_spacing is not None:
         stacked = Spacing(pixdim=config.target_spacing, mode="bilinear")(stacked)
     image = stacked[0].numpy()

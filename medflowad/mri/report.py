@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # figures without pyplot: no global state, no display needed
 from monai.data import MetaTensor
-from monai.transforms import Orientation
 
-from medflowad.data.scans import PreparedScan, volume_to_display
+from medflowad.data.scans import PreparedScan, orient_ras, volume_to_display
 from medflowad.mri.analysis import flag_resolution_problem
 from medflowad.storage import write_text
 
@@ -40,7 +39,7 @@ def _display_volume(data: np.ndarray, affine: torch.Tensor) -> tuple[np.ndarray,
     """(Z, rows, cols) radiological slices of a native-grid volume, and the (row, col) pixel spacing."""
     tensor = torch.as_tensor(np.asarray(data, dtype=np.float32))
     volume = MetaTensor(tensor.reshape(1, *tensor.shape[-3:]), affine=affine)
-    oriented = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(volume)
+    oriented = orient_ras(volume)
     spacing = np.sqrt((oriented.affine[:3, :3].numpy() ** 2).sum(axis=0))
     return volume_to_display(oriented[0].numpy()), (float(spacing[1]), float(spacing[0]))
 

@@ -107,6 +107,7 @@ def score_scans(
         raise ValueError(f"no scans found in {', '.join(str(i) for i in inputs)}")
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
+    score_threshold = threshold_at_fpr(healthy_scores, fpr)
     result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr))
     figures: dict[str, ScanFigures] = {}
     for path, sid in zip(scans, _unique_ids(scans), strict=True):
@@ -133,7 +134,7 @@ def score_scans(
             row["map"] = f"{sid}_anomaly.nii.gz"
             if report:
                 figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
-                                            threshold_at_fpr(healthy_scores, fpr), f"{sid} ({path.name})")
+                                            score_threshold, f"{sid} ({path.name})")
             for z in range(prepared.num_slices):
                 slice_row = {"scan_id": sid, "slice": z, "scored": bool(prepared.keep[z])}
                 for name in SLICE_SCORES:
