@@ -371,8 +371,9 @@ def bench_mri(
     config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
     split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
                      ] = None,
-    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 1000,
-    in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution model.")] = 400,
+    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 600,
+    in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution FLAIR model.")] = 400,
+    tumor_steps: Annotated[int, typer.Option(help="Steps of the 2D notumor model.")] = 300,
     outlier: Annotated[bool, typer.Option("--outlier/--no-outlier", help="Also train with the outlier loss.")
                        ] = True,
     tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
@@ -384,8 +385,8 @@ def bench_mri(
     from medflowad.bench.mri import MriBenchSettings, mri_markdown, run_mri_bench
 
     settings = MriBenchSettings(data=data, config=config, split=str(split) if split else None,
-                                general_steps=general_steps, in_steps=in_steps, outlier=outlier,
-                                tumor_2d=tumor_2d, device=device)
+                                general_steps=general_steps, in_steps=in_steps, tumor_steps=tumor_steps,
+                                outlier=outlier, tumor_2d=tumor_2d, device=device)
     result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
     console.print(mri_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")

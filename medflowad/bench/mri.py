@@ -52,8 +52,9 @@ class MriBenchSettings:
     data: str = "$MEDFLOWAD_DATA"
     config: str = "mri_cpu"
     split: str | None = None  # TSV patient<TAB>split; default: the fixed split shipped with medflowad
-    general_steps: int = 1000
+    general_steps: int = 600
     in_steps: int = 400
+    tumor_steps: int = 300  # fine-tuning of the 2D notumor model
     outlier: bool = True
     tumor_2d: bool = True
     overlays: int = 4
@@ -112,10 +113,13 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
         echo(f"evaluating {model_dir.name} on {len(test_scans)} test patients")
         evaluations[suffix] = evaluate_scans(model_dir, test_scans, LESION_MASKS, out / f"eval{suffix}",
                                              device=settings.device)
-    echo("writing the test patients' maps and overlays")
-    score_scans(test_scans, out / "flair", out / "maps", device=settings.device)
-    _overlays(out / "flair", test_scans, out / "overlays", settings.overlays, settings.device)
-    tumor = _tumor_2d(medical, out, config, show_progress, settings.device, echo) if settings.tumor_2d else None
+    # Maps and overlays come from the last model trained: the outlier-loss one when there is one.
+    best = list(models.values())[-1]
+    echo(f"writing the test patients' maps and overlays ({best.name})")
+    score_scans(test_scans, best, out / "maps", device=settings.device)
+    _overlays(best, test_scans, out / "overlays", settings.overlays, settings.device)
+    tumor = (_tumor_2d(medical, out, config, settings.tumor_steps, show_progress, settings.device, echo)
+             if settings.tumor_2d else None)
 
     result = {"settings": vars(settings), "lesion": _merge(evaluations), "tumor_2d": tumor,
               "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
@@ -158,7 +162,8 @@ def mri_markdown(result: dict) -> str:
 
 
 def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device: str) -> None:
-    """Image, lesion contour, llr map and intensity baseline for the slices with the largest lesions."""
+    """Image, lesion contour, llr map, its finest scale's share and the intensity baseline for the slices
+    with the largest lesions."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,9 +179,10 @@ def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device:
     for _, path, z, prepared in sorted(candidates, key=lambda c: -c[0])[:count]:
         lesion_mask = prepared.lesion
         analysis = analyse(model, prepared)
-        fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+        fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
         image = prepared.slices[z, 0].numpy()
         panels = (("FLAIR + lesion", None), ("llr map", analysis.maps["llr"][z]),
+                  ("llr map, finest scale (llr_c1)", analysis.maps["llr_c1"][z]),
                   ("intensity baseline", analysis.maps["intensity"][z]))
         for ax, (title, overlay) in zip(axes, panels, strict=True):
             ax.imshow(image, cmap="gray")
@@ -186,14 +192,14 @@ def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device:
             ax.contour(lesion_mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        fig.suptitle(f"{path.name} slice {z}", fontsize=9)
+        fig.suptitle(f"{path.name} slice {z} ({model_dir.name})", fontsize=9)
         fig.tight_layout()
         atomic_write(out / f"{path.name.replace('.nii.gz', '')}_slice{z}.png",
                      lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90))
         plt.close(fig)
 
 
-def _tumor_2d(medical: Path, out: Path, config, show_progress: bool, device: str, echo) -> dict:
+def _tumor_2d(medical: Path, out: Path, config, steps: int, show_progress: bool, device: str, echo) -> dict:
     """notumor (Training) as in-distribution, fine-tuned from the FLAIR run's general model."""
     archive_path = medical / TUMOR_ZIP
     twins = _testing_with_training_twin(medical / "brain_tumor_mri_2d_duplicates.tsv")
@@ -206,10 +212,10 @@ def _tumor_2d(medical: Path, out: Path, config, show_progress: bool, device: str
     run = RunConfig(
         model=config.model,
         data=DataConfig(train=str(slices), hflip=config.hflip, translate=config.translate),
-        optim=OptimConfig(lr=config.in_lr, steps=config.in_steps, batch_size=config.batch_size,
-                          warmup_steps=min(200, max(1, config.in_steps // 10))),
+        optim=OptimConfig(lr=config.in_lr, steps=steps, batch_size=config.batch_size,
+                          warmup_steps=min(200, max(1, steps // 10))),
         init_from=str(out / "flair" / "general"), seed=config.seed, device=device,
-        checkpoint_every=max(50, config.in_steps // 10), eval_every=max(50, config.in_steps // 4),
+        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4),
     )
     if not (model_dir / "model.safetensors").exists():
         echo("fine-tuning the 2D notumor model")

@@ -2,7 +2,8 @@
 
 Maps are per-location likelihood contributions on the model grid, spread evenly over the pixels of
 each location (a location of scale i covers 2^i x 2^i pixels), so a slice's ``llr`` map sums to its
-``llr`` score and its ``last_scale`` map to its ``last_scale`` score.
+``llr`` score and its ``last_scale`` map to its ``last_scale`` score. ``llr_c<i>`` is scale i's share of
+the ``llr`` map (they add up to it): the finer the scale, the smaller the region one value describes.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ WHOLE_SLICE_SCORES = ("llr", "last_scale", "nll")
 MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised image (baseline)
 
 
+def scale_map_names(levels: int) -> tuple[str, ...]:
+    """Names of the per-scale llr maps (``llr_c1`` .. ``llr_cL``), analysed beside MAP_TYPES."""
+    return tuple(f"llr_c{i + 1}" for i in range(levels))
+
+
 @dataclass
 class ScanAnalysis:
     slice_scores: dict[str, np.ndarray]  # (Z,) each, NaN on slices that are not scored
-    maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground
+    maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground; MAP_TYPES + llr_c<i>
 
     def scan_scores(self, top_fraction: float) -> dict[str, float]:
         return {name: aggregate(values, top_fraction) for name, values in self.slice_scores.items()}
@@ -59,9 +65,11 @@ def analyse_slices(
     p_in = likelihoods(in_model, slices, batch_size, keep_maps=True)
     p_g = likelihoods(general_model, slices, batch_size, keep_maps=True)
     scores = scores_from_likelihoods(math.prod(slices.shape[1:]), p_in, p_g)
+    per_scale = [g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)]
     maps = {
-        "llr": _spread([g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)], size),
+        "llr": _spread(per_scale, size),
         "last_scale": _spread([-p_in.maps[-1]], size),
+        **{name: _spread([m], size) for name, m in zip(scale_map_names(len(per_scale)), per_scale, strict=True)},
     }
     return {k: scores[k] for k in WHOLE_SLICE_SCORES}, maps
 
@@ -70,15 +78,17 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     z, size = prepared.num_slices, prepared.slices.shape[-1]
     keep = np.nonzero(prepared.keep)[0]
     slice_scores = {name: np.full(z, np.nan) for name in SLICE_SCORES}
-    maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in MAP_TYPES}
+    names = (*MAP_TYPES, *scale_map_names(in_model.config.levels))
+    maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in names}
     if len(keep):
         scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
         for name in WHOLE_SLICE_SCORES:
             slice_scores[name][keep] = scores[name]
         foreground = prepared.foreground[keep]
         pixels = np.maximum(foreground.sum(axis=(1, 2)), 1)
+        for name, kept in kept_maps.items():
+            maps[name][keep] = kept * foreground
         for name in ("llr", "last_scale"):
-            maps[name][keep] = kept_maps[name] * foreground
             slice_scores[f"{name}_fg"][keep] = maps[name][keep].sum(axis=(1, 2), dtype=np.float64) / pixels
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground

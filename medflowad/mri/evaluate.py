@@ -6,7 +6,8 @@ normalised image inside the slice's foreground).
 Voxel level, on each scan's native grid inside the foreground of scored slices, pooled over scans:
 AUPRC of each map; Dice at the threshold giving the configured false-positive rate on healthy
 validation voxels; and the best Dice over thresholds, which is tuned on the test labels themselves and
-therefore optimistic.
+therefore optimistic. Besides the maps that ``score`` writes, each scale's share of the llr map
+(``llr_c<i>``) is evaluated; its Dice at the healthy FPR needs a model calibrated with it (NaN otherwise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from medflowad.data.readers import ScanError, load_scan
 from medflowad.data.scans import prepare_scan, to_native
-from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, threshold_at_fpr
+from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, scale_map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
 from medflowad.storage import write_json, write_text
 
@@ -59,7 +60,7 @@ def evaluate_scans(
         raise ValueError("no scans with lesion masks found")
     slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, "intensity")}
     slice_labels: list[np.ndarray] = []
-    voxel_scores: dict[str, list] = {n: [] for n in MAP_TYPES}
+    voxel_scores: dict[str, list] = {n: [] for n in (*MAP_TYPES, *scale_map_names(model.config.model.levels))}
     voxel_labels: list[np.ndarray] = []
     failed = []
     for path in scans:
@@ -79,8 +80,8 @@ def evaluate_scans(
         slice_labels.append(prepared.lesion_slices[keep])
         scored = prepared.foreground & keep[:, None, None]
         region = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
-        for name in MAP_TYPES:
-            voxel_scores[name].append(to_native(analysis.maps[name], prepared)[region])
+        for name, values in voxel_scores.items():
+            values.append(to_native(analysis.maps[name], prepared)[region])
         voxel_labels.append(lesion[region])
         if on_scan is not None:
             on_scan(str(path))
@@ -99,13 +100,14 @@ def evaluate_scans(
             "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
             "auprc": float(average_precision_score(labels, scores)) if both else float("nan"),
         }
-    for name in MAP_TYPES:
-        scores = np.concatenate(voxel_scores[name])
-        threshold = threshold_at_fpr(model.calibration[f"voxel/{name}"], fpr)
+    for name, values in voxel_scores.items():
+        scores = np.concatenate(values)
+        healthy = model.calibration.get(f"voxel/{name}")
+        threshold = threshold_at_fpr(healthy, fpr) if healthy is not None else float("nan")
         best, best_threshold = best_dice(scores, truth)
         result["voxel"][name] = {
             "auprc": float(average_precision_score(truth, scores)),
-            "dice_at_healthy_fpr": dice(scores > threshold, truth),
+            "dice_at_healthy_fpr": dice(scores > threshold, truth) if healthy is not None else float("nan"),
             "threshold": threshold,
             "best_dice_optimistic": best,
             "best_dice_threshold": best_threshold,

@@ -198,7 +198,7 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
     """Healthy validation distributions of slice scores, scan scores and foreground voxel map values."""
     slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
     scan_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
-    voxel_values: dict[str, list] = {n: [] for n in MAP_TYPES}
+    voxel_values: dict[str, list] = {}
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model)
         scan_scores = analysis.scan_scores(model.config.top_fraction)
@@ -206,15 +206,15 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
             slice_values[name].append(values[np.isfinite(values)])
             scan_values[name].append(scan_scores[name])
         scored = prepared.foreground & prepared.keep[:, None, None]
-        for name in MAP_TYPES:
-            voxel_values[name].append(analysis.maps[name][scored])
+        for name, values in analysis.maps.items():  # MAP_TYPES and the per-scale llr maps
+            voxel_values.setdefault(name, []).append(values[scored])
     rng = np.random.default_rng(model.config.seed)
     calibration = {}
     for name in SLICE_SCORES:
         calibration[f"slice/{name}"] = np.concatenate(slice_values[name])
         calibration[f"scan/{name}"] = np.asarray(scan_values[name], dtype=np.float64)
-    for name in MAP_TYPES:
-        values = np.concatenate(voxel_values[name]).astype(np.float64)
+    for name, parts in voxel_values.items():
+        values = np.concatenate(parts).astype(np.float64)
         if len(values) > VOXEL_SAMPLE:
             values = rng.choice(values, VOXEL_SAMPLE, replace=False)
         calibration[f"voxel/{name}"] = values

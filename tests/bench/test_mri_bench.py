@@ -51,7 +51,7 @@ def test_bench_mri_reduced(tmp_path):
     config.write_text(yaml.safe_dump({**TINY_MRI, "val_fraction": 0.34}))
 
     args = ["bench", "mri", "-o", str(tmp_path / "bench"), "--data", str(tmp_path / "data"), "-c", str(config),
-            "--split", str(split), "--general-steps", "4", "--in-steps", "3", "-q"]
+            "--split", str(split), "--general-steps", "4", "--in-steps", "3", "--tumor-steps", "2", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     bench = tmp_path / "bench"
@@ -59,7 +59,9 @@ def test_bench_mri_reduced(tmp_path):
     lesion = metrics["lesion"]
     assert lesion["scans"] == 2
     assert {"llr", "llr_fg", "last_scale", "nll", "intensity", "llr_outlier", "llr_fg_outlier"} <= set(lesion["slice"])
-    assert {"llr", "last_scale", "intensity", "llr_outlier"} <= set(lesion["voxel"])
+    voxel_maps = {"llr", "last_scale", "intensity", "llr_outlier", "llr_c1", "llr_c2", "llr_c1_outlier"}
+    assert voxel_maps <= set(lesion["voxel"])
+    assert np.isfinite(lesion["voxel"]["llr_c1"]["dice_at_healthy_fpr"])  # calibrated with the per-scale maps
     tumor = metrics["tumor_2d"]
     assert tumor["dropped_duplicates"] == 1 and tumor["notumor_test"] == 5
     assert set(tumor["classes"]) == {"glioma"} and 0 <= tumor["classes"]["glioma"]["llr"] <= 1

@@ -58,6 +58,6 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity"}
-    assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity"}
+    assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity", "llr_c1", "llr_c2"}
     assert 0 <= metrics["voxel"]["llr"]["auprc"] <= 1
     assert time.perf_counter() - started < 60

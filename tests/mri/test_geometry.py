@@ -12,6 +12,7 @@ from medflowad.data.scans import ScanPreprocessing, prepare_scan, to_native
 from medflowad.mri.analysis import analyse_scan
 from medflowad.mri.model import load_mri_model
 from medflowad.mri.score import score_scans, write_nifti
+from medflowad.scores import likelihoods
 from tests.conftest import data_root
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
@@ -101,6 +102,17 @@ def test_llr_and_last_scale_maps_sum_to_slice_scores(tiny_mri_model, tmp_path):
         # With the whole slice as foreground, the foreground mean is the sum over S*S pixels.
         size = prepared.slices.shape[-1]
         assert np.allclose(analysis.slice_scores[f"{name}_fg"][scored], sums / size**2, rtol=1e-4), name
+    # Each scale's share of the llr map sums to that scale's c_i(general) - c_i(in) from the models'
+    # per-scale contributions, and the shares add up to the llr map.
+    slices = prepared.slices[scored]
+    c_in = likelihoods(model.in_model, slices).contributions
+    c_g = likelihoods(model.general_model, slices).contributions
+    names = [f"llr_c{i + 1}" for i in range(model.config.model.levels)]
+    for i, name in enumerate(names):
+        share = analysis.maps[name][scored].sum(axis=(1, 2))
+        assert np.allclose(share, c_g[:, i] - c_in[:, i], rtol=1e-4, atol=1e-2), name
+    total = sum(analysis.maps[name] for name in names)
+    assert np.allclose(total, analysis.maps["llr"], atol=1e-4)
 
 
 def _write_dicom_series(volume_path: Path, folder: Path) -> None:
