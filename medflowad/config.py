@@ -66,6 +66,10 @@ class RunConfig:
     device: str = "auto"
     checkpoint_every: int = 500
     eval_every: int = 500
+    # NHWC layout of the convolutions: the same numbers to float precision, at another speed. Measured on
+    # 2 CPU cores (docs/speed.md): 24 % faster training steps for the 64x64 single-channel MRI model, none
+    # for 32x32 RGB.
+    channels_last: bool = False
 
     def validate(self) -> None:
         if self.optim.optimizer not in ("adamax", "adam"):

@@ -118,4 +118,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> tuple[Glow, 
         raise ModelFolderError(f"{folder}: no {MODEL_WEIGHTS} (training not finished?)")
     model = Glow(config.model)
     load_weights(model, weights)
-    return model.to(device).eval(), config
+    model.to(device).eval()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, config

@@ -183,7 +183,7 @@ def _run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_
         optim=OptimConfig(lr=lr, steps=steps, batch_size=config.batch_size,
                           warmup_steps=min(200, max(1, steps // 10))),
         init_from=init_from, seed=config.seed, device=config.device,
-        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4),
+        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4), channels_last=config.channels_last,
     )
 
 

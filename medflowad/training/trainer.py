@@ -43,7 +43,7 @@ log = logging.getLogger("medflowad.train")
 CHECKPOINT = "checkpoint.safetensors"
 MAX_CONSECUTIVE_SKIPS = 50
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",)}
+RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",), ("channels_last",)}
 
 
 class TrainingError(RuntimeError):
@@ -234,6 +234,8 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         load_weights(model, Path(config.init_from) / "model.safetensors")
         log.info("initialised from %s", config.init_from)
     model.to(device).train()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     general = None
     needs_general = (config.outlier.enabled and config.outlier.kind == "bce") or config.supervised
     if config.general_model and needs_general:

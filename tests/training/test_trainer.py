@@ -58,6 +58,25 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, blobs_npz):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_channels_last_trains_to_the_same_weights(tmp_path, blobs_npz):
+    """The NHWC layout changes speed only: same weights to float precision, and loaded models use it."""
+    plain = tiny_config(blobs_npz, optim__steps=8)
+    nhwc = tiny_config(blobs_npz, optim__steps=8, channels_last=True)
+    train(plain, tmp_path / "plain", show_progress=False)
+    train(nhwc, tmp_path / "nhwc", show_progress=False)
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "nhwc" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+    model, cfg = load_model(tmp_path / "nhwc")
+    assert cfg.channels_last
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    with torch.no_grad():
+        assert torch.allclose(model(x).log_prob, load_model(tmp_path / "plain")[0](x).log_prob, rtol=1e-4)
+
+
 def test_resume_refuses_a_different_run(tmp_path, blobs_npz):
     config = tiny_config(blobs_npz, optim__steps=6)
     train(config, tmp_path / "run", show_progress=False, stop_after=2)
