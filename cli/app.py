@@ -371,7 +371,7 @@ def bench_mri(
     config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
     split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
                      ] = None,
-    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 600,
+    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 1000,
     in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution FLAIR model.")] = 400,
     tumor_steps: Annotated[int, typer.Option(help="Steps of the 2D notumor model.")] = 300,
     outlier: Annotated[bool, typer.Option("--outlier/--no-outlier", help="Also train with the outlier loss.")

@@ -52,7 +52,7 @@ class MriBenchSettings:
     data: str = "$MEDFLOWAD_DATA"
     config: str = "mri_cpu"
     split: str | None = None  # TSV patient<TAB>split; default: the fixed split shipped with medflowad
-    general_steps: int = 600
+    general_steps: int = 1000
     in_steps: int = 400
     tumor_steps: int = 300  # fine-tuning of the 2D notumor model
     outlier: bool = True
@@ -215,7 +215,7 @@ def _tumor_2d(medical: Path, out: Path, config, steps: int, show_progress: bool,
         optim=OptimConfig(lr=config.in_lr, steps=steps, batch_size=config.batch_size,
                           warmup_steps=min(200, max(1, steps // 10))),
         init_from=str(out / "flair" / "general"), seed=config.seed, device=device,
-        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4),
+        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4), channels_last=config.channels_last,
     )
     if not (model_dir / "model.safetensors").exists():
         echo("fine-tuning the 2D notumor model")
