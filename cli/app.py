@@ -371,9 +371,12 @@ def bench_mri(
     config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
     split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
                      ] = None,
-    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 1000,
+    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 600,
     in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution FLAIR model.")] = 400,
     tumor_steps: Annotated[int, typer.Option(help="Steps of the 2D notumor model.")] = 300,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC convolutions (faster on CPU); default: as the config says.")
+    ] = None,
     outlier: Annotated[bool, typer.Option("--outlier/--no-outlier", help="Also train with the outlier loss.")
                        ] = True,
     tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
@@ -386,7 +389,7 @@ def bench_mri(
 
     settings = MriBenchSettings(data=data, config=config, split=str(split) if split else None,
                                 general_steps=general_steps, in_steps=in_steps, tumor_steps=tumor_steps,
-                                outlier=outlier, tumor_2d=tumor_2d, device=device)
+                                channels_last=channels_last, outlier=outlier, tumor_2d=tumor_2d, device=device)
     result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
     console.print(mri_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")

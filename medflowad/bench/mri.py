@@ -52,9 +52,10 @@ class MriBenchSettings:
     data: str = "$MEDFLOWAD_DATA"
     config: str = "mri_cpu"
     split: str | None = None  # TSV patient<TAB>split; default: the fixed split shipped with medflowad
-    general_steps: int = 1000
+    general_steps: int = 600
     in_steps: int = 400
     tumor_steps: int = 300  # fine-tuning of the 2D notumor model
+    channels_last: bool | None = None  # None: as the config says
     outlier: bool = True
     tumor_2d: bool = True
     overlays: int = 4
@@ -77,6 +78,8 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
         raise ValueError(f"{medical}: no such folder (set MEDFLOWAD_DATA or --data)")
     config = load_mri_config(settings.config)
     config.general_steps, config.in_steps, config.device = settings.general_steps, settings.in_steps, settings.device
+    if settings.channels_last is not None:
+        config.channels_last = settings.channels_last
     split = read_split(settings.split)
     lgg = medical / "lgg_flair128"
     train_scans = [lgg / f"{p}_flair.nii.gz" for p in split["train"]]

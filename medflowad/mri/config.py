@@ -38,7 +38,7 @@ class MriConfig:
     fpr: float = 0.05  # default false-positive rate for flags
     seed: int = 0
     device: str = "auto"
-    channels_last: bool = True  # faster convolutions for these models on CPU (see RunConfig)
+    channels_last: bool = False  # NHWC convolutions: a little faster on CPU, equal only to float precision
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:

@@ -51,10 +51,13 @@ def test_bench_mri_reduced(tmp_path):
     config.write_text(yaml.safe_dump({**TINY_MRI, "val_fraction": 0.34}))
 
     args = ["bench", "mri", "-o", str(tmp_path / "bench"), "--data", str(tmp_path / "data"), "-c", str(config),
-            "--split", str(split), "--general-steps", "4", "--in-steps", "3", "--tumor-steps", "2", "-q"]
+            "--split", str(split), "--general-steps", "4", "--in-steps", "3", "--tumor-steps", "2", "--channels-last",
+            "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     bench = tmp_path / "bench"
+    for trained in ("flair/general", "flair/in", "flair_outlier/in", "tumor2d/model"):
+        assert yaml.safe_load((bench / trained / "config.yaml").read_text())["channels_last"] is True, trained
     metrics = json.loads((bench / "metrics.json").read_text())
     lesion = metrics["lesion"]
     assert lesion["scans"] == 2
