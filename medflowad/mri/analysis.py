@@ -30,6 +30,11 @@ def scale_map_names(levels: int) -> tuple[str, ...]:
     return tuple(f"llr_c{i + 1}" for i in range(levels))
 
 
+def map_names(levels: int) -> tuple[str, ...]:
+    """Every map ``analyse_scan`` returns for a model with ``levels`` scales."""
+    return (*MAP_TYPES, *scale_map_names(levels))
+
+
 @dataclass
 class ScanAnalysis:
     slice_scores: dict[str, np.ndarray]  # (Z,) each, NaN on slices that are not scored
@@ -78,8 +83,7 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     z, size = prepared.num_slices, prepared.slices.shape[-1]
     keep = np.nonzero(prepared.keep)[0]
     slice_scores = {name: np.full(z, np.nan) for name in SLICE_SCORES}
-    names = (*MAP_TYPES, *scale_map_names(in_model.config.levels))
-    maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in names}
+    maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in map_names(in_model.config.levels)}
     if len(keep):
         scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
         for name in WHOLE_SLICE_SCORES:

@@ -21,7 +21,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from medflowad.data.readers import ScanError, load_scan
 from medflowad.data.scans import prepare_scan, to_native
-from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, scale_map_names, threshold_at_fpr
+from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
 from medflowad.storage import write_json, write_text
 
@@ -60,7 +60,7 @@ def evaluate_scans(
         raise ValueError("no scans with lesion masks found")
     slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, "intensity")}
     slice_labels: list[np.ndarray] = []
-    voxel_scores: dict[str, list] = {n: [] for n in (*MAP_TYPES, *scale_map_names(model.config.model.levels))}
+    voxel_scores: dict[str, list] = {n: [] for n in map_names(model.config.model.levels)}
     voxel_labels: list[np.ndarray] = []
     failed = []
     for path in scans:
