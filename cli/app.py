@@ -213,7 +213,8 @@ def evaluate(
                             ] = "_flair=_mask",
     pattern: Annotated[str | None, typer.Option(help="MRI mode: only scans whose file name matches.")] = None,
     general_model: Annotated[Path | None, typer.Option(help="General model folder (enables llr).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for metrics.json, table.md, scores.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Folder for metrics.json, table.md and per-image or per-slice scores.")] = None,
     score: Annotated[list[str] | None, typer.Option(
         help="Report only this score (nll, llr, last_scale, c_1.., input_complexity, nll_general); repeatable.")
     ] = None,

@@ -6,8 +6,9 @@ Everything lands in OUT and is reused when present:
   the NIfTI samples; never anything from the test patients;
 - ``flair/``: general + in-distribution models on the lesion-free slices of the train patients
   (``flair_outlier/``: the same in-distribution model trained with the outlier loss);
-- ``eval/``: slice- and voxel-level metrics of the test patients for every score and the FLAIR
-  intensity baseline, in ``results.md`` and ``metrics.json``; ``maps/``: the test patients' NIfTI maps;
+- ``eval/``: slice- and voxel-level metrics of the test patients for every score, the FLAIR
+  intensity baseline and the slice-position baseline, in ``results.md`` and ``metrics.json``;
+  ``maps/``: the test patients' NIfTI maps;
   ``overlays/``: image, lesion contour and maps for a few test slices;
 - ``tumor2d/``: the 2D set, notumor (Training) as in-distribution, slice AUROC of notumor (Testing)
   against each tumour class (Testing), Testing images with a pixel-identical Training twin dropped.
@@ -36,7 +37,7 @@ from medflowad.data.scans import prepare_image_2d
 from medflowad.devices import resolve_device
 from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
-from medflowad.mri.evaluate import evaluate_scans
+from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
 from medflowad.mri.model import analyse, load_mri_model, prepare, train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
@@ -139,7 +140,7 @@ def _merge(evaluations: dict[str, dict]) -> dict:
     merged["slice"], merged["voxel"] = dict(base["slice"]), dict(base["voxel"])
     for suffix, ev in evaluations.items():
         if suffix:
-            merged["slice"].update({f"{k}{suffix}": v for k, v in ev["slice"].items() if k != "intensity"})
+            merged["slice"].update({f"{k}{suffix}": v for k, v in ev["slice"].items() if k not in SLICE_BASELINES})
             merged["voxel"].update({f"{k}{suffix}": v for k, v in ev["voxel"].items() if k != "intensity"})
     return merged
 
@@ -147,8 +148,7 @@ def _merge(evaluations: dict[str, dict]) -> dict:
 def mri_markdown(result: dict) -> str:
     lesion = result["lesion"]
     lines = [f"### LGG FLAIR lesions: {lesion['scans']} test patients, {lesion['slices']} scored slices "
-             f"({lesion['lesion_slices']} with lesion)", "", "| slice score | AUROC | AUPRC |", "|---|---|---|"]
-    lines += [f"| {n} | {m['auroc']:.3f} | {m['auprc']:.3f} |" for n, m in lesion["slice"].items()]
+             f"({lesion['lesion_slices']} with lesion)", "", *slice_table(lesion["slice"])]
     lines += ["", f"| voxel map | AUPRC | Dice at {lesion['fpr']:.0%} healthy FPR | best Dice (optimistic) |",
               "|---|---|---|---|"]
     lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m['best_dice_optimistic']:.3f} |"

@@ -43,4 +43,22 @@ def detection_metrics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str
     }
 
 
-__all__ = ["aupr", "auroc", "detection_metrics", "fpr_at_tpr"]
+def stratified_auroc(labels: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> float:
+    """AUROC over the (positive, negative) pairs that share a stratum only.
+
+    P(score_pos > score_neg) + 0.5 P(tie) over those pairs: the AUROC of each stratum weighted by its number of
+    pairs. A score that merely tracks the stratifying variable gets about 0.5. NaN when no stratum holds both
+    classes.
+    """
+    labels, scores, strata = np.asarray(labels, bool), np.asarray(scores, float), np.asarray(strata)
+    weighted, pairs = 0.0, 0
+    for stratum in np.unique(strata):
+        member = strata == stratum
+        positives, negatives = int(labels[member].sum()), int((~labels[member]).sum())
+        if positives and negatives:
+            weighted += roc_auc_score(labels[member], scores[member]) * positives * negatives
+            pairs += positives * negatives
+    return weighted / pairs if pairs else float("nan")
+
+
+__all__ = ["aupr", "auroc", "detection_metrics", "fpr_at_tpr", "stratified_auroc"]

@@ -1,8 +1,12 @@
 """Lesion-detection metrics for scans with lesion masks (protocol B of PROTOCOL.md).
 
 Slice level (scored slices; positive = slice whose mask has any lesion voxel): AUROC and AUPRC of the
-slice scores ``llr``, ``last_scale``, ``nll`` and of the intensity baseline (99th percentile of the
-normalised image inside the slice's foreground).
+slice scores ``llr``, ``last_scale``, ``nll`` and of two baselines: ``intensity`` (99th percentile of the
+normalised image inside the slice's foreground) and ``position`` (how central the slice lies in the scan,
+which knows nothing of the image). Lesions sit mid-brain more often than not while lesion-free slices of
+lesion patients gather at the ends of the brain, so a slice score can reach a fair AUROC by recognising
+slice position alone. ``auroc_within_position`` counts only pairs of slices from the same eighth of
+centrality: a score that only tracks position gets about 0.5 there.
 Voxel level, on each scan's native grid inside the foreground of scored slices, pooled over scans:
 AUPRC of each map; Dice at the threshold giving the configured false-positive rate on healthy
 validation voxels; and the best Dice over thresholds, which is tuned on the test labels themselves and
@@ -21,9 +25,14 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from medflowad.data.readers import ScanError, load_scan
 from medflowad.data.scans import prepare_scan, to_native
+from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
+from medflowad.mri.score import csv_text
 from medflowad.storage import write_json, write_text
+
+SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
+POSITION_STRATA = 8
 
 
 def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -32,6 +41,21 @@ def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) ->
         if foreground[z].any():
             values[z] = np.percentile(intensity_map[z][foreground[z]], 99)
     return values
+
+
+def slice_centrality(keep: np.ndarray) -> np.ndarray:
+    """Per slice: 1 for the middle of the scan's scored slices, falling linearly to 0 at the first and last.
+
+    Measured along the slice axis between the first and the last scored slice; NaN where not scored.
+    """
+    centrality = np.full(len(keep), np.nan)
+    scored = np.nonzero(keep)[0]
+    if len(scored) == 1:
+        centrality[scored] = 1.0
+    elif len(scored) > 1:
+        relative = (scored - scored[0]) / (scored[-1] - scored[0])
+        centrality[scored] = 1.0 - 2.0 * np.abs(relative - 0.5)
+    return centrality
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -58,8 +82,9 @@ def evaluate_scans(
     scans = select_scans(inputs, pattern, mask_replace)
     if not scans:
         raise ValueError("no scans with lesion masks found")
-    slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, "intensity")}
+    slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, *SLICE_BASELINES)}
     slice_labels: list[np.ndarray] = []
+    slice_rows: list[dict] = []
     voxel_scores: dict[str, list] = {n: [] for n in map_names(model.config.model.levels)}
     voxel_labels: list[np.ndarray] = []
     failed = []
@@ -77,7 +102,11 @@ def evaluate_scans(
             slice_scores[name].append(analysis.slice_scores[name][keep])
         slice_scores["intensity"].append(
             _slice_intensity_score(analysis.maps["intensity"], prepared.foreground)[keep])
+        slice_scores["position"].append(slice_centrality(keep)[keep])
         slice_labels.append(prepared.lesion_slices[keep])
+        for i, z in enumerate(np.nonzero(keep)[0]):
+            slice_rows.append({"scan": str(path), "slice": int(z), "lesion": int(prepared.lesion_slices[z]),
+                               **{name: float(values[-1][i]) for name, values in slice_scores.items()}})
         scored = prepared.foreground & keep[:, None, None]
         region = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, values in voxel_scores.items():
@@ -89,6 +118,8 @@ def evaluate_scans(
         raise ValueError("no scan could be evaluated: " + "; ".join(f["error"] for f in failed))
 
     labels = np.concatenate(slice_labels)
+    position_stratum = np.minimum(np.floor(np.concatenate(slice_scores["position"]) * POSITION_STRATA),
+                                  POSITION_STRATA - 1)
     truth = np.concatenate(voxel_labels)
     result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr,
                     "slices": len(labels), "lesion_slices": int(labels.sum()),
@@ -99,6 +130,7 @@ def evaluate_scans(
         result["slice"][name] = {
             "auroc": float(roc_auc_score(labels, scores)) if both else float("nan"),
             "auprc": float(average_precision_score(labels, scores)) if both else float("nan"),
+            "auroc_within_position": stratified_auroc(labels, scores, position_stratum),
         }
     for name, values in voxel_scores.items():
         scores = np.concatenate(values)
@@ -114,15 +146,22 @@ def evaluate_scans(
         }
     if out is not None:
         write_json(Path(out) / "metrics.json", result)
+        write_text(Path(out) / "slices.csv", csv_text(slice_rows, ["scan", "slice", "lesion", *slice_scores]))
         write_text(Path(out) / "table.md", metrics_markdown(result))
     return result
+
+
+def slice_table(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines of the slice-level table."""
+    lines = ["| slice score | AUROC | AUPRC | AUROC within position eighths |", "|---|---|---|---|"]
+    return lines + [f"| {n} | {m['auroc']:.3f} | {m['auprc']:.3f} | {m['auroc_within_position']:.3f} |"
+                    for n, m in rows.items()]
 
 
 def metrics_markdown(result: dict) -> str:
     lines = [f"Scans: {result['scans']}, scored slices: {result['slices']} ({result['lesion_slices']} with lesion), "
              f"foreground voxels: {result['voxels']} ({result['lesion_voxels']} lesion).", "",
-             "| slice score | AUROC | AUPRC |", "|---|---|---|"]
-    lines += [f"| {n} | {m['auroc']:.3f} | {m['auprc']:.3f} |" for n, m in result["slice"].items()]
+             *slice_table(result["slice"])]
     lines += ["", f"| voxel map | AUPRC | Dice at {result['fpr']:.0%} healthy FPR | best Dice (optimistic, "
               "label-tuned) |", "|---|---|---|---|"]
     lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m['best_dice_optimistic']:.3f} |"

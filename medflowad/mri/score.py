@@ -157,7 +157,7 @@ def score_scans(
     return result
 
 
-def _csv_text(rows: list[dict], columns: list[str]) -> str:
+def csv_text(rows: list[dict], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -169,9 +169,9 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
 def _write_tables(result: BatchResult, model: MriModel, fpr: float) -> None:
     score_columns = [c for name in SLICE_SCORES for c in (name, f"{name}_p", f"{name}_flag")]
     columns = SCAN_COLUMNS + score_columns + ["flagged_voxels", "map", "seconds"]
-    write_text(result.out / "scores.csv", _csv_text(result.rows, columns))
+    write_text(result.out / "scores.csv", csv_text(result.rows, columns))
     slice_columns = ["scan_id", "slice", "scored"] + [c for n in SLICE_SCORES for c in (n, f"{n}_p")]
-    write_text(result.out / "slices.csv", _csv_text(result.slice_rows, slice_columns))
+    write_text(result.out / "slices.csv", csv_text(result.slice_rows, slice_columns))
     write_json(result.out / "scores.json", {
         "model": str(model.folder), "modality": model.config.modality, "fpr": fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",

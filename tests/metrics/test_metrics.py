@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medflowad.metrics import aupr, auroc, detection_metrics, fpr_at_tpr
+from medflowad.metrics import aupr, auroc, detection_metrics, fpr_at_tpr, stratified_auroc
 
 
 def brute_auroc(neg, pos):
@@ -53,3 +53,25 @@ def test_perfect_and_inverted_separation():
 def test_non_finite_scores_rejected():
     with pytest.raises(ValueError, match="non-finite"):
         auroc(np.array([0.0, np.nan]), np.array([1.0]))
+
+
+def test_stratified_auroc_counts_only_pairs_within_a_stratum():
+    rng = np.random.default_rng(3)
+    labels = rng.random(300) < 0.4
+    strata = rng.integers(0, 4, 300)
+    scores = np.round(rng.normal(0, 1, 300) + labels + 0.5 * strata, 1)  # ties, and a stratum effect
+    wins = pairs = 0.0
+    for i in np.nonzero(labels)[0]:
+        for j in np.nonzero(~labels)[0]:
+            if strata[i] == strata[j]:
+                pairs += 1
+                wins += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    assert stratified_auroc(labels, scores, strata) == pytest.approx(wins / pairs)
+
+
+def test_stratified_auroc_of_the_stratifying_variable_is_chance():
+    strata = np.repeat(np.arange(4), 50)
+    labels = np.arange(200) % 50 < 10 * (strata + 1)  # positives concentrate in high strata
+    assert auroc(strata[~labels], strata[labels]) > 0.7
+    assert stratified_auroc(labels, strata.astype(float), strata) == 0.5
+    assert np.isnan(stratified_auroc(np.zeros(50, bool), strata[:50], strata[:50]))  # no positives

@@ -1,5 +1,6 @@
 """The whole CLI on real scans: pool build -> train --modality -> score -> evaluate, in well under a minute."""
 
+import csv
 import json
 import shutil
 import time
@@ -57,7 +58,13 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
                                  "--scans", str(lgg[11]), "-o", str(tmp_path / "eval"), "-q"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity"}
+    assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity",
+                                      "position"}
     assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity", "llr_c1", "llr_c2"}
+    with open(tmp_path / "eval" / "slices.csv") as f:
+        slice_rows = list(csv.DictReader(f))
+    assert len(slice_rows) == metrics["slices"]
+    assert sum(int(r["lesion"]) for r in slice_rows) == metrics["lesion_slices"]
+    assert all(0 <= float(r["position"]) <= 1 for r in slice_rows)
     assert 0 <= metrics["voxel"]["llr"]["auprc"] <= 1
     assert time.perf_counter() - started < 60

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.mri.analysis import aggregate, conformal_p_value, threshold_at_fpr
-from medflowad.mri.evaluate import best_dice, dice
+from medflowad.mri.evaluate import best_dice, dice, slice_centrality
 from medflowad.mri.pool import build_pool
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
@@ -67,6 +67,14 @@ def test_dice_and_best_dice_against_brute_force():
     assert dice(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)) == pytest.approx(0.5)
     brute = max(dice(scores >= t, truth) for t in np.unique(scores))
     assert best_dice(scores, truth)[0] == pytest.approx(brute)
+
+
+def test_slice_centrality_by_hand():
+    keep = np.array([False, True, True, False, True, True, True, False])  # scored slices 1..6, gap at 3
+    expected = [np.nan, 0.0, 0.4, np.nan, 0.8, 0.4, 0.0, np.nan]  # 1 - 2|(k - 1)/5 - 0.5|
+    np.testing.assert_allclose(slice_centrality(keep), expected)
+    np.testing.assert_array_equal(slice_centrality(np.array([False, True])), [np.nan, 1.0])
+    assert np.isnan(slice_centrality(np.zeros(3, bool))).all()
 
 
 def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
