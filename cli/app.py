@@ -349,6 +349,9 @@ def bench_natural(
     general_steps: Annotated[int, typer.Option(help="Steps of the Tiny ImageNet general model.")] = 1500,
     finetune_steps: Annotated[int, typer.Option(help="Steps of each CIFAR-10 fine-tuning.")] = 750,
     limit: Annotated[int, typer.Option(help="Images per evaluation set (0 = all).")] = 2000,
+    grey_ood: Annotated[bool, typer.Option(
+        "--grey-ood/--no-grey-ood", help="Also score the greyscale brain MRI 2D and head CT sets where present.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -356,7 +359,8 @@ def bench_natural(
     from medflowad.bench.natural import NaturalBenchSettings, natural_markdown, run_natural_bench
 
     settings = NaturalBenchSettings(data=data, preset=preset, general_steps=general_steps,
-                                    finetune_steps=finetune_steps, limit=limit or None, device=device)
+                                    finetune_steps=finetune_steps, limit=limit or None, device=device,
+                                    grey_ood=grey_ood)
     result = run_natural_bench(settings, out, _parse_named_sets(ood or []), show_progress=not quiet,
                                echo=lambda m: console.print(m, highlight=False))
     columns = list(dict.fromkeys(r["score"] for r in result["rows"]))

@@ -30,6 +30,10 @@ def test_bench_natural_reduced(tmp_path):
     _zip(natural / "cifar10.zip", {"train": blobs(64, 1), "test": blobs(40, 2)})
     _zip(natural / "tinyimagenet32.zip", {"train": np.concatenate([blobs(32, 3), stripes[:32]]), "val": stripes})
     _zip(natural / "flowers32.zip", {"all": synthetic_images(40, size=8, seed=5, kind="stripes")})
+    head_ct = tmp_path / "data" / "medical" / "head_ct"  # greyscale and 16x16: converted to the model's input
+    head_ct.mkdir(parents=True)
+    for i, image in enumerate(synthetic_images(12, size=16, channels=1, seed=6)[..., 0]):
+        Image.fromarray(image).save(head_ct / f"{i:03d}.png")
     preset = tmp_path / "tiny.yaml"
     preset.write_text(yaml.safe_dump({
         "model": {"in_channels": 3, "image_size": [8, 8], "levels": 2, "steps": 1, "hidden": 8},
@@ -48,10 +52,10 @@ def test_bench_natural_reduced(tmp_path):
     metrics = json.loads((bench / "metrics.json").read_text())
     sets = {r["set"] for r in metrics["rows"]}
     scores = {r["score"] for r in metrics["rows"]}
-    assert sets == {"tinyimagenet_val", "flowers", "extra"}
+    assert sets == {"tinyimagenet_val", "flowers", "head_ct", "extra"}  # no brain MRI 2D zip in this data folder
     assert {"nll", "llr", "llr_outlier", "last_scale", "input_complexity", "c_1", "c_2"} == scores
     assert all(0 <= r["auroc"] <= 1 and 0 <= r["fpr95"] <= 1 for r in metrics["rows"])
-    assert set(metrics["spearman"]) == {"cifar10_test", "tinyimagenet_val", "flowers", "extra"}
+    assert set(metrics["spearman"]) == {"cifar10_test", "tinyimagenet_val", "flowers", "head_ct", "extra"}
     assert set(metrics["bits_per_dim"]["flowers"]) == {"general", "in", "in_outlier"}
     text = (bench / "results.md").read_text()
     assert "| extra (n=24) |" in text and "Spearman" in text
