@@ -104,9 +104,10 @@ def evaluate_scans(
             _slice_intensity_score(analysis.maps["intensity"], prepared.foreground)[keep])
         slice_scores["position"].append(slice_centrality(keep)[keep])
         slice_labels.append(prepared.lesion_slices[keep])
+        this_scan = {name: values[-1] for name, values in slice_scores.items()}
         for i, z in enumerate(np.nonzero(keep)[0]):
             slice_rows.append({"scan": str(path), "slice": int(z), "lesion": int(prepared.lesion_slices[z]),
-                               **{name: float(values[-1][i]) for name, values in slice_scores.items()}})
+                               **{name: float(v[i]) for name, v in this_scan.items()}})
         scored = prepared.foreground & keep[:, None, None]
         region = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, values in voxel_scores.items():
