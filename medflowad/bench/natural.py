@@ -151,6 +151,17 @@ def natural_markdown(result: dict, columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def symlog_threshold(in_distribution: np.ndarray, pooled: np.ndarray) -> float | None:
+    """Linear range for a symlog axis when the scores span far more than the in-distribution's spread.
+
+    Returns the in-distribution interquartile range when the pooled 0.5-99.5 % span exceeds 30 times it
+    (a linear axis would then squash CIFAR-10 into a bin or two), else None (linear axis).
+    """
+    spread = float(np.subtract(*np.percentile(in_distribution, [75, 25])))
+    span = float(np.subtract(*np.percentile(pooled, [99.5, 0.5])))
+    return spread if spread > 0 and span > 30 * spread else None
+
+
 def _plots(scores: dict, rows: list[dict], columns: list[str], out: Path) -> None:
     import matplotlib
 
@@ -163,11 +174,19 @@ def _plots(scores: dict, rows: list[dict], columns: list[str], out: Path) -> Non
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.2), squeeze=False)
     for ax, score in zip(axes[0], shown, strict=True):
         pooled = np.concatenate([values[score] for values in scores.values()])
-        span = tuple(np.percentile(pooled, [0.5, 99.5]))  # long tails would squash the bulk otherwise
+        low, high = np.percentile(pooled, [0.5, 99.5])  # long tails would squash the bulk otherwise
+        linthresh = symlog_threshold(scores["cifar10_test"][score], pooled)
+        if linthresh is not None:
+            ax.set_xscale("symlog", linthresh=linthresh)
+        scale = ax.xaxis.get_transform()  # bins of equal width on the axis as drawn
+        edges = scale.inverted().transform(np.linspace(*scale.transform(np.array([low, high])), 61))
         for set_name, values in scores.items():
-            ax.hist(values[score], bins=60, range=span, histtype="step", density=True, label=set_name)
+            clipped = np.clip(values[score], edges[0], edges[-1])
+            ax.hist(clipped, bins=edges, histtype="step", weights=np.full(len(clipped), 1 / len(clipped)),
+                    label=set_name)
         ax.set_title(score)
         ax.set_xlabel("bits/dim" if score == "nll" else "nats (higher = more anomalous)")
+    axes[0][0].set_ylabel("share of the set per bin")  # values beyond the span land in the end bins
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     atomic_write(out / "score_histograms.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -5,11 +5,13 @@ import json
 import zipfile
 
 import numpy as np
+import pytest
 import yaml
 from medflowad.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
+from medflowad.bench.natural import symlog_threshold
 from medflowad.data.synthetic import synthetic_images
 
 
@@ -66,3 +68,13 @@ def test_bench_natural_reduced(tmp_path):
     assert again.exit_code == 0, again.output
     assert "training" not in again.output
     assert json.loads((bench / "metrics.json").read_text())["rows"] == metrics["rows"]
+
+
+def test_histograms_switch_to_symlog_only_for_far_spread_scores():
+    rng = np.random.default_rng(0)
+    in_distribution = rng.normal(0, 100, 2000)  # interquartile range about 135
+    near = np.concatenate([in_distribution, rng.normal(300, 100, 2000)])
+    far = np.concatenate([in_distribution, rng.normal(20000, 5000, 2000)])
+    assert symlog_threshold(in_distribution, near) is None
+    iqr = np.subtract(*np.percentile(in_distribution, [75, 25]))
+    assert symlog_threshold(in_distribution, far) == pytest.approx(iqr)
