@@ -126,10 +126,12 @@ def train_mri_model(
             except ScanError as exc:
                 skipped.append({"scan": str(path), "error": str(exc)})
                 echo(f"skipped {path}: {exc}")
+    healthy_slices = {}
     for split in ("train", "val"):
         if not prepared[split]:
             raise ValueError(f"no readable {split} scans")
         images, index = _slices_of([p for _, p in prepared[split]], exclude_lesions=True)
+        healthy_slices[split] = len(index)
         save_slice_set(out / "data" / f"healthy_{split}", images, index, {
             "kind": f"healthy-{split}", "modality": config.modality,
             "sources": [{"path": str(path), "slices": int((index == i).sum())}
@@ -167,7 +169,7 @@ def train_mri_model(
     metrics = {
         "modality": config.modality, "train_scans": len(prepared["train"]), "val_scans": len(prepared["val"]),
         "skipped_scans": skipped, "in_model_test_bpd": result.test_bpd,
-        "train_slices": int(sum(p.keep.sum() for _, p in prepared["train"])),
+        "train_slices": healthy_slices["train"], "val_slices": healthy_slices["val"],
         "calibration": summary,
     }
     write_json(out / "metrics.json", metrics)

@@ -45,6 +45,12 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
     for name in ("mri.yaml", "calibration.safetensors", "calibration.json", "metrics.json",
                  "in/model.safetensors", "general/model.safetensors"):
         assert (tmp_path / "model" / name).exists(), name
+    # Every LGG patient has lesion slices, so counting all kept slices instead of the lesion-free ones
+    # trained on would show here.
+    trained = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    for split in ("train", "val"):
+        manifest = json.loads((tmp_path / "model" / "data" / f"healthy_{split}" / "manifest.json").read_text())
+        assert trained[f"{split}_slices"] == sum(source["slices"] for source in manifest["sources"])
 
     targets = [lgg[10], medical / "nifti_samples" / "brainix" / "FLAIR.nii.gz"]
     result = runner.invoke(app, ["score", *map(str, targets), "-m", str(tmp_path / "model"),
