@@ -384,6 +384,10 @@ def bench_mri(
     ] = None,
     outlier: Annotated[bool, typer.Option("--outlier/--no-outlier", help="Also train with the outlier loss.")
                        ] = True,
+    pool_train_flair: Annotated[bool, typer.Option(
+        "--pool-train-flair/--no-pool-train-flair",
+        help="Add every slice of the train patients' FLAIR scans, lesion or not, to the general pool "
+             "(not the calibration patients').")] = True,
     tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
                         ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -394,7 +398,8 @@ def bench_mri(
 
     settings = MriBenchSettings(data=data, config=config, split=str(split) if split else None,
                                 general_steps=general_steps, in_steps=in_steps, tumor_steps=tumor_steps,
-                                channels_last=channels_last, outlier=outlier, tumor_2d=tumor_2d, device=device)
+                                channels_last=channels_last, outlier=outlier, pool_train_flair=pool_train_flair,
+                                tumor_2d=tumor_2d, device=device)
     result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
     console.print(mri_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")

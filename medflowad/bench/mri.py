@@ -2,8 +2,9 @@
 
 Everything lands in OUT and is reused when present:
 
-- ``pool/``: general pool from the 2D brain tumour MRI set (Training split, all classes), head CT and
-  the NIfTI samples; never anything from the test patients;
+- ``pool/``: general pool from the 2D brain tumour MRI set (Training split, all classes), head CT, the
+  NIfTI samples and (``pool_train_flair``) every slice of the FLAIR scans the in-distribution models train
+  on, lesion or not; never anything from the test patients or the patients held apart for calibration;
 - ``flair/``: general + in-distribution models on the lesion-free slices of the train patients
   (``flair_outlier/``: the same in-distribution model trained with the outlier loss);
 - ``eval/``: slice- and voxel-level metrics of the test patients for every score, the FLAIR
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import time
 import zipfile
@@ -38,7 +40,7 @@ from medflowad.devices import resolve_device
 from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
-from medflowad.mri.model import analyse, load_mri_model, prepare, train_mri_model
+from medflowad.mri.model import analyse, calibration_split, load_mri_model, prepare, select_scans, train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
 from medflowad.storage import atomic_write, load_model, write_json, write_text
@@ -58,6 +60,7 @@ class MriBenchSettings:
     tumor_steps: int = 300  # fine-tuning of the 2D notumor model
     channels_last: bool | None = None  # None: as the config says
     outlier: bool = True
+    pool_train_flair: bool = True  # PROTOCOL B's optional pool part: the train patients' FLAIR slices
     tumor_2d: bool = True
     overlays: int = 4
     device: str = "auto"
@@ -96,9 +99,13 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
         timings[name] = round(time.perf_counter() - t0, 1)
 
     pool = out / "pool"
+    # The calibration patients stay out of the pool, so that their healthy slices remain unseen by both models.
+    pool_flair = (calibration_split(select_scans(train_scans, None, LESION_MASKS), config)[0]
+                  if settings.pool_train_flair else [])
     stage("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
-        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples"], pool,
+        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *pool_flair], pool,
         config.preprocessing))
+    _check_pool_flair(pool, train_scans, pool_flair)
     stage("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(), lambda: train_mri_model(
         config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS, show_progress=show_progress,
         echo=echo))
@@ -131,6 +138,17 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", mri_markdown(result))
     return result
+
+
+def _check_pool_flair(pool: Path, train_scans: list[Path], expected: list[Path]) -> None:
+    """Refuse to reuse a pool built with other train FLAIR scans than these settings ask for."""
+    manifest = json.loads((pool / "manifest.json").read_text())
+    candidates = {str(p) for p in train_scans}
+    found = sorted(s["path"] for s in manifest["sources"] if s["path"] in candidates)
+    if found != sorted(map(str, expected)):
+        raise ValueError(f"{pool}: holds {len(found)} train FLAIR scans, these settings need {len(expected)} "
+                         "(--pool-train-flair and the split decide them); use another --out or delete the pool "
+                         "and the models trained on it")
 
 
 def _merge(evaluations: dict[str, dict]) -> dict:

@@ -96,6 +96,13 @@ def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[tor
     return torch.cat(images), torch.tensor(index)
 
 
+def calibration_split(scans: Sequence[Path], config: MriConfig) -> tuple[list[Path], list[Path]]:
+    """(training scans, scans held apart for calibration): a seeded draw of ``val_fraction`` of the scans."""
+    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    n_val = max(1, round(config.val_fraction * len(scans)))
+    return sorted(scans[i] for i in order[n_val:]), sorted(scans[i] for i in order[:n_val])
+
+
 def train_mri_model(
     config: MriConfig, healthy: Sequence[str | Path], out: Path, pool: Path | None = None,
     general_model: Path | None = None, pattern: str | None = None, mask_replace: tuple[str, str] | None = None,
@@ -110,10 +117,7 @@ def train_mri_model(
     scans = select_scans(healthy, pattern, mask_replace)
     if len(scans) < 2:
         raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
-    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    n_val = max(1, round(config.val_fraction * len(scans)))
-    val_scans = sorted(scans[i] for i in order[:n_val])
-    train_scans = sorted(scans[i] for i in order[n_val:])
+    train_scans, val_scans = calibration_split(scans, config)
 
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []

@@ -3,7 +3,9 @@
 import io
 import json
 import zipfile
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import yaml
 from medflowad.cli.app import app
@@ -27,9 +29,9 @@ def test_bench_mri_reduced(tmp_path):
     rows = []
     for i in range(5):
         blob = (20, 26, 6)
-        volume = brain_like(shape=(48, 56, 12), seed=40 + i, blob=blob if i >= 2 else None)
+        volume = brain_like(shape=(48, 56, 12), seed=40 + i, blob=blob if i >= 1 else None)
         save_nifti(lgg / f"P{i}_flair.nii.gz", volume, affine)
-        mask = (volume == 300).astype(np.uint8) if i >= 2 else np.zeros(volume.shape, np.uint8)
+        mask = (volume == 300).astype(np.uint8) if i >= 1 else np.zeros(volume.shape, np.uint8)
         save_nifti(lgg / f"P{i}_mask.nii.gz", mask, affine)
         rows.append(f"P{i}\t{'train' if i < 3 else 'test'}")
     split = tmp_path / "split.tsv"
@@ -72,3 +74,21 @@ def test_bench_mri_reduced(tmp_path):
     overlays = list((bench / "overlays").glob("*.png"))
     assert overlays and all(p.read_bytes()[:4] == b"\x89PNG" for p in overlays)
     assert "intensity" in (bench / "results.md").read_text()
+
+    # The pool holds every slice of the train patients' FLAIR that the models train on, lesion or not, and
+    # nothing of the calibration or test patients.
+    def sources(manifest: Path) -> dict[str, int]:
+        return {s["path"]: s["slices"] for s in json.loads(manifest.read_text())["sources"]}
+
+    pool = {k: v for k, v in sources(bench / "pool" / "manifest.json").items() if k.startswith(str(lgg))}
+    healthy_train = sources(bench / "flair" / "data" / "healthy_train" / "manifest.json")
+    assert set(pool) == set(healthy_train) and len(pool) == 2
+    assert not set(pool) & set(sources(bench / "flair" / "data" / "healthy_val" / "manifest.json"))
+    with_lesion = {scan: bool(nib.load(lgg / Path(scan).name.replace("_flair", "_mask")).get_fdata().any())
+                   for scan in pool}
+    assert sum(with_lesion.values()) == 1  # P1 trains, P2 is held apart for calibration
+    for scan, slices in pool.items():
+        assert slices > healthy_train[scan] if with_lesion[scan] else slices == healthy_train[scan], scan
+
+    refused = CliRunner().invoke(app, [*args, "--no-pool-train-flair"])
+    assert refused.exit_code != 0 and "train FLAIR scans" in refused.output
