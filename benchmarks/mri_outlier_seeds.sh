@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Spread of the outlier-loss FLAIR model over training seeds, with the general model and pool of a finished
-# `medflowad bench mri` run held fixed. The seed also picks the 12 train patients held apart for calibration.
+# `medflowad bench mri` run held fixed. The seed also picks the 12 train patients held apart for calibration;
+# when the bench's pool holds the train patients' FLAIR (the default, --pool-train-flair), seeds other than 0
+# calibrate on patients whose slices are in the pool, which biases the healthy-FPR thresholds (Dice at them),
+# not the AUROC/AUPRC of the test patients.
 #   MEDFLOWAD_DATA=/path/to/data bash benchmarks/mri_outlier_seeds.sh BENCH_DIR SEED [SEED ...]
 # Writes BENCH_DIR/seeds/flair_outlier_s<SEED>/ (model) and BENCH_DIR/seeds/eval_outlier_s<SEED>/ (metrics of
 # the 28 test patients); seed 0 with the bench's defaults is the bench's own flair_outlier model.
