@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import time
 import zipfile
@@ -36,11 +35,12 @@ from sklearn.metrics import roc_auc_score
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
 from medflowad.data.scans import prepare_image_2d
+from medflowad.data.slice_sets import load_slice_set_manifest
 from medflowad.devices import resolve_device
 from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
-from medflowad.mri.model import analyse, calibration_split, load_mri_model, prepare, select_scans, train_mri_model
+from medflowad.mri.model import analyse, load_mri_model, prepare, split_healthy_scans, train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
 from medflowad.storage import atomic_write, load_model, write_json, write_text
@@ -100,7 +100,7 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
 
     pool = out / "pool"
     # The calibration patients stay out of the pool, so that their healthy slices remain unseen by both models.
-    pool_flair = (calibration_split(select_scans(train_scans, None, LESION_MASKS), config)[0]
+    pool_flair = (split_healthy_scans(train_scans, config, mask_replace=LESION_MASKS)[0]
                   if settings.pool_train_flair else [])
     stage("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
         [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *pool_flair], pool,
@@ -142,9 +142,8 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
 
 def _check_pool_flair(pool: Path, train_scans: list[Path], expected: list[Path]) -> None:
     """Refuse to reuse a pool built with other train FLAIR scans than these settings ask for."""
-    manifest = json.loads((pool / "manifest.json").read_text())
     candidates = {str(p) for p in train_scans}
-    found = sorted(s["path"] for s in manifest["sources"] if s["path"] in candidates)
+    found = sorted(s["path"] for s in load_slice_set_manifest(pool).get("sources", []) if s["path"] in candidates)
     if found != sorted(map(str, expected)):
         raise ValueError(f"{pool}: holds {len(found)} train FLAIR scans, these settings need {len(expected)} "
                          "(--pool-train-flair and the split decide them); use another --out or delete the pool "

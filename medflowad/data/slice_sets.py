@@ -29,8 +29,11 @@ def save_slice_set(folder: Path, images: torch.Tensor, source_index: torch.Tenso
 
 
 def load_slice_set(folder: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    folder = Path(folder)
-    tensors = read_tensors(folder / SLICES_FILE)
-    manifest_path = folder / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    return tensors["images"], tensors["source_index"], manifest
+    tensors = read_tensors(Path(folder) / SLICES_FILE)
+    return tensors["images"], tensors["source_index"], load_slice_set_manifest(folder)
+
+
+def load_slice_set_manifest(folder: Path) -> dict:
+    """The set's manifest without its slices; empty when the set has none."""
+    manifest_path = Path(folder) / MANIFEST_FILE
+    return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}

@@ -96,8 +96,15 @@ def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[tor
     return torch.cat(images), torch.tensor(index)
 
 
-def calibration_split(scans: Sequence[Path], config: MriConfig) -> tuple[list[Path], list[Path]]:
-    """(training scans, scans held apart for calibration): a seeded draw of ``val_fraction`` of the scans."""
+def split_healthy_scans(
+    healthy: Sequence[str | Path], config: MriConfig, pattern: str | None = None,
+    mask_replace: tuple[str, str] | None = None,
+) -> tuple[list[Path], list[Path]]:
+    """(training scans, scans held apart for calibration) among the healthy scans that training finds:
+    a seeded draw of ``val_fraction`` of them, split by scan."""
+    scans = select_scans(healthy, pattern, mask_replace)
+    if len(scans) < 2:
+        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
     order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_val = max(1, round(config.val_fraction * len(scans)))
     return sorted(scans[i] for i in order[n_val:]), sorted(scans[i] for i in order[:n_val])
@@ -114,10 +121,7 @@ def train_mri_model(
     out.mkdir(parents=True, exist_ok=True)
     if general_model is None and pool is None:
         raise ValueError("give --pool (to train the general model) or --general-model (a trained one)")
-    scans = select_scans(healthy, pattern, mask_replace)
-    if len(scans) < 2:
-        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
-    train_scans, val_scans = calibration_split(scans, config)
+    train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
 
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []
