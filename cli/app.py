@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # never break file paths across lines
+PATTERN_HELP = ("only scans whose file name or scan id matches this glob, case-insensitive; a DICOM series' "
+                "id holds its number and description, so '*flair*' picks the FLAIR series of a study folder.")
 
 
 @contextmanager
@@ -103,8 +105,7 @@ def train(
     data: Annotated[list[Path] | None, typer.Option(
         help="MRI mode: healthy scans (files, folders, DICOM folders); repeatable.")] = None,
     pool: Annotated[Path | None, typer.Option(help="MRI mode: general scan pool (medflowad pool build).")] = None,
-    pattern: Annotated[str | None, typer.Option(help="MRI mode: only scans whose file name matches this glob.")
-                       ] = None,
+    pattern: Annotated[str | None, typer.Option(help=f"MRI mode: {PATTERN_HELP}")] = None,
     lesion_masks: Annotated[str | None, typer.Option(
         help="MRI mode: OLD=NEW turns a scan name into its lesion-mask name (e.g. _flair=_mask); "
         "slices with lesions are left out of training.")] = None,
@@ -211,7 +212,7 @@ def evaluate(
         help="MRI mode: scans with lesion masks (files or folders); repeatable.")] = None,
     lesion_masks: Annotated[str, typer.Option(help="MRI mode: OLD=NEW from scan name to mask name.")
                             ] = "_flair=_mask",
-    pattern: Annotated[str | None, typer.Option(help="MRI mode: only scans whose file name matches.")] = None,
+    pattern: Annotated[str | None, typer.Option(help=f"MRI mode: {PATTERN_HELP}")] = None,
     general_model: Annotated[Path | None, typer.Option(help="General model folder (enables llr).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Folder for metrics.json, table.md and per-image or per-slice scores.")] = None,
@@ -266,19 +267,25 @@ def score(
     brain_masks: Annotated[str | None, typer.Option(
         help="OLD=NEW from scan name to a brain-mask file beside it (e.g. .nii=_brainmask.nii); "
         "default: automatic foreground.")] = None,
+    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid."""
+    """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid.
+
+    A DICOM folder holding several series is scored series by series.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from medflowad.data.readers import find_scans
+    from medflowad.mri.model import select_scans
     from medflowad.mri.score import score_scans
 
-    scans = find_scans(paths)
+    scans = select_scans(paths, pattern, None)
     if not scans:
-        raise ValueError(f"no scans found in {', '.join(map(str, paths))} (NIfTI, NRRD, MHA, DICOM folders)")
+        matching = f" matching {pattern!r}" if pattern else ""
+        raise ValueError(f"no scans{matching} found in {', '.join(map(str, paths))} "
+                         "(NIfTI, NRRD, MHA, DICOM folders)")
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
     with progress:
@@ -293,7 +300,8 @@ def score(
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report)
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
-        table.add_column(column, justify="left" if column in ("scan", "status") else "right")
+        table.add_column(column, justify="left" if column in ("scan", "status") else "right",
+                         overflow="fold" if column == "scan" else "ellipsis")  # ids stay whole
     for row in result.rows:
         if row["status"] == "ok":
             table.add_row(row["scan_id"], "ok", f"{row['llr']:.1f}", f"{row['llr_p']:.3f}",

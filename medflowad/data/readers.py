@@ -2,15 +2,20 @@
 
 Readers are chosen by format, MONAI style: NIfTI through MONAI's ``NibabelReader``; DICOM series
 folders, NRRD and MetaImage through :class:`SimpleITKReader`, a MONAI ``ImageReader`` built on
-SimpleITK (whose LPS geometry is converted to RAS). For a DICOM folder with several series, the one
-with the most slices is read unless a series UID is given; slice order comes from the image
-geometry (GDCM), never from file names.
+SimpleITK (whose LPS geometry is converted to RAS). Slice order comes from the image geometry (GDCM),
+never from file names.
+
+A DICOM folder holding several series (a PACS export of a whole study, say) is several scans: each
+series is named ``folder::SeriesInstanceUID`` and gets its own scan id from the folder name, series
+number and description (``study_3_AX_FLAIR``), so that none is read in place of another unseen.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +31,7 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*")
+SERIES_SEPARATOR = "::"
 
 
 class ScanError(ValueError):
@@ -51,25 +57,76 @@ def is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(is_dicom_file(f) for f in sorted(path.iterdir())[:20] if f.is_file())
 
 
+def split_series(path: str | Path) -> tuple[Path, str | None]:
+    """``folder::UID`` names one series of a DICOM folder; any other path names itself (UID None)."""
+    text = str(path)
+    folder, separator, uid = text.rpartition(SERIES_SEPARATOR)
+    if separator and uid and Path(folder).is_dir():
+        return Path(folder), uid
+    return Path(text), None
+
+
+def _series_ids(folder: str) -> tuple[str, ...]:
+    return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+
+
+@functools.lru_cache(maxsize=1024)
+def series_description(folder: str, uid: str) -> tuple[int | None, str]:
+    """(SeriesNumber, SeriesDescription) from the series' first file; (None, "") where absent."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+    if not files:
+        return None, ""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None, ""
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    number = tag("0020|0011")
+    return (int(number) if number.lstrip("-").isdigit() else None), tag("0008|103e")
+
+
+def dicom_scans(folder: Path) -> list[Path]:
+    """A DICOM folder as scans: the folder itself when it holds one series, else ``folder::UID`` per
+    series, ordered by series number."""
+    series = _series_ids(str(folder))
+    if len(series) <= 1:
+        return [folder]
+
+    def order(uid: str) -> tuple[int, str]:
+        number, _ = series_description(str(folder), uid)
+        return (number if number is not None else 1 << 31, uid)
+
+    return [Path(f"{folder}{SERIES_SEPARATOR}{uid}") for uid in sorted(series, key=order)]
+
+
 def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders into scan paths: volume files, and DICOM folders as one scan each.
+    """Expand files and folders into scan paths: volume files, DICOM folders as one scan per series
+    (see :func:`dicom_scans`), and ``folder::UID`` series names as given.
 
     Inside folders, names matching :data:`LABEL_PATTERNS` (masks, ROIs, segmentations) are skipped.
     """
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if not path.exists():
-            found.append(path)  # reported as unreadable by the caller, with its name
-        elif path.is_file() or is_dicom_folder(path):
+        if split_series(item)[1] is not None or path.is_file():
             found.append(path)
+        elif not path.exists():
+            found.append(path)  # reported as unreadable by the caller, with its name
+        elif is_dicom_folder(path):
+            found += dicom_scans(path)
         else:
             for child in sorted(path.rglob("*")):
                 if is_label_name(child.name):
                     continue
-                is_volume = child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES
-                if is_volume or (child.is_dir() and is_dicom_folder(child)):
+                if child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES:
                     found.append(child)
+                elif child.is_dir() and is_dicom_folder(child):
+                    found += dicom_scans(child)
     return list(dict.fromkeys(found))
 
 
@@ -79,7 +136,14 @@ def is_label_name(name: str, patterns: Sequence[str] = LABEL_PATTERNS) -> bool:
 
 
 def scan_id(path: Path) -> str:
-    """File name without the volume suffix, used to name outputs."""
+    """Names outputs: the file name without its volume suffix; for one series of a DICOM folder, the
+    folder name, series number and description (``study_3_AX_FLAIR``; the UID's end where both are absent)."""
+    folder, uid = split_series(path)
+    if uid is not None:
+        number, description = series_description(str(folder), uid)
+        label = "_".join(part for part in (str(number) if number is not None else "", description) if part)
+        label = re.sub(r"[^A-Za-z0-9.+-]+", "_", label).strip("_") or uid.rsplit(".", 1)[-1]
+        return f"{folder.name}_{label}"
     name = path.name
     for suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -103,6 +167,7 @@ class SimpleITKReader(ImageReader):
     """MONAI reader for DICOM series folders, NRRD and MetaImage files, via SimpleITK."""
 
     def __init__(self, series_uid: str | None = None) -> None:
+        """``series_uid`` picks one series of a DICOM folder; a folder with several needs one."""
         super().__init__()
         self.series_uid = series_uid
 
@@ -117,15 +182,19 @@ class SimpleITKReader(ImageReader):
         return sitk.ReadImage(str(path))
 
     def _read_series(self, folder: Path) -> sitk.Image:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        series = _series_ids(str(folder))
         if not series:
             raise ScanError(f"{folder}: no DICOM image series found")
         if self.series_uid is not None:
             if self.series_uid not in series:
                 raise ScanError(f"{folder}: series {self.series_uid} not found (has {', '.join(series)})")
             chosen = self.series_uid
+        elif len(series) == 1:
+            chosen = series[0]
         else:
-            chosen = max(series, key=lambda uid: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)))
+            names = "; ".join(f"{folder}{SERIES_SEPARATOR}{uid} "
+                              f"({series_description(str(folder), uid)[1] or 'no description'})" for uid in series)
+            raise ScanError(f"{folder}: holds {len(series)} DICOM series; name one as FOLDER::UID: {names}")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
@@ -144,19 +213,21 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
-def load_scan(path: str | Path, series_uid: str | None = None) -> MetaTensor:
+def load_scan(path: str | Path) -> MetaTensor:
     """Read a 3D scan as a float32 MetaTensor of shape (1, X, Y, Z) with its RAS affine.
 
-    A 2D image stored as a volume file (X, Y) becomes (1, X, Y, 1).
+    ``path`` is a volume file, a DICOM folder with one series, or ``folder::UID`` for one series of a
+    folder with several. A 2D image stored as a volume file (X, Y) becomes (1, X, Y, 1).
     """
+    source, series_uid = split_series(path)
     path = Path(path)
-    if not path.exists():
+    if not source.exists():
         raise ScanError(f"{path}: no such file or folder")
-    suffix = _suffix(path)
+    suffix = _suffix(source)
     try:
         if suffix in NIFTI_SUFFIXES:
             reader: ImageReader = NibabelReader()
-        elif suffix in ITK_SUFFIXES or path.is_dir() or is_dicom_file(path):
+        elif suffix in ITK_SUFFIXES or source.is_dir() or is_dicom_file(source):
             reader = SimpleITKReader(series_uid)
         else:
             raise ScanError(f"{path}: unsupported scan format '{suffix or 'no extension'}' "
@@ -164,7 +235,7 @@ def load_scan(path: str | Path, series_uid: str | None = None) -> MetaTensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("nibabel").setLevel(logging.ERROR)
-            array, meta = reader.get_data(reader.read(str(path)))
+            array, meta = reader.get_data(reader.read(str(source)))
     except ScanError as exc:
         message = str(exc)
         raise ScanError(message if message.startswith(str(path)) else f"{path}: {message}") from exc

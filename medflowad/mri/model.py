@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
-from medflowad.data.readers import ScanError, find_scans, load_scan
+from medflowad.data.readers import ScanError, find_scans, load_scan, scan_id, split_series
 from medflowad.data.scans import PreparedScan, prepare_scan
 from medflowad.data.slice_sets import save_slice_set
 from medflowad.devices import resolve_device
@@ -65,10 +65,16 @@ def companion_path(scan: Path, replace: tuple[str, str] | None) -> Path | None:
     return scan.with_name(scan.name.replace(old, new))
 
 
+def matches_pattern(scan: Path, pattern: str) -> bool:
+    """Case-insensitive glob on the file name or the scan id (a DICOM series' id holds its description)."""
+    pattern = pattern.lower()
+    return fnmatch.fnmatch(scan.name.lower(), pattern) or fnmatch.fnmatch(scan_id(scan).lower(), pattern)
+
+
 def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace: tuple[str, str] | None) -> list[Path]:
     scans = find_scans(inputs)
     if pattern:
-        scans = [s for s in scans if fnmatch.fnmatch(s.name, pattern)]
+        scans = [s for s in scans if matches_pattern(s, pattern)]
     if mask_replace:
         scans = [s for s in scans if mask_replace[1] not in s.name]
     return scans
@@ -122,6 +128,11 @@ def train_mri_model(
     if general_model is None and pool is None:
         raise ValueError("give --pool (to train the general model) or --general-model (a trained one)")
     train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
+    series = [scan_id(s) for s in train_scans + val_scans if split_series(s)[1] is not None]
+    if series and pattern is None:
+        echo(f"note: {len(series)} scans are series of DICOM folders holding several series ({', '.join(series[:3])}"
+             f"{', ...' if len(series) > 3 else ''}); all train the {config.modality} model. "
+             f"To keep only that modality's series, pass a pattern (e.g. --pattern '*{config.modality}*').")
 
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []

@@ -1,8 +1,8 @@
 """The general scan pool: slices of scans and pictures of many kinds, preprocessed like the scans.
 
-Sources may be volume files (NIfTI, NRRD, MHA), DICOM series folders, 2D pictures (PNG, JPEG, ...),
-single DICOM images, zip archives of pictures (``archive.zip::Training`` takes one folder of it), and
-folders of any of these. Label images (names
+Sources may be volume files (NIfTI, NRRD, MHA), DICOM folders (each series a source; ``folder::UID``
+takes one), 2D pictures (PNG, JPEG, ...), single DICOM images, zip archives of pictures
+(``archive.zip::Training`` takes one folder of it), and folders of any of these. Label images (names
 matching ``*mask*``, ``*roi*``, ``*seg*``, ``*label*``) are skipped by default: they are not scans.
 """
 
@@ -24,6 +24,7 @@ from medflowad.data.readers import (
     LABEL_PATTERNS,
     NIFTI_SUFFIXES,
     ScanError,
+    dicom_scans,
     is_dicom_file,
     is_dicom_folder,
     is_label_name,
@@ -73,16 +74,18 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
         path = Path(path_text)
         if subdir and path.suffix.lower() == ".zip" and path.is_file():
             visit_file(path, subdir.strip("/") + "/")
+        elif subdir and path.is_dir():
+            found.append((str(item), "dicom-series"))
         elif not path.exists():
             found.append((str(path), "missing"))
         elif path.is_file():
             visit_file(path)
         elif is_dicom_folder(path):
-            found.append((str(path), "dicom-series"))
+            found += [(str(series), "dicom-series") for series in dicom_scans(path)]
         else:
             for child in sorted(path.rglob("*")):
                 if child.is_dir() and is_dicom_folder(child):
-                    found.append((str(child), "dicom-series"))
+                    found += [(str(series), "dicom-series") for series in dicom_scans(child)]
                 elif child.is_file() and not is_dicom_file(child):
                     visit_file(child)
     return found

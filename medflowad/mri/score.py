@@ -22,10 +22,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, find_scans, scan_id
+from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, scan_id
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import SLICE_SCORES, conformal_p_value, flag_resolution_problem, threshold_at_fpr
-from medflowad.mri.model import MriModel, analyse, load_mri_model, prepare
+from medflowad.mri.model import MriModel, analyse, load_mri_model, prepare, select_scans
 from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.storage import atomic_write, write_json, write_text
@@ -92,19 +92,21 @@ def _unique_ids(paths: Sequence[Path]) -> list[str]:
 def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
-    brain_masks: tuple[str, str] | None = None, report: bool = False,
+    brain_masks: tuple[str, str] | None = None, report: bool = False, pattern: str | None = None,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
-    With ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`).
+    ``pattern`` keeps the scans whose file name or id matches (see :func:`matches_pattern`). With
+    ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`).
     """
     model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scans = find_scans(inputs)
+    scans = select_scans(inputs, pattern, None)
     if not scans:
-        raise ValueError(f"no scans found in {', '.join(str(i) for i in inputs)}")
+        matching = f" matching {pattern!r}" if pattern else ""
+        raise ValueError(f"no scans{matching} found in {', '.join(str(i) for i in inputs)}")
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
 
-from medflowad.data.readers import LPS_TO_RAS, load_scan
+from medflowad.data.readers import LPS_TO_RAS, ScanError, find_scans, load_scan, scan_id
 from medflowad.data.scans import ScanPreprocessing, prepare_scan, to_native
 from medflowad.mri.analysis import analyse_scan
 from medflowad.mri.model import load_mri_model
+from medflowad.mri.pool import collect_sources
 from medflowad.mri.score import score_scans, write_nifti
 from medflowad.scores import likelihoods
 from tests.conftest import data_root
@@ -115,15 +116,16 @@ def test_llr_and_last_scale_maps_sum_to_slice_scores(tiny_mri_model, tmp_path):
     assert np.allclose(total, analysis.maps["llr"], atol=1e-4)
 
 
-def _write_dicom_series(volume_path: Path, folder: Path) -> None:
-    """DICOM series of a NIfTI volume via SimpleITK, files named in shuffled order."""
+def _write_dicom_series(volume_path: Path, folder: Path, series: int = 7777, description: str | None = None) -> None:
+    """DICOM series of a NIfTI volume via SimpleITK, files named in shuffled order; ``series`` makes the
+    UID and, with a ``description``, the series number (another series may share the folder)."""
     image = sitk.Cast(sitk.ReadImage(str(volume_path)), sitk.sitkInt16)
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     direction = image.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.7777"
-    order = np.random.default_rng(0).permutation(image.GetDepth())
+    series_uid = f"1.2.826.0.1.3680043.2.1125.1.{series}"
+    order = np.random.default_rng(series).permutation(image.GetDepth())
     for k in range(image.GetDepth()):
         slice_image = image[:, :, k]
         origin = image.TransformIndexToPhysicalPoint((0, 0, k))
@@ -134,11 +136,13 @@ def _write_dicom_series(volume_path: Path, folder: Path) -> None:
                                                          direction[1], direction[4], direction[7])),
             "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
             "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.9999.{k + 1}",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.9999.{series}.{k + 1}",
         }
+        if description is not None:
+            tags.update({"0020|0011": str(series), "0008|103e": description})
         for tag, value in tags.items():
             slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{order[k]:04d}.dcm"))
+        writer.SetFileName(str(folder / f"S{series}IM{order[k]:04d}.dcm"))
         writer.Execute(slice_image)
 
 
@@ -157,4 +161,37 @@ def test_dicom_series_maps_match_nifti_world_space(tiny_mri_model, tmp_path):
     b = nib.load(str(tmp_path / "out" / "case_dicom_anomaly.nii.gz"))
     assert a.shape == b.shape
     assert np.allclose(a.affine, b.affine, atol=1e-3)
+    assert np.allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-3)
+
+
+def test_dicom_folder_with_several_series_is_one_scan_per_series(tiny_mri_model, tmp_path):
+    """A study exported into one folder: each series is read, named and scored on its own, never one
+    in place of another; '--pattern' picks series by description."""
+    flair = save_nifti(tmp_path / "flair.nii.gz", brain_like(seed=7, blob=(20, 30, 7)), oblique_lps_affine())
+    t1 = save_nifti(tmp_path / "t1.nii.gz", brain_like(shape=(40, 44, 10), seed=8),
+                    oblique_lps_affine(spacing=(1.0, 1.0, 2.0)))
+    study = tmp_path / "study"
+    _write_dicom_series(flair, study, series=3, description="AX T2 FLAIR")
+    _write_dicom_series(t1, study, series=2, description="T1 MPRAGE")
+
+    scans = find_scans([tmp_path])  # also finds the two NIfTI files
+    series = [s for s in scans if str(s).startswith(str(study))]
+    assert [scan_id(s) for s in series] == ["study_2_T1_MPRAGE", "study_3_AX_T2_FLAIR"]  # by series number
+    for path, source in zip(series, (t1, flair), strict=True):
+        expected = nib.load(str(source))  # independent read of the volume each series was made from
+        got = load_scan(path)
+        assert np.allclose(got.affine.numpy(), expected.affine, atol=1e-3)
+        assert np.array_equal(got.numpy()[0], np.asarray(expected.dataobj, dtype=np.float32))
+    with pytest.raises(ScanError, match=r"holds 2 DICOM series; name one as FOLDER::UID"):
+        load_scan(study)
+    assert [p for p, kind in collect_sources([study]) if kind == "dicom-series"] == [str(s) for s in series]
+    assert collect_sources([series[1]]) == [(str(series[1]), "dicom-series")]
+
+    out = tmp_path / "out"
+    result = score_scans([study, flair], tiny_mri_model, out, device="cpu", pattern="*FLAIR*")
+    assert result.all_ok, result.rows
+    assert [r["scan_id"] for r in result.rows] == ["study_3_AX_T2_FLAIR", "flair"]
+    a = nib.load(str(out / "flair_anomaly.nii.gz"))
+    b = nib.load(str(out / "study_3_AX_T2_FLAIR_anomaly.nii.gz"))
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
     assert np.allclose(np.asarray(a.dataobj), np.asarray(b.dataobj), atol=1e-3)
