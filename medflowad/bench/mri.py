@@ -141,10 +141,12 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
 
 
 def _check_pool_flair(pool: Path, train_scans: list[Path], expected: list[Path]) -> None:
-    """Refuse to reuse a pool built with other train FLAIR scans than these settings ask for."""
-    candidates = {str(p) for p in train_scans}
-    found = sorted(s["path"] for s in load_slice_set_manifest(pool).get("sources", []) if s["path"] in candidates)
-    if found != sorted(map(str, expected)):
+    """Refuse to reuse a pool built with other train FLAIR scans than these settings ask for. Paths are
+    compared resolved, so a data folder named relatively once and absolutely the next time still matches."""
+    candidates = {p.resolve() for p in train_scans}
+    sources = (Path(s["path"]).resolve() for s in load_slice_set_manifest(pool).get("sources", []))
+    found = sorted(p for p in sources if p in candidates)
+    if found != sorted(p.resolve() for p in expected):
         raise ValueError(f"{pool}: holds {len(found)} train FLAIR scans, these settings need {len(expected)} "
                          "(--pool-train-flair and the split decide them); use another --out or delete the pool "
                          "and the models trained on it")

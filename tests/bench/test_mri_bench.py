@@ -21,7 +21,7 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_bench_mri_reduced(tmp_path):
+def test_bench_mri_reduced(tmp_path, monkeypatch):
     medical = tmp_path / "data" / "medical"
     lgg = medical / "lgg_flair128"
     lgg.mkdir(parents=True)
@@ -90,5 +90,12 @@ def test_bench_mri_reduced(tmp_path):
     for scan, slices in pool.items():
         assert slices > healthy_train[scan] if with_lesion[scan] else slices == healthy_train[scan], scan
 
+    # Rerun with the data folder named relatively: same scans, so the pool and models are reused.
+    monkeypatch.chdir(tmp_path)
+    relative = [*args]
+    relative[relative.index("--data") + 1] = "data"
+    again = CliRunner().invoke(app, relative)
+    assert again.exit_code == 0, again.output
+    assert "building the general pool" not in again.output and "training the FLAIR" not in again.output
     refused = CliRunner().invoke(app, [*args, "--no-pool-train-flair"])
     assert refused.exit_code != 0 and "train FLAIR scans" in refused.output
