@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Spread of the outlier-loss FLAIR model over training seeds, with the general model and pool of a finished
-# `medflowad bench mri` run held fixed. The seed also picks the 12 train patients held apart for calibration;
-# when the bench's pool holds the train patients' FLAIR (the default, --pool-train-flair), seeds other than 0
-# calibrate on patients whose slices are in the pool, which biases the healthy-FPR thresholds (Dice at them),
-# not the AUROC/AUPRC of the test patients.
+# `medflowad bench mri` run held fixed. The 12 train patients held apart for calibration are those of the bench
+# (--calibration-seed 0), so a seed changes the training randomness only, and the calibration patients stay
+# out of the bench's pool as they must.
 #   MEDFLOWAD_DATA=/path/to/data bash benchmarks/mri_outlier_seeds.sh BENCH_DIR SEED [SEED ...]
 # Writes BENCH_DIR/seeds/flair_outlier_s<SEED>/ (model) and BENCH_DIR/seeds/eval_outlier_s<SEED>/ (metrics of
 # the 28 test patients); seed 0 with the bench's defaults is the bench's own flair_outlier model.
@@ -28,6 +27,6 @@ done < <(grep -v '^#' "$here/../configs/lgg_flair_split.tsv" | tail -n +2)
 for seed in "$@"; do
     model="$bench/seeds/flair_outlier_s$seed"
     medflowad train --modality flair "${data_args[@]}" --lesion-masks _flair=_mask --pool "$bench/pool" \
-        --general-model "$bench/flair/general" --outlier-loss --steps "$steps" --seed "$seed" -o "$model" -q
+        --general-model "$bench/flair/general" --outlier-loss --steps "$steps" --seed "$seed" --calibration-seed 0 -o "$model" -q
     medflowad evaluate -m "$model" "${scan_args[@]}" --lesion-masks _flair=_mask -o "$bench/seeds/eval_outlier_s$seed" -q
 done

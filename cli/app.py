@@ -124,13 +124,21 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (2e-4 is safe for fine-tuning).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    calibration_seed: Annotated[int | None, typer.Option(
+        help="MRI mode: seed of the draw of calibration scans (default: --seed); fix it to vary training alone.")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Glow from a preset or YAML config (natural images), or, with --modality, an MRI model folder."""
     if modality is not None:
         _train_mri(modality, config or "mri_cpu", data, out, pool, general_model, pattern, lesion_masks,
-                   outlier_loss, steps, general_steps, lr, device, seed, quiet)
+                   outlier_loss, steps, general_steps, lr, device, seed, calibration_seed, quiet)
         return
+    mri_only = {"--data": data, "--pool": pool, "--pattern": pattern, "--lesion-masks": lesion_masks,
+                "--general-steps": general_steps, "--calibration-seed": calibration_seed}
+    given = [name for name, value in mri_only.items() if value is not None and value != []]
+    if given:
+        raise ValueError(f"{', '.join(given)}: MRI-mode options; add --modality (or use --train-data for images)")
     from medflowad.config import with_overrides
     from medflowad.presets import load_preset_or_file
     from medflowad.training import train as run_training
@@ -159,7 +167,7 @@ def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[s
 
 
 def _train_mri(modality, config_name, data, out, pool, general_model, pattern, lesion_masks, outlier_loss,
-               steps, general_steps, lr, device, seed, quiet) -> None:
+               steps, general_steps, lr, device, seed, calibration_seed, quiet) -> None:
     from medflowad.mri.config import load_mri_config
     from medflowad.mri.model import train_mri_model
 
@@ -179,6 +187,8 @@ def _train_mri(modality, config_name, data, out, pool, general_model, pattern, l
         config.device = device
     if seed is not None:
         config.seed = seed
+    if calibration_seed is not None:
+        config.calibration_seed = calibration_seed
     metrics = train_mri_model(config, data, out, pool=pool, general_model=general_model, pattern=pattern,
                               mask_replace=_parse_replace(lesion_masks), show_progress=not quiet,
                               echo=lambda m: console.print(m, highlight=False))

@@ -37,6 +37,7 @@ class MriConfig:
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
     fpr: float = 0.05  # default false-positive rate for flags
     seed: int = 0
+    calibration_seed: int | None = None  # draws the calibration scans; None: seed. Fix it to vary training alone
     device: str = "auto"
     channels_last: bool = False  # NHWC convolutions: a little faster on CPU, equal only to float precision
 

@@ -107,11 +107,12 @@ def split_healthy_scans(
     mask_replace: tuple[str, str] | None = None,
 ) -> tuple[list[Path], list[Path]]:
     """(training scans, scans held apart for calibration) among the healthy scans that training finds:
-    a seeded draw of ``val_fraction`` of them, split by scan."""
+    a draw of ``val_fraction`` of them, split by scan, seeded by ``calibration_seed`` (default ``seed``)."""
     scans = select_scans(healthy, pattern, mask_replace)
     if len(scans) < 2:
         raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
-    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    seed = config.seed if config.calibration_seed is None else config.calibration_seed
+    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(config.val_fraction * len(scans)))
     return sorted(scans[i] for i in order[n_val:]), sorted(scans[i] for i in order[:n_val])
 

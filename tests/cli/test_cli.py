@@ -80,6 +80,7 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
     (["train", "-o", "x", "-c", "does_not_exist"], "no config file or preset"),
     (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "b=c.npz"], "model folder does not exist"),
     (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "bad"], "NAME=SPEC"),
+    (["train", "-o", "x", "--pool", "p", "--calibration-seed", "0"], "--pool, --calibration-seed: MRI-mode options"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
