@@ -24,7 +24,13 @@ import numpy as np
 
 from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, scan_id
 from medflowad.data.scans import PreparedScan, to_native
-from medflowad.mri.analysis import SLICE_SCORES, conformal_p_value, flag_resolution_problem, threshold_at_fpr
+from medflowad.mri.analysis import (
+    SLICE_SCORES,
+    ScanAnalysis,
+    conformal_p_value,
+    flag_resolution_problem,
+    threshold_at_fpr,
+)
 from medflowad.mri.model import MriModel, analyse, load_mri_model, prepare, select_scans
 from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
@@ -89,6 +95,18 @@ def _unique_ids(paths: Sequence[Path]) -> list[str]:
     return ids
 
 
+def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str, float | bool]:
+    """A scan's scores (``llr``, ...), their conformal p-values against the healthy calibration scans
+    (``llr_p``, ...) and flags at ``fpr`` (``llr_flag``, ...)."""
+    values = analysis.scan_scores(model.config.top_fraction)
+    row: dict[str, float | bool] = {}
+    for name in SLICE_SCORES:
+        row[name] = values[name]
+        row[f"{name}_p"] = conformal_p_value(values[name], model.calibration[f"scan/{name}"])
+        row[f"{name}_flag"] = bool(row[f"{name}_p"] <= fpr)
+    return row
+
+
 def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
@@ -118,13 +136,8 @@ def score_scans(
         try:
             prepared = prepare(path, model.config, brain_replace=brain_masks)
             analysis = analyse(model, prepared, batch_size)
-            scan_scores = analysis.scan_scores(model.config.top_fraction)
             row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))
-            for name in SLICE_SCORES:
-                value = scan_scores[name]
-                row[name] = value
-                row[f"{name}_p"] = conformal_p_value(value, model.calibration[f"scan/{name}"])
-                row[f"{name}_flag"] = bool(row[f"{name}_p"] <= fpr)
+            row.update(scan_scores(model, analysis, fpr))
             native_llr = to_native(analysis.maps["llr"], prepared)
             native_last = to_native(analysis.maps["last_scale"], prepared)
             flagged = (native_llr > voxel_threshold).astype(np.uint8)
