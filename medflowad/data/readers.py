@@ -163,6 +163,42 @@ def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
+def check_series_geometry(reader: sitk.ImageSeriesReader, count: int, name: str) -> None:
+    """Refuse a DICOM series that is not one evenly sampled volume, which the series reader would still stack.
+
+    Per-slice ImageOrientationPatient must agree (a localiser's three planes do not), and
+    ImagePositionPatient along the slice normal must advance in equal steps: repeated positions mean
+    several volumes in one series (echoes, time points, b-values), uneven steps missing slices. Slices that
+    do not state their geometry, and single (multi-frame) files, are left to the reader.
+    """
+    if count < 2:
+        return
+    geometry = []
+    for i in range(count):
+        if not (reader.HasMetaDataKey(i, "0020|0037") and reader.HasMetaDataKey(i, "0020|0032")):
+            return
+        try:
+            geometry.append([float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")]
+                            + [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+        except ValueError:
+            return
+    values = np.array(geometry)
+    if values.shape[1] != 9:
+        return
+    orientations = {tuple(np.round(o, 3)) for o in values[:, :6]}
+    if len(orientations) > 1:
+        raise ScanError(f"{name}: slices in {len(orientations)} orientations, not one volume (a localiser?)")
+    normal = np.cross(values[0, :3], values[0, 3:6])
+    steps = np.diff(np.sort(values[:, 6:] @ normal))
+    spacing = steps.mean()
+    if steps.min() < 1e-3 * max(spacing, 1e-3):
+        positions = 1 + int((steps >= 1e-3 * max(spacing, 1e-3)).sum())
+        raise ScanError(f"{name}: {count} slices at {positions} positions: several volumes in one series "
+                        "(echoes, time points, b-values?), not one 3D scan")
+    if np.abs(steps - spacing).max() > 0.05 * spacing:
+        raise ScanError(f"{name}: uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm): missing slices?")
+
+
 class SimpleITKReader(ImageReader):
     """MONAI reader for DICOM series folders, NRRD and MetaImage files, via SimpleITK."""
 
@@ -198,7 +234,11 @@ class SimpleITKReader(ImageReader):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
-        return reader.Execute()
+        reader.MetaDataDictionaryArrayUpdateOn()
+        image = reader.Execute()
+        name = f"{folder}{SERIES_SEPARATOR}{chosen}" if len(series) > 1 else str(folder)
+        check_series_geometry(reader, len(files), name)
+        return image
 
     def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
         if img.GetNumberOfComponentsPerPixel() != 1:
