@@ -185,9 +185,9 @@ def check_series_geometry(reader: sitk.ImageSeriesReader, count: int, name: str)
     values = np.array(geometry)
     if values.shape[1] != 9:
         return
-    orientations = {tuple(np.round(o, 3)) for o in values[:, :6]}
-    if len(orientations) > 1:
-        raise ScanError(f"{name}: slices in {len(orientations)} orientations, not one volume (a localiser?)")
+    if np.abs(values[:, :6] - values[0, :6]).max() > 1e-3:  # direction cosines: 1e-3 is about 0.06 degrees
+        planes = len({tuple(np.round(o, 1)) for o in values[:, :6]})
+        raise ScanError(f"{name}: slices in {planes} orientations, not one volume (a localiser?)")
     normal = np.cross(values[0, :3], values[0, 3:6])
     steps = np.diff(np.sort(values[:, 6:] @ normal))
     spacing = steps.mean()
