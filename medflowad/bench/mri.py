@@ -33,14 +33,20 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from medflowad.config import DataConfig, OptimConfig, RunConfig
 from medflowad.data.scans import prepare_image_2d
 from medflowad.data.slice_sets import load_slice_set_manifest
 from medflowad.devices import resolve_device
 from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
-from medflowad.mri.model import analyse, load_mri_model, prepare, split_healthy_scans, train_mri_model
+from medflowad.mri.model import (
+    analyse,
+    load_mri_model,
+    mri_run_config,
+    prepare,
+    split_healthy_scans,
+    train_mri_model,
+)
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
 from medflowad.storage import atomic_write, load_model, write_json, write_text
@@ -231,14 +237,8 @@ def _tumor_2d(medical: Path, out: Path, config, steps: int, show_progress: bool,
         echo("preparing the 2D notumor training set")
         build_pool([f"{archive_path}::Training/notumor"], slices, config.preprocessing)
     model_dir = folder / "model"
-    run = RunConfig(
-        model=config.model,
-        data=DataConfig(train=str(slices), hflip=config.hflip, translate=config.translate),
-        optim=OptimConfig(lr=config.in_lr, steps=steps, batch_size=config.batch_size,
-                          warmup_steps=min(200, max(1, steps // 10))),
-        init_from=str(out / "flair" / "general"), seed=config.seed, device=device,
-        checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4), channels_last=config.channels_last,
-    )
+    run = mri_run_config(dataclasses.replace(config, device=device), str(slices), steps, config.in_lr,
+                         init_from=str(out / "flair" / "general"))
     if not (model_dir / "model.safetensors").exists():
         echo("fine-tuning the 2D notumor model")
     train(run, model_dir, show_progress=show_progress)

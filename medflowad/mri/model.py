@@ -164,14 +164,14 @@ def train_mri_model(
         _copy_model(Path(general_model), general_dir)
     else:
         echo(f"training the general model on {pool}")
-        train(_run_config(config, train_spec=str(pool), steps=config.general_steps, lr=config.general_lr),
+        train(mri_run_config(config, train_spec=str(pool), steps=config.general_steps, lr=config.general_lr),
               general_dir, show_progress=show_progress)
     general_cfg = load_model(general_dir)[1]
     if general_cfg.model != config.model:
         raise ModelFolderError(f"{general_dir}: general model architecture differs from the MRI config's model")
 
     echo("fine-tuning the in-distribution model on healthy slices")
-    in_run = _run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
+    in_run = mri_run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
                          lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir))
     if config.outlier.enabled:
         if pool is None:
@@ -196,8 +196,9 @@ def train_mri_model(
     return metrics
 
 
-def _run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_spec: str | None = None,
-                init_from: str | None = None) -> RunConfig:
+def mri_run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_spec: str | None = None,
+                   init_from: str | None = None) -> RunConfig:
+    """The training run of one of an MRI model's Glows (or of a 2D model trained like them)."""
     return RunConfig(
         model=config.model,
         data=DataConfig(train=train_spec, test=test_spec, hflip=config.hflip, translate=config.translate,
