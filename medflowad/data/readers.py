@@ -236,7 +236,7 @@ class SimpleITKReader(ImageReader):
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()
         image = reader.Execute()
-        name = f"{folder}{SERIES_SEPARATOR}{chosen}" if len(series) > 1 else str(folder)
+        name = f"{folder}{SERIES_SEPARATOR}{chosen}" if self.series_uid is not None else str(folder)
         check_series_geometry(reader, len(files), name)
         return image
 
