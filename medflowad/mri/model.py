@@ -29,8 +29,8 @@ import yaml
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
 from medflowad.data.readers import ScanError, find_scans, load_scan, scan_id, split_series
-from medflowad.data.scans import PreparedScan, prepare_scan
-from medflowad.data.slice_sets import save_slice_set
+from medflowad.data.scans import PreparedScan, ScanPreprocessing, prepare_scan
+from medflowad.data.slice_sets import load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
 from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, ScanAnalysis, analyse_scan, threshold_at_fpr
@@ -117,6 +117,18 @@ def split_healthy_scans(
     return sorted(scans[i] for i in order[n_val:]), sorted(scans[i] for i in order[:n_val])
 
 
+def check_preprocessing(source: Path, stored: dict | None, config: MriConfig) -> None:
+    """A pool or general model prepared otherwise than ``config`` says would give the general model
+    other images than the ones it is compared on; refuse it, naming the settings that differ."""
+    if stored is None:
+        return
+    theirs, ours = ScanPreprocessing.from_dict(stored).to_dict(), config.preprocessing.to_dict()
+    differing = [f"{key} {theirs[key]} there, {ours[key]} here" for key in ours if theirs.get(key) != ours[key]]
+    if differing:
+        raise ValueError(f"{source}: prepared with other preprocessing than this model's ({'; '.join(differing)}); "
+                         "rebuild it with the same --config")
+
+
 def train_mri_model(
     config: MriConfig, healthy: Sequence[str | Path], out: Path, pool: Path | None = None,
     general_model: Path | None = None, pattern: str | None = None, mask_replace: tuple[str, str] | None = None,
@@ -128,6 +140,11 @@ def train_mri_model(
     out.mkdir(parents=True, exist_ok=True)
     if general_model is None and pool is None:
         raise ValueError("give --pool (to train the general model) or --general-model (a trained one)")
+    if pool is not None:
+        check_preprocessing(Path(pool), load_slice_set_manifest(Path(pool)).get("preprocessing"), config)
+    if general_model is not None and (Path(general_model).parent / MRI_CONFIG).is_file():
+        stored = yaml.safe_load((Path(general_model).parent / MRI_CONFIG).read_text()) or {}
+        check_preprocessing(Path(general_model), stored.get("preprocessing"), config)
     train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
     series = [scan_id(s) for s in train_scans + val_scans if split_series(s)[1] is not None]
     if series and pattern is None:

@@ -1,9 +1,16 @@
-"""Which healthy scans train and which calibrate: the draw, its seed, and series selection."""
+"""What training accepts: which healthy scans train and which calibrate, and pools and general models
+prepared like the model."""
 
 from pathlib import Path
 
-from medflowad.mri.config import MriConfig
-from medflowad.mri.model import split_healthy_scans
+import numpy as np
+import pytest
+import yaml
+
+from medflowad.mri.config import MriConfig, mri_config_from_dict
+from medflowad.mri.model import split_healthy_scans, train_mri_model
+from medflowad.mri.pool import build_pool
+from tests.mri.conftest import TINY_MRI, brain_like, save_nifti
 
 
 def _scans(folder: Path, n: int) -> Path:
@@ -23,3 +30,21 @@ def test_calibration_seed_fixes_the_draw_while_the_training_seed_varies(tmp_path
         assert split_healthy_scans([folder], MriConfig(seed=s, calibration_seed=0)) == (train0, val0)
     assert split_healthy_scans([folder], MriConfig(seed=0, calibration_seed=5)) == \
         split_healthy_scans([folder], MriConfig(seed=5))
+
+
+def test_pool_or_general_model_prepared_otherwise_is_refused(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    save_nifti(source / "other.nii.gz", brain_like(shape=(40, 40, 10), seed=3), np.eye(4))
+    tiny = mri_config_from_dict(TINY_MRI)
+    build_pool([source], tmp_path / "pool", tiny.preprocessing)
+    other = mri_config_from_dict({**TINY_MRI, "preprocessing": {**TINY_MRI["preprocessing"], "percentiles": [1, 99]}})
+    differs = r"pool: prepared with other preprocessing .*percentiles \[0\.5, 99\.5\] there, \[1, 99\] here"
+    with pytest.raises(ValueError, match=differs):
+        train_mri_model(other, [source], tmp_path / "model", pool=tmp_path / "pool", echo=lambda m: None)
+
+    general = tmp_path / "flair" / "general"
+    general.mkdir(parents=True)
+    (tmp_path / "flair" / "mri.yaml").write_text(yaml.safe_dump(tiny.to_dict()))
+    with pytest.raises(ValueError, match=r"general: prepared with other preprocessing"):
+        train_mri_model(other, [source], tmp_path / "model", general_model=general, echo=lambda m: None)
