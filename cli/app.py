@@ -98,7 +98,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; an interrupted run resumes).")],
     config: Annotated[str | None, typer.Option(
         "--config", "-c", help="YAML file or preset: cifar10_cpu (default), cifar10_paper, sample; "
-        "with --modality: mri_cpu (default).")] = None,
+        "with --modality: mri_cpu (default), ct_cpu (default for ct: HU brain window).")] = None,
     modality: Annotated[str | None, typer.Option(
         help="Brain-MRI mode: t1, t2, flair, pd or ct. Trains general + in-distribution models and calibrates.")
     ] = None,
@@ -131,7 +131,8 @@ def train(
 ) -> None:
     """Train a Glow from a preset or YAML config (natural images), or, with --modality, an MRI model folder."""
     if modality is not None:
-        _train_mri(modality, config or "mri_cpu", data, out, pool, general_model, pattern, lesion_masks,
+        default = "ct_cpu" if modality == "ct" else "mri_cpu"
+        _train_mri(modality, config or default, data, out, pool, general_model, pattern, lesion_masks,
                    outlier_loss, steps, general_steps, lr, device, seed, calibration_seed, quiet)
         return
     mri_only = {"--data": data, "--pool": pool, "--pattern": pattern, "--lesion-masks": lesion_masks,
@@ -432,7 +433,8 @@ app.add_typer(pool_app, name="pool")
 def pool_build(
     sources: Annotated[list[Path], typer.Argument(help="Volumes, DICOM folders, 2D images, zips, folders.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Pool folder to write.")],
-    config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset for preprocessing.")
+    config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset for preprocessing; the same "
+                                        "as the models trained on the pool use (ct_cpu for CT models).")
                       ] = "mri_cpu",
     exclude: Annotated[list[str] | None, typer.Option(
         help="Glob of file names to skip; repeatable (default: *mask*, *roi*, *seg*, *label*).")] = None,

@@ -13,7 +13,7 @@ the orientation of 2D image sets, so volumes and pictures can share one general 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, ResampleToMatch, Resize, ResizeWithPadOrCrop, Spacing, SpatialCrop
 from scipy import ndimage
 
+from medflowad.config import ConfigError
 from medflowad.data.readers import ScanError
 
 
@@ -31,6 +32,10 @@ class ScanPreprocessing:
     image_size: int = 64
     target_spacing: tuple[float, float, float] | None = None
     percentiles: tuple[float, float] = (0.5, 99.5)
+    # A fixed intensity range mapped to 0-1 instead of the percentiles, for scans with a physical scale: CT in
+    # HU, e.g. [0, 80], the brain window (percentiles of a head CT squeeze the brain into a few grey levels
+    # under the bone). The automatic foreground is then everything above the window's lower edge.
+    intensity_window: tuple[float, float] | None = None
     foreground_threshold: float = 0.1  # automatic mask: fraction of the 99th intensity percentile
     min_foreground: float = 0.1  # slices with a smaller foreground share are not scored
     margin: float = 0.05  # in-plane crop margin, fraction of the foreground extent
@@ -39,6 +44,7 @@ class ScanPreprocessing:
         d = asdict(self)
         d["target_spacing"] = list(self.target_spacing) if self.target_spacing else None
         d["percentiles"] = list(self.percentiles)
+        d["intensity_window"] = list(self.intensity_window) if self.intensity_window else None
         return d
 
     @classmethod
@@ -47,6 +53,11 @@ class ScanPreprocessing:
         if values.get("target_spacing") is not None:
             values["target_spacing"] = tuple(values["target_spacing"])
         values["percentiles"] = tuple(values.get("percentiles", cls.percentiles))
+        if values.get("intensity_window") is not None:
+            window = tuple(float(v) for v in values["intensity_window"])
+            if len(window) != 2 or not window[1] > window[0]:
+                raise ConfigError(f"preprocessing.intensity_window must be [low, high] with high > low, got {window}")
+            values["intensity_window"] = window
         return cls(**values)
 
 
@@ -82,12 +93,15 @@ def display_to_volume(slices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(slices.transpose(2, 1, 0), axis=(0, 1)))
 
 
-def automatic_foreground(volume: np.ndarray, threshold: float) -> np.ndarray:
-    """Voxels above ``threshold`` x the 99th percentile, holes filled per slice, largest 3D component."""
-    positive = volume[volume > 0]
-    if positive.size == 0:
-        return np.zeros(volume.shape, dtype=bool)
-    mask = volume > threshold * np.percentile(positive, 99)
+def automatic_foreground(volume: np.ndarray, threshold: float, level: float | None = None) -> np.ndarray:
+    """Voxels above ``level``, or by default above ``threshold`` x the 99th percentile of the positive
+    voxels; opened in-plane, largest 3D component, holes filled per slice."""
+    if level is None:
+        positive = volume[volume > 0]
+        if positive.size == 0:
+            return np.zeros(volume.shape, dtype=bool)
+        level = threshold * np.percentile(positive, 99)
+    mask = volume > level
     # In-plane opening only: a 3D element would erode away the first and last slices (and 2D images).
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
@@ -125,14 +139,18 @@ def prepare_scan(
         foreground = stacked[index].numpy() > 0.5
         index += 1
     else:
-        foreground = automatic_foreground(image, config.foreground_threshold)
+        window_low = config.intensity_window[0] if config.intensity_window else None
+        foreground = automatic_foreground(image, config.foreground_threshold, window_low)
     lesion = stacked[index].numpy() > 0.5 if lesion_mask is not None else None
     if foreground.sum() < 16:
         raise ScanError(f"{name}: no foreground found (empty mask or blank scan)")
 
-    lo, hi = np.percentile(image[foreground], config.percentiles)
-    if not hi > lo:
-        raise ScanError(f"{name}: no intensity contrast inside the foreground")
+    if config.intensity_window is not None:
+        lo, hi = config.intensity_window
+    else:
+        lo, hi = np.percentile(image[foreground], config.percentiles)
+        if not hi > lo:
+            raise ScanError(f"{name}: no intensity contrast inside the foreground")
     normalised = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
 
     # Square in-plane crop around the foreground, all slices kept.
@@ -170,11 +188,14 @@ def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") 
 
 
 def prepare_image_2d(image: np.ndarray, config: ScanPreprocessing) -> torch.Tensor | None:
-    """A 2D picture (already in display orientation) -> uint8 (1, S, S), or None without foreground."""
+    """A 2D picture (already in display orientation) -> uint8 (1, S, S), or None without foreground.
+
+    Pictures are display images with no physical intensity scale, so an ``intensity_window`` does not
+    apply to them: they are normalised by percentiles like MRI."""
     volume = display_to_volume(np.asarray(image, dtype=np.float32)[None])
     scan = MetaTensor(torch.from_numpy(volume)[None], affine=torch.eye(4, dtype=torch.float64))
     try:
-        prepared = prepare_scan(scan, config)
+        prepared = prepare_scan(scan, replace(config, intensity_window=None))
     except ScanError:
         return None
     return prepared.slices[0] if prepared.keep[0] else None

@@ -1,0 +1,58 @@
+"""Intensity normalisation: a fixed window (CT in HU) against percentiles, checked by hand arithmetic."""
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from medflowad.config import ConfigError
+from medflowad.data.scans import ScanPreprocessing, prepare_image_2d, prepare_scan
+from medflowad.mri.config import load_mri_config
+
+
+def _head_ct(shape=(64, 64, 8)) -> np.ndarray:
+    """Air (-1000 HU), a 1000 HU skull ring, brain at 40 HU and a 60 HU region (a bleed, say) on the right."""
+    x, y = np.meshgrid(np.arange(shape[0]) - 31.5, np.arange(shape[1]) - 31.5, indexing="ij")
+    r = np.hypot(x, y)
+    plane = np.full(shape[:2], -1000.0)
+    plane[r < 28] = 1000.0
+    plane[r < 24] = 40.0
+    plane[(np.hypot(x - 10, y) < 5)] = 60.0
+    return np.repeat(plane[:, :, None], shape[2], axis=2)
+
+
+def _prepare(volume: np.ndarray, config: ScanPreprocessing):
+    scan = MetaTensor(torch.from_numpy(volume.astype(np.float32))[None], affine=torch.eye(4, dtype=torch.float64))
+    return prepare_scan(scan, config)
+
+
+def test_window_maps_hounsfield_units_to_fixed_grey_levels():
+    volume = _head_ct()
+    windowed = _prepare(volume, ScanPreprocessing(image_size=64, margin=0.0, intensity_window=(0.0, 80.0)))
+    middle = windowed.slices[4, 0].numpy()
+    # The crop spans the head (skull ring, 56 voxels), resized to 64: sample well inside each region.
+    assert middle[32, 32] == round(40 / 80 * 255)    # brain: 128
+    rows, cols = np.nonzero(middle == round(60 / 80 * 255))  # the 60 HU region: 191
+    assert 60 <= len(rows) <= 110  # pi * 5^2 voxels, x (64/56)^2 by the resize
+    assert abs(rows.mean() - 31.5) < 1 and cols.mean() < 24  # on the patient's right: the display's left
+    assert middle[32, 2] == 255 and middle[0, 0] == 0  # bone saturates, air is black
+    assert windowed.foreground[4][32, 32] and not windowed.foreground[4][0, 0]  # everything above 0 HU
+
+    # Percentiles of the same head put the brain and the 60 HU region a few grey levels apart under the bone
+    # (20 HU of 2000 in the foreground), where the window keeps them 63 apart.
+    squeezed = _prepare(volume, ScanPreprocessing(image_size=64, margin=0.0)).slices[4, 0].numpy().astype(int)
+    bleed = (int(rows.mean()), int(cols.mean()))
+    assert abs(squeezed[bleed] - squeezed[32, 32]) < 10 and int(middle[bleed]) - int(middle[32, 32]) == 63
+
+
+def test_window_is_not_applied_to_pictures_and_is_validated():
+    picture = np.zeros((40, 40), np.float32)
+    picture[8:32, 8:32] = 200.0
+    picture[14:20, 14:20] = 100.0
+    config = ScanPreprocessing(image_size=32, min_foreground=0.05)
+    windowed = ScanPreprocessing(image_size=32, min_foreground=0.05, intensity_window=(0.0, 80.0))
+    assert torch.equal(prepare_image_2d(picture, config), prepare_image_2d(picture, windowed))
+    with pytest.raises(ConfigError, match="intensity_window must be"):
+        ScanPreprocessing.from_dict({"intensity_window": [80, 0]})
+    assert load_mri_config("ct_cpu").preprocessing.intensity_window == (0.0, 80.0)
+    assert load_mri_config("mri_cpu").preprocessing.intensity_window is None
