@@ -107,14 +107,18 @@ def split_healthy_scans(
     mask_replace: tuple[str, str] | None = None,
 ) -> tuple[list[Path], list[Path]]:
     """(training scans, scans held apart for calibration) among the healthy scans that training finds:
-    a draw of ``val_fraction`` of them, split by scan, seeded by ``calibration_seed`` (default ``seed``)."""
+    a draw of ``val_fraction`` of them, seeded by ``calibration_seed`` (default ``seed``). The series of
+    one DICOM folder (one visit) are drawn together, so that no visit calibrates what it trained."""
     scans = select_scans(healthy, pattern, mask_replace)
-    if len(scans) < 2:
-        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(scans)}")
+    visits = list(dict.fromkeys(split_series(s)[0] for s in scans))
+    if len(visits) < 2:
+        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(visits)}")
     seed = config.seed if config.calibration_seed is None else config.calibration_seed
-    order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(config.val_fraction * len(scans)))
-    return sorted(scans[i] for i in order[n_val:]), sorted(scans[i] for i in order[:n_val])
+    order = torch.randperm(len(visits), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(config.val_fraction * len(visits)))
+    held_apart = {visits[i] for i in order[:n_val]}
+    return (sorted(s for s in scans if split_series(s)[0] not in held_apart),
+            sorted(s for s in scans if split_series(s)[0] in held_apart))
 
 
 def check_preprocessing(source: Path, stored: dict | None, config: MriConfig) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk  # noqa: N813
 
 from medflowad.mri.config import mri_config_from_dict
 from medflowad.mri.model import train_mri_model
@@ -48,6 +49,36 @@ def save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> Path:
     image.set_qform(affine, code=1)
     nib.save(image, str(path))
     return path
+
+
+def write_dicom_series(volume_path: Path, folder: Path, series: int = 7777, description: str | None = None) -> None:
+    """DICOM series of a NIfTI volume via SimpleITK, files named in shuffled order; ``series`` makes the
+    UID and, with a ``description``, the series number (another series may share the folder)."""
+    image = sitk.Cast(sitk.ReadImage(str(volume_path)), sitk.sitkInt16)
+    folder.mkdir(exist_ok=True)
+    direction = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = f"1.2.826.0.1.3680043.2.1125.1.{series}"
+    order = np.random.default_rng(series).permutation(image.GetDepth())
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "MR", "0020|000e": series_uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.1.8888",
+            "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                         direction[1], direction[4], direction[7])),
+            "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.9999.{series}.{k + 1}",
+        }
+        if description is not None:
+            tags.update({"0020|0011": str(series), "0008|103e": description})
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"S{series}IM{order[k]:04d}.dcm"))
+        writer.Execute(slice_image)
 
 
 TINY_MRI = {

@@ -15,7 +15,7 @@ from medflowad.mri.pool import collect_sources
 from medflowad.mri.score import score_scans, write_nifti
 from medflowad.scores import likelihoods
 from tests.conftest import data_root
-from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti, write_dicom_series
 
 
 def _sitk_affine(image: sitk.Image) -> np.ndarray:
@@ -116,40 +116,10 @@ def test_llr_and_last_scale_maps_sum_to_slice_scores(tiny_mri_model, tmp_path):
     assert np.allclose(total, analysis.maps["llr"], atol=1e-4)
 
 
-def _write_dicom_series(volume_path: Path, folder: Path, series: int = 7777, description: str | None = None) -> None:
-    """DICOM series of a NIfTI volume via SimpleITK, files named in shuffled order; ``series`` makes the
-    UID and, with a ``description``, the series number (another series may share the folder)."""
-    image = sitk.Cast(sitk.ReadImage(str(volume_path)), sitk.sitkInt16)
-    folder.mkdir(exist_ok=True)
-    direction = image.GetDirection()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = f"1.2.826.0.1.3680043.2.1125.1.{series}"
-    order = np.random.default_rng(series).permutation(image.GetDepth())
-    for k in range(image.GetDepth()):
-        slice_image = image[:, :, k]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "MR", "0020|000e": series_uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.1.8888",
-            "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in origin),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
-                                                         direction[1], direction[4], direction[7])),
-            "0028|0030": f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}",
-            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0008|0018": f"1.2.826.0.1.3680043.2.1125.1.9999.{series}.{k + 1}",
-        }
-        if description is not None:
-            tags.update({"0020|0011": str(series), "0008|103e": description})
-        for tag, value in tags.items():
-            slice_image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"S{series}IM{order[k]:04d}.dcm"))
-        writer.Execute(slice_image)
-
-
 def test_dicom_series_maps_match_nifti_world_space(tiny_mri_model, tmp_path):
     nifti = save_nifti(tmp_path / "case.nii.gz", brain_like(seed=7), oblique_lps_affine())
     dicom = tmp_path / "case_dicom"
-    _write_dicom_series(nifti, dicom)
+    write_dicom_series(nifti, dicom)
     from_dicom = load_scan(dicom)
     from_nifti = load_scan(nifti)
     assert np.allclose(from_dicom.affine.numpy(), from_nifti.affine.numpy(), atol=1e-3)
@@ -171,8 +141,8 @@ def test_dicom_folder_with_several_series_is_one_scan_per_series(tiny_mri_model,
     t1 = save_nifti(tmp_path / "t1.nii.gz", brain_like(shape=(40, 44, 10), seed=8),
                     oblique_lps_affine(spacing=(1.0, 1.0, 2.0)))
     study = tmp_path / "study"
-    _write_dicom_series(flair, study, series=3, description="AX T2 FLAIR")
-    _write_dicom_series(t1, study, series=2, description="T1 MPRAGE")
+    write_dicom_series(flair, study, series=3, description="AX T2 FLAIR")
+    write_dicom_series(t1, study, series=2, description="T1 MPRAGE")
 
     scans = find_scans([tmp_path])  # also finds the two NIfTI files
     series = [s for s in scans if str(s).startswith(str(study))]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
+from medflowad.data.readers import split_series
 from medflowad.mri.config import MriConfig, mri_config_from_dict
 from medflowad.mri.model import split_healthy_scans, train_mri_model
 from medflowad.mri.pool import build_pool
-from tests.mri.conftest import TINY_MRI, brain_like, save_nifti
+from tests.mri.conftest import TINY_MRI, brain_like, save_nifti, write_dicom_series
 
 
 def _scans(folder: Path, n: int) -> Path:
@@ -48,3 +49,18 @@ def test_pool_or_general_model_prepared_otherwise_is_refused(tmp_path):
     (tmp_path / "flair" / "mri.yaml").write_text(yaml.safe_dump(tiny.to_dict()))
     with pytest.raises(ValueError, match=r"general: prepared with other preprocessing"):
         train_mri_model(other, [source], tmp_path / "model", general_model=general, echo=lambda m: None)
+
+
+def test_series_of_one_dicom_folder_are_drawn_together(tmp_path):
+    """Two series of one visit never end up one in training and one in calibration."""
+    volume = save_nifti(tmp_path / "v.nii.gz", brain_like(shape=(12, 12, 4), seed=1), np.eye(4))
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    for visit in range(4):
+        for series, description in ((visit * 10 + 1, "T2 FLAIR"), (visit * 10 + 2, "FLAIR repeat")):
+            write_dicom_series(volume, healthy / f"visit{visit}", series=series, description=description)
+    for seed in range(6):
+        train, val = split_healthy_scans([healthy], MriConfig(seed=seed, val_fraction=0.25))
+        assert len(train) == 6 and len(val) == 2
+        visits_of = {split_series(s)[0] for s in train}, {split_series(s)[0] for s in val}
+        assert len(visits_of[1]) == 1 and not visits_of[0] & visits_of[1], seed
