@@ -33,7 +33,7 @@ class MriConfig:
     translate: float = 0.05
     hflip: bool = True  # brains are roughly left-right symmetric
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
-    val_fraction: float = 0.2  # healthy scans held apart for calibration (split by scan)
+    val_fraction: float = 0.2  # healthy scans held apart for calibration (by scan; a DICOM folder's series together)
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
     fpr: float = 0.05  # default false-positive rate for flags
     seed: int = 0
