@@ -289,14 +289,9 @@ def score(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from medflowad.mri.model import select_scans
-    from medflowad.mri.score import score_scans
+    from medflowad.mri.score import scans_to_score, score_scans
 
-    scans = select_scans(paths, pattern, None)
-    if not scans:
-        matching = f" matching {pattern!r}" if pattern else ""
-        raise ValueError(f"no scans{matching} found in {', '.join(map(str, paths))} "
-                         "(NIfTI, NRRD, MHA, DICOM folders)")
+    scans = scans_to_score(paths, pattern)
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
     with progress:

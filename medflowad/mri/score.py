@@ -107,6 +107,16 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
     return row
 
 
+def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None) -> list[Path]:
+    """The scans ``score_scans`` will score (see :func:`select_scans`); a clear error when there are none."""
+    scans = select_scans(inputs, pattern, None)
+    if not scans:
+        matching = f" matching {pattern!r}" if pattern else ""
+        raise ValueError(f"no scans{matching} found in {', '.join(str(i) for i in inputs)} "
+                         "(NIfTI, NRRD, MHA, DICOM folders)")
+    return scans
+
+
 def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
@@ -121,10 +131,7 @@ def score_scans(
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scans = select_scans(inputs, pattern, None)
-    if not scans:
-        matching = f" matching {pattern!r}" if pattern else ""
-        raise ValueError(f"no scans{matching} found in {', '.join(str(i) for i in inputs)}")
+    scans = scans_to_score(inputs, pattern)
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)

@@ -42,8 +42,8 @@ log = logging.getLogger("medflowad.train")
 
 CHECKPOINT = "checkpoint.safetensors"
 MAX_CONSECUTIVE_SKIPS = 50
-# Settings that may change between an interrupted run and its resumption.
-# Settings that do not change the trained weights (test_limit: how many test images the bits/dim report reads).
+# Settings that may change between an interrupted run and its resumption: they do not change the trained
+# weights (test_limit: how many test images the bits/dim report reads).
 RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",), ("channels_last",),
                      ("data", "test_limit")}
 
