@@ -125,11 +125,12 @@ def prepare_scan(
 ) -> PreparedScan:
     """Run the preprocessing chain on a scan read by :func:`medflowad.data.readers.load_scan`."""
     name = scan.meta.get("filename_or_obj", "scan")
-    channels = [scan]
+    # NaN/inf voxels (outside a scanner's field of view, or from a reader that keeps them) count as background.
+    channels = [torch.nan_to_num(scan.as_tensor().float(), nan=0.0, posinf=0.0, neginf=0.0)]
     for extra in (brain_mask, lesion_mask):
         if extra is not None:
-            channels.append(ResampleToMatch(mode="nearest")(extra, scan))
-    stacked = MetaTensor(torch.cat([c.as_tensor() for c in channels]), affine=scan.affine)
+            channels.append(ResampleToMatch(mode="nearest")(extra, scan).as_tensor())
+    stacked = MetaTensor(torch.cat(channels), affine=scan.affine)
     stacked = orient_ras(stacked)
     if config.target_spacing is not None:
         stacked = Spacing(pixdim=config.target_spacing, mode="bilinear")(stacked)

@@ -88,8 +88,6 @@ class AnomalyMap(Transform):
             scan = scan[None]
         if scan.ndim != 4 or scan.shape[0] != 1:
             raise ValueError(f"AnomalyMap needs one 3D scan, shape (1, X, Y, Z) or (X, Y, Z); got {tuple(scan.shape)}")
-        scan = MetaTensor(torch.nan_to_num(scan.as_tensor().float(), nan=0.0, posinf=0.0, neginf=0.0),
-                          affine=scan.affine, meta={k: v for k, v in scan.meta.items() if k != "affine"})
         prepared = prepare_scan(scan, self.model.config.preprocessing)
         analysis = analyse(self.model, prepared, self.batch_size)
         maps = np.stack([to_native(analysis.maps[name], prepared) for name in self.maps])

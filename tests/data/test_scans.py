@@ -56,3 +56,13 @@ def test_window_is_not_applied_to_pictures_and_is_validated():
         ScanPreprocessing.from_dict({"intensity_window": [80, 0]})
     assert load_mri_config("ct_cpu").preprocessing.intensity_window == (0.0, 80.0)
     assert load_mri_config("mri_cpu").preprocessing.intensity_window is None
+
+
+def test_non_finite_voxels_count_as_background():
+    volume = _head_ct()
+    config = ScanPreprocessing(image_size=64, margin=0.0, intensity_window=(0.0, 80.0))
+    clean = volume.copy()
+    clean[:4] = 0.0
+    broken = volume.copy()
+    broken[:2], broken[2:4] = np.nan, np.inf
+    assert torch.equal(_prepare(broken, config).slices, _prepare(clean, config).slices)
