@@ -279,13 +279,16 @@ def score(
         help="OLD=NEW from scan name to a brain-mask file beside it (e.g. .nii=_brainmask.nii); "
         "default: automatic foreground.")] = None,
     pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
+    resume: Annotated[bool, typer.Option("--continue", help="Skip scans that OUT already holds scored by this "
+                                         "model, e.g. after an interruption.")] = False,
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid.
 
-    A DICOM folder holding several series is scored series by series.
+    A DICOM folder holding several series is scored series by series. Scoring into a folder of earlier
+    results of the same model adds to its tables (a scan scored again replaces its own rows and maps).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -303,7 +306,7 @@ def score(
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
         result = score_scans(scans, model, out, device, batch_size, fpr, on_scan=on_scan,
-                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report)
+                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, resume=resume)
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
         table.add_column(column, justify="left" if column in ("scan", "status") else "right",
@@ -319,6 +322,10 @@ def score(
     failed = sum(r["status"] != "ok" for r in result.rows)
     if result.warning:
         err_console.print(f"[yellow]warning:[/] {result.warning}")
+    if result.resumed:
+        console.print(f"{len(result.resumed)} scans were scored before (--continue) and kept as they were")
+    if result.kept_rows:
+        console.print(f"the tables also keep {len(result.kept_rows)} scans scored into {out} by earlier runs")
     console.print(f"maps and tables in [bold]{out}[/] (scores.csv, slices.csv, scores.json)")
     if result.report is not None:
         console.print(f"report: [bold]{result.report}[/] (open it in a browser)")

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import io
 import os
+import shutil
 import time
 import zipfile
 from collections.abc import Callable
@@ -133,6 +134,7 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     # Maps and overlays come from the last model trained: the outlier-loss one when there is one.
     best = list(models.values())[-1]
     echo(f"writing the test patients' maps and overlays ({best.name})")
+    shutil.rmtree(out / "maps", ignore_errors=True)  # the bench's own maps, remade whole: the model may be new
     score_scans(test_scans, best, out / "maps", device=settings.device)
     _overlays(best, test_scans, out / "overlays", settings.overlays, settings.device)
     tumor = (_tumor_2d(medical, out, config, settings.tumor_steps, show_progress, settings.device, echo)

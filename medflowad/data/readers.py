@@ -66,6 +66,14 @@ def split_series(path: str | Path) -> tuple[Path, str | None]:
     return Path(text), None
 
 
+def absolute_scan_path(path: str | Path) -> str:
+    """The scan's path made absolute (``folder::UID`` keeps its UID): one name per scan whatever the working
+    folder it was given from."""
+    folder, uid = split_series(path)
+    absolute = str(folder.resolve())
+    return f"{absolute}{SERIES_SEPARATOR}{uid}" if uid is not None else absolute
+
+
 def _series_ids(folder: str) -> tuple[str, ...]:
     return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
 

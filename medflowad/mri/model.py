@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -290,6 +291,16 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     raise ModelFolderError(f"{path}: no such model folder, and not a bundled model (bundled: {names})")
 
 
+def model_fingerprint(folder: Path | str) -> str:
+    """SHA-256 over the files that scoring reads (:data:`SCORING_FILES`): equal exactly when two folders
+    score alike, wherever they lie."""
+    folder = resolve_model_dir(folder)
+    digest = hashlib.sha256()
+    for name in SCORING_FILES:
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = True) -> MriModel:
     """Load an MRI model folder, or a bundled model by name (see :func:`resolve_model_dir`)."""
     folder = resolve_model_dir(folder)
@@ -318,5 +329,5 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
 
 
-__all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "prepare", "resolve_model_dir", "select_scans",
-           "train_mri_model"]
+__all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "model_fingerprint", "prepare",
+           "resolve_model_dir", "select_scans", "train_mri_model"]

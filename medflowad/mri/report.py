@@ -152,7 +152,8 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
         sid = e(r["scan_id"])
         if r["status"] == "ok":
             flag = '<span class="flag">yes</span>' if r[f"{SCORE}_flag"] else "no"
-            parts.append(f'<tr><td><a href="#{sid}">{sid}</a></td><td>ok</td><td>{r[SCORE]:.1f}</td>'
+            name = f'<a href="#{sid}">{sid}</a>' if r["scan_id"] in figures else sid  # earlier runs' scans: no figures
+            parts.append(f'<tr><td>{name}</td><td>ok</td><td>{r[SCORE]:.1f}</td>'
                          f"<td>{r[f'{SCORE}_p']:.3f}</td><td>{flag}</td><td>{r['flagged_voxels']}</td>"
                          f"<td>{r['scored_slices']}/{r['slices']}</td></tr>")
         else:

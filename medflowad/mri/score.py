@@ -7,6 +7,11 @@ affine. A scan is flagged when its conformal p-value is at most that rate. The b
 ``scores.csv``, ``slices.csv`` and ``scores.json`` (and ``report.html`` when asked). Each file is
 written through a temporary file and a rename, and the tables are rewritten after every scan, so an
 interrupted or partly failing batch never leaves a partial file. A scan that fails is reported with its reason.
+
+Scoring into a folder that already holds ``score`` results adds to them: the tables keep the earlier rows of
+scans not scored again, a scan scored again replaces its own rows and maps, and ids stay unique across the
+folder, so no earlier map is overwritten by another scan's. Results of another model or false-positive rate
+are never mixed in (an error says so). With ``resume``, scans already scored into the folder are skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, scan_id
+from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, absolute_scan_path, scan_id
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import (
     SLICE_SCORES,
@@ -31,18 +37,23 @@ from medflowad.mri.analysis import (
     flag_resolution_problem,
     threshold_at_fpr,
 )
-from medflowad.mri.model import MriModel, analyse, load_mri_model, prepare, select_scans
+from medflowad.mri.model import MriModel, analyse, load_mri_model, model_fingerprint, prepare, select_scans
 from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.storage import atomic_write, write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
+MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 
 
 @dataclass
 class BatchResult:
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # this run's scans, in order (skipped ones included)
     slice_rows: list[dict] = field(default_factory=list)
+    kept_rows: list[dict] = field(default_factory=list)  # earlier runs' scans not named in this one
+    kept_slice_rows: list[dict] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # ids of scans skipped as already scored
+    fingerprint: str = ""
     out: Path | None = None
     report: Path | None = None
     warning: str | None = None  # e.g. a calibration set too small for any flag at this FPR
@@ -86,13 +97,47 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
-def _unique_ids(paths: Sequence[Path]) -> list[str]:
-    ids, seen = [], {}
-    for p in paths:
-        base = scan_id(p)
-        seen[base] = seen.get(base, 0) + 1
-        ids.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+def _unique_ids(paths: Sequence[Path], earlier: dict[str, str]) -> list[str]:
+    """Output ids: a scan scored into the folder before keeps its id (``earlier``: absolute path to id);
+    any other gets its file's id, with ``_2``, ``_3``, ... when that is taken in the folder or the batch."""
+    taken = set(earlier.values())
+    ids = []
+    for path in paths:
+        known = earlier.get(absolute_scan_path(path))
+        if known is not None:
+            ids.append(known)
+            continue
+        base = sid = scan_id(path)
+        number = 1
+        while sid in taken:
+            number += 1
+            sid = f"{base}_{number}"
+        taken.add(sid)
+        ids.append(sid)
     return ids
+
+
+def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict], list[dict]]:
+    """Scan rows (scores.json) and slice rows (slices.csv, as written) of earlier runs into ``out``.
+
+    Refuses results of another model or FPR: the tables would then describe maps they did not produce.
+    """
+    path = out / "scores.json"
+    if not path.is_file():
+        return [], []
+    try:
+        earlier = json.loads(path.read_text())
+        rows = [{k: float("nan") if v is None else v for k, v in r.items()} for r in earlier["scans"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not readable as medflowad scores ({exc}); score into another folder") from exc
+    if earlier.get("model_sha256") != fingerprint or earlier.get("fpr") != fpr:
+        raise ValueError(f"{out} holds scores of another model or false-positive rate (model {earlier.get('model')}, "
+                         f"fpr {earlier.get('fpr')}); score into another folder, or delete this one to start again")
+    slice_rows: list[dict] = []
+    if (out / "slices.csv").is_file():
+        with (out / "slices.csv").open(newline="") as f:
+            slice_rows = list(csv.DictReader(f))
+    return rows, slice_rows
 
 
 def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str, float | bool]:
@@ -109,7 +154,10 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
 
 def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None) -> list[Path]:
     """The scans ``score_scans`` will score (see :func:`select_scans`); a clear error when there are none."""
-    scans = select_scans(inputs, pattern, None)
+    unique: dict[str, Path] = {}  # one entry per scan, however its path was written
+    for scan in select_scans(inputs, pattern, None):
+        unique.setdefault(absolute_scan_path(scan), scan)
+    scans = list(unique.values())
     if not scans:
         matching = f" matching {pattern!r}" if pattern else ""
         raise ValueError(f"no scans{matching} found in {', '.join(str(i) for i in inputs)} "
@@ -121,25 +169,50 @@ def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
     brain_masks: tuple[str, str] | None = None, report: bool = False, pattern: str | None = None,
+    resume: bool = False,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
     ``pattern`` keeps the scans whose file name or id matches (see :func:`matches_pattern`). With
-    ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`).
+    ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`). Earlier results in OUT are
+    kept (see the module's description); ``resume`` skips the scans they hold with all three maps.
     """
     model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scans = scans_to_score(inputs, pattern)
+    fingerprint = model_fingerprint(model.folder)
+    earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _unique_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
-    result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr))
+    result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
+                         kept_rows=[r for r in earlier_rows if r["scan_id"] not in ids],
+                         kept_slice_rows=[r for r in earlier_slice_rows if r["scan_id"] not in ids])
+    done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
+            and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}
-    for path, sid in zip(scans, _unique_ids(scans), strict=True):
+    for path, sid in zip(scans, ids, strict=True):
         started = time.perf_counter()
-        row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": str(path)}
+        if sid in done:
+            result.rows.append(done[sid])
+            result.slice_rows += [r for r in earlier_slice_rows if r["scan_id"] == sid]
+            result.resumed.append(sid)
+            if report:  # the figures come from the scan and its map as written; without them, a table row
+                try:
+                    prepared = prepare(path, model.config, brain_replace=brain_masks)
+                    native_llr = np.asarray(nib.load(str(out / done[sid]["map"])).dataobj, dtype=np.float32)
+                    figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, done[sid][REPORT_SCORE],
+                                                healthy_scores, score_threshold, f"{sid} ({path.name})")
+                except Exception as exc:
+                    problem = f"{sid}: no report figures ({type(exc).__name__}: {exc})"
+                    result.warning = f"{result.warning}; {problem}" if result.warning else problem
+            if on_scan is not None:
+                on_scan(sid, done[sid])
+            continue
+        row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
         try:
             prepared = prepare(path, model.config, brain_replace=brain_masks)
             analysis = analyse(model, prepared, batch_size)
@@ -149,11 +222,10 @@ def score_scans(
             native_last = to_native(analysis.maps["last_scale"], prepared)
             flagged = (native_llr > voxel_threshold).astype(np.uint8)
             header = source_header(prepared)
-            write_nifti(out / f"{sid}_anomaly.nii.gz", native_llr, prepared, header)
-            write_nifti(out / f"{sid}_last_scale.nii.gz", native_last, prepared, header)
-            write_nifti(out / f"{sid}_anomaly_mask.nii.gz", flagged, prepared, header)
+            for suffix, data in zip(MAP_SUFFIXES, (native_llr, native_last, flagged), strict=True):
+                write_nifti(out / f"{sid}{suffix}", data, prepared, header)
             row["flagged_voxels"] = int(flagged.sum())
-            row["map"] = f"{sid}_anomaly.nii.gz"
+            row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
             if report:
                 figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
                                             score_threshold, f"{sid} ({path.name})")
@@ -167,6 +239,8 @@ def score_scans(
         except Exception as exc:  # one bad scan never stops the batch; its reason goes into the tables
             reason = str(exc) if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
             row.update(status="error", error=reason if str(path) in reason else f"{path}: {reason}")
+            for suffix in MAP_SUFFIXES:  # a failed scan has no maps: none half-written, none left from before
+                (out / f"{sid}{suffix}").unlink(missing_ok=True)
         row["seconds"] = round(time.perf_counter() - started, 3)
         result.rows.append(row)
         _write_tables(result, model, fpr)
@@ -174,8 +248,8 @@ def score_scans(
             on_scan(sid, row)
     if report:
         result.report = out / "report.html"
-        write_report(result.report, result.rows, figures, str(model.folder), model.config.modality, fpr,
-                     len(healthy_scores))
+        write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
+                     model.config.modality, fpr, len(healthy_scores))
     return result
 
 
@@ -191,14 +265,15 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 def _write_tables(result: BatchResult, model: MriModel, fpr: float) -> None:
     score_columns = [c for name in SLICE_SCORES for c in (name, f"{name}_p", f"{name}_flag")]
     columns = SCAN_COLUMNS + score_columns + ["flagged_voxels", "map", "seconds"]
-    write_text(result.out / "scores.csv", csv_text(result.rows, columns))
+    rows = result.kept_rows + result.rows
+    write_text(result.out / "scores.csv", csv_text(rows, columns))
     slice_columns = ["scan_id", "slice", "scored"] + [c for n in SLICE_SCORES for c in (n, f"{n}_p")]
-    write_text(result.out / "slices.csv", csv_text(result.slice_rows, slice_columns))
+    write_text(result.out / "slices.csv", csv_text(result.kept_slice_rows + result.slice_rows, slice_columns))
     write_json(result.out / "scores.json", {
-        "model": str(model.folder), "modality": model.config.modality, "fpr": fpr,
+        "model": str(model.folder), "model_sha256": result.fingerprint, "modality": model.config.modality, "fpr": fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",
         "p_value": "conformal: (1 + healthy validation scans scoring at least as high) / (1 + their number)",
         "warning": result.warning,
         "scans": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
-                  for r in result.rows],
+                  for r in rows],
     })

@@ -117,3 +117,79 @@ def test_given_brain_mask_limits_the_map(tiny_mri_model, tmp_path):
     outside = ~ndimage.binary_dilation(mask.astype(bool), iterations=3)
     assert np.abs(written[outside]).max() == 0
     assert np.abs(written[mask.astype(bool)]).max() > 0
+
+
+def test_scoring_into_a_folder_adds_to_earlier_results(tiny_mri_model, tmp_path, monkeypatch):
+    from medflowad.mri.score import score_scans
+
+    first, second = tmp_path / "site1" / "x.nii.gz", tmp_path / "site2" / "x.nii.gz"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    save_nifti(first, brain_like(seed=41), np.eye(4))
+    save_nifti(second, brain_like(shape=(40, 50, 9), seed=42), np.eye(4))
+    other = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=43), np.eye(4))
+    out = tmp_path / "out"
+    score_scans([first, other], tiny_mri_model, out, device="cpu")
+    first_map = (out / "x_anomaly.nii.gz").read_bytes()
+    # another scan with the same file name gets its own id instead of overwriting x's maps
+    result = score_scans([second], tiny_mri_model, out, device="cpu")
+    assert [r["scan_id"] for r in result.rows] == ["x_2"]
+    assert (out / "x_anomaly.nii.gz").read_bytes() == first_map
+    assert nib.load(str(out / "x_2_anomaly.nii.gz")).shape == (40, 50, 9)
+    rows = {r["scan_id"]: r for r in json.loads((out / "scores.json").read_text())["scans"]}
+    assert sorted(rows) == ["a", "x", "x_2"]
+    assert rows["x"]["path"] == str(first.resolve()) and rows["x_2"]["path"] == str(second.resolve())
+    slice_ids = [line.split(",")[0] for line in (out / "slices.csv").read_text().splitlines()[1:]]
+    assert {sid: slice_ids.count(sid) for sid in rows} == {"a": 14, "x": 14, "x_2": 9}
+    assert len((out / "scores.csv").read_text().splitlines()) == 4
+    # the same file named another way is the same scan; when it now fails, its old maps go
+    first.write_bytes(b"\x1f\x8b\x08" + b"truncated gzip")
+    relative = Path("..") / first.relative_to(tmp_path)
+    monkeypatch.chdir(out)
+    result = score_scans([relative], tiny_mri_model, Path("."), device="cpu")
+    assert [(r["scan_id"], r["status"]) for r in result.rows] == [("x", "error")]
+    assert not list(out.glob("x_anomaly*")) and (out / "x_2_anomaly.nii.gz").exists()
+    rows = {r["scan_id"]: r["status"] for r in json.loads((out / "scores.json").read_text())["scans"]}
+    assert rows == {"a": "ok", "x_2": "ok", "x": "error"}
+
+
+def test_continue_skips_scans_already_scored(tiny_mri_model, tmp_path):
+    scans = [save_nifti(tmp_path / f"{name}.nii.gz", brain_like(seed=50 + i), np.eye(4))
+             for i, name in enumerate("ab")]
+    out = tmp_path / "out"
+    command = ["score", "-m", str(tiny_mri_model), "-o", str(out), "-q", "--device", "cpu", "--report"]
+    assert CliRunner().invoke(app, [*command, str(scans[0])]).exit_code == 0
+    before = {p.name: p.stat().st_ino for p in out.glob("a_*.nii.gz")}
+    result = CliRunner().invoke(app, [*command, "--continue", *map(str, scans)])
+    assert result.exit_code == 0, result.output
+    assert "1 scans were scored before" in result.output
+    assert {p.name: p.stat().st_ino for p in out.glob("a_*.nii.gz")} == before  # not written again
+    assert (out / "b_anomaly.nii.gz").exists()
+    report = (out / "report.html").read_text()
+    assert '<section id="a">' in report and '<section id="b">' in report
+    slice_ids = [line.split(",")[0] for line in (out / "slices.csv").read_text().splitlines()[1:]]
+    assert slice_ids.count("a") == slice_ids.count("b") == 14
+    # without --continue a scan is scored again: new files
+    assert CliRunner().invoke(app, [*command, str(scans[0])]).exit_code == 0
+    assert {p.name: p.stat().st_ino for p in out.glob("a_*.nii.gz")}.keys() == before.keys()
+    assert all(p.stat().st_ino != before[p.name] for p in out.glob("a_*.nii.gz"))
+
+
+def test_results_of_another_model_or_fpr_are_not_mixed(tiny_mri_model, tmp_path):
+    import shutil
+
+    from medflowad.mri.score import score_scans
+
+    scan = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=61), np.eye(4))
+    out = tmp_path / "out"
+    score_scans([scan], tiny_mri_model, out, device="cpu")
+    copy = shutil.copytree(tiny_mri_model, tmp_path / "same_model_elsewhere")
+    assert score_scans([scan], copy, out, device="cpu").all_ok  # same files: the same model
+    before = (out / "scores.json").read_bytes()
+    with pytest.raises(ValueError, match="another model or false-positive rate"):
+        score_scans([scan], copy, out, device="cpu", fpr=0.2)
+    calibration = copy / "calibration.json"
+    calibration.write_text(calibration.read_text() + " ")
+    result = CliRunner().invoke(app, ["score", str(scan), "-m", str(copy), "-o", str(out), "-q", "--device", "cpu"])
+    assert result.exit_code == 2 and "another model" in result.output
+    assert (out / "scores.json").read_bytes() == before
