@@ -94,13 +94,18 @@ def display_to_volume(slices: np.ndarray) -> np.ndarray:
 
 
 def automatic_foreground(volume: np.ndarray, threshold: float, level: float | None = None) -> np.ndarray:
-    """Voxels above ``level``, or by default above ``threshold`` x the 99th percentile of the positive
-    voxels; opened in-plane, largest 3D component, holes filled per slice."""
+    """Voxels above ``level``; opened in-plane, largest 3D component, holes filled per slice.
+
+    By default ``level = b + threshold * (p99 - b)``, p99 the 99th percentile of the voxels above the
+    background intensity b. b is 0, or for scans with negative values (z-scored, offset) their 0.5th
+    percentile, the background of such scans; a shifted scan therefore gets the same mask.
+    """
     if level is None:
-        positive = volume[volume > 0]
-        if positive.size == 0:
+        background = min(0.0, float(np.percentile(volume, 0.5)))
+        tissue = volume[volume > background]
+        if tissue.size == 0:
             return np.zeros(volume.shape, dtype=bool)
-        level = threshold * np.percentile(positive, 99)
+        level = background + threshold * (np.percentile(tissue, 99) - background)
     mask = volume > level
     # In-plane opening only: a 3D element would erode away the first and last slices (and 2D images).
     in_plane = np.zeros((3, 3, 3), dtype=bool)

@@ -66,3 +66,19 @@ def test_non_finite_voxels_count_as_background():
     broken = volume.copy()
     broken[:2], broken[2:4] = np.nan, np.inf
     assert torch.equal(_prepare(broken, config).slices, _prepare(clean, config).slices)
+
+
+def test_z_scored_scan_gets_the_mask_and_slices_of_the_original():
+    from tests.mri.conftest import brain_like
+
+    volume = brain_like(shape=(40, 44, 6), seed=3).astype(np.float64)
+    volume[10:14, 12:16, 2:4] = 40.0  # a dark spot (CSF, say): below the brain's mean, above the background
+    brain = volume > 0
+    z_scored = (volume - volume[brain].mean()) / volume[brain].std()  # the background becomes about -5
+    config = ScanPreprocessing(image_size=32, margin=0.0, min_foreground=0.05)
+    original, shifted = _prepare(volume, config), _prepare(z_scored, config)
+    assert (z_scored[brain] < 0).mean() > 0.3  # half the brain is negative: a mask of 'positive voxels' breaks
+    np.testing.assert_array_equal(shifted.foreground, original.foreground)
+    assert original.foreground.mean() > 0.3
+    difference = shifted.slices.numpy().astype(int) - original.slices.numpy().astype(int)
+    assert np.abs(difference).max() <= 1  # the same image up to float rounding before quantisation
