@@ -298,6 +298,8 @@ def load_scan(path: str | Path) -> MetaTensor:
         raise ScanError(f"{path}: expected a 3D volume, got array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number):
         raise ScanError(f"{path}: non-numeric voxel type {array.dtype}")
+    if np.iscomplexobj(array):  # casting would silently keep the real part only
+        raise ScanError(f"{path}: complex voxels ({array.dtype}); give the magnitude image")
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
     if not torch.isfinite(data).all():
         data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)

@@ -48,3 +48,13 @@ def test_series_that_is_not_one_volume_is_refused(tmp_path, slices, message):
     with pytest.raises(ScanError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         load_scan(folder)
     assert str(error.value).startswith(str(folder))
+
+
+def test_complex_nifti_is_refused_not_cast(tmp_path):
+    import nibabel as nib
+
+    path = tmp_path / "phase.nii.gz"
+    volume = (np.ones((8, 8, 4)) + 1j * np.ones((8, 8, 4))).astype(np.complex64)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+    with pytest.raises(ScanError, match=r"phase\.nii\.gz: complex voxels .*magnitude"):
+        load_scan(path)
