@@ -28,6 +28,7 @@ class EvaluationReport:
     bits_per_dim: dict[str, dict[str, float]] = field(default_factory=dict)  # set -> model -> bpd
     spearman: dict[str, float] = field(default_factory=dict)  # set -> rho(log p_in, log p_g)
     sizes: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # set -> undecodable files, with reasons
     seconds: float = 0.0
 
     def to_markdown(self) -> str:
@@ -46,6 +47,9 @@ class EvaluationReport:
                   "|---|" + "---|" * len(next(iter(self.bits_per_dim.values())))]
         for name, per_model in self.bits_per_dim.items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per_model.values()) + " |")
+        for name, reasons in self.skipped.items():
+            lines += ["", f"{name}: {len(reasons)} image file(s) could not be decoded and are not in the figures "
+                      "(metrics.json lists them)."]
         if self.spearman:
             lines += ["", "### Spearman rank correlation of log p_in and log p_g", "",
                       "| set | rho |", "|---|---|"]
@@ -102,6 +106,8 @@ def evaluate_ood(
             )
             all_scores[name] = scores
             report.sizes[name] = len(data)
+            if data.skipped:
+                report.skipped[name] = data.skipped
             report.bits_per_dim[name] = _bpd_summary(p_in, p_g, in_cfg.model.num_dims)
             if p_g is not None:
                 report.spearman[name] = float(spearmanr(p_in.log_prob, p_g.log_prob).statistic)
@@ -122,7 +128,7 @@ def evaluate_ood(
             "model": str(model_dir), "general_model": str(general_model_dir) if general_model_dir else None,
             "in_distribution": in_spec, "ood": ood_specs, "limit": limit, "rows": report.rows,
             "bits_per_dim": report.bits_per_dim, "spearman": report.spearman, "sizes": report.sizes,
-            "seconds": report.seconds, "device": str(dev),
+            "skipped": report.skipped, "seconds": report.seconds, "device": str(dev),
         })
         write_text(out_dir / "table.md", report.to_markdown())
         for name, scores in all_scores.items():

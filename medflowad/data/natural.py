@@ -13,11 +13,15 @@ A data set is named by a *spec*: a path, optionally followed by ``::SUBDIR`` to 
 
 CIFAR batches are Python pickles: they are read with an unpickler that only admits the plain
 containers and numpy array reconstruction they need, never arbitrary objects.
+
+In image folders, a file that cannot be decoded is skipped with a warning that names it
+(``ImageSet.skipped`` keeps the reasons); a folder where no image can be decoded is an error.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import typing
@@ -32,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from medflowad.data.slice_sets import is_slice_set, load_slice_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+log = logging.getLogger("medflowad.data")
 
 
 class DataError(ValueError):
@@ -46,6 +51,7 @@ class ImageSet:
     labels: torch.Tensor
     class_names: list[str] = field(default_factory=list)
     source: str = ""
+    skipped: list[str] = field(default_factory=list)  # files that could not be decoded, each with its reason
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -66,7 +72,7 @@ class ImageSet:
         if not limit or len(self) <= limit:
             return self
         pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
-        return ImageSet(self.images[pick], self.labels[pick], self.class_names, self.source)
+        return ImageSet(self.images[pick], self.labels[pick], self.class_names, self.source, self.skipped)
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -121,7 +127,7 @@ def convert(data: ImageSet, channels: int | None, size: tuple[int, int] | None) 
         resized = torch.nn.functional.interpolate(images.float(), size=tuple(size), mode="bilinear",
                                                   antialias=True, align_corners=False)
         images = resized.round().clamp(0, 255).to(torch.uint8)
-    return ImageSet(images, data.labels, data.class_names, data.source)
+    return ImageSet(images, data.labels, data.class_names, data.source, data.skipped)
 
 
 def _decode(blob: bytes, where: str) -> np.ndarray:
@@ -129,7 +135,9 @@ def _decode(blob: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(blob)) as img:
             img = img.convert("L") if img.mode in ("L", "I;16", "I", "F", "1") else img.convert("RGB")
             return np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{where}: not an image in a format that can be read") from exc
+    except OSError as exc:  # truncated or damaged
         raise DataError(f"{where}: cannot decode image ({exc})") from exc
 
 
@@ -160,15 +168,24 @@ def _folder_set(entries: list[tuple[str, bytes | Path]], root_name: str, size) -
     entries = sorted(entries, key=lambda e: e[0])
     class_names = sorted({rel.split("/")[0] for rel, _ in entries if "/" in rel})
     index = {name: i for i, name in enumerate(class_names)}
-    arrays, names, labels = [], [], []
+    arrays, names, labels, skipped = [], [], [], []
     for rel, content in entries:
         blob = content.read_bytes() if isinstance(content, Path) else content
         where = f"{root_name}/{rel}"
-        arrays.append(_resize_if_needed(_decode(blob, where), size))
+        try:
+            arrays.append(_resize_if_needed(_decode(blob, where), size))
+        except DataError as exc:  # one damaged file does not cost the whole set
+            skipped.append(str(exc))
+            continue
         names.append(where)
         labels.append(index[rel.split("/")[0]] if "/" in rel else -1)
+    if skipped and not arrays:
+        raise DataError(f"{root_name}: none of its {len(skipped)} image files could be decoded ({skipped[0]})")
+    if skipped:
+        log.warning("%s: skipped %d image file(s) that could not be decoded: %s", root_name, len(skipped),
+                    "; ".join(skipped[:5]) + ("; ..." if len(skipped) > 5 else ""))
     images = _stack_images(arrays, names, root_name)
-    return ImageSet(images, torch.tensor(labels, dtype=torch.long), class_names)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.long), class_names, skipped=skipped)
 
 
 def _load_zip_folder(path: Path, subdir: str, size) -> ImageSet:

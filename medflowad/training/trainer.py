@@ -103,6 +103,10 @@ def load_train_data(config: RunConfig) -> TrainData:
         data.test = load_image_set(config.data.test, **shape).random_subset(config.data.test_limit, config.seed)
     if config.outlier.enabled:
         data.general = load_image_set(config.data.general, **shape)
+    for part in (data.train, data.test, data.general):
+        if part is not None and part.skipped:
+            log.warning("%s: %d image file(s) could not be decoded and are left out: %s", part.source,
+                        len(part.skipped), "; ".join(part.skipped))
     return data
 
 

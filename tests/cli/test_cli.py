@@ -4,9 +4,11 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import yaml
 from medflowad.cli.app import app
+from PIL import Image
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -71,6 +73,17 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["rows"]
     assert [r["score"] for r in rows] == ["last_scale", "nll"]
+    folder = tmp_path / "pictures" / "any"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "m"), "--in", str(blobs_test_npz),
+                                 "--ood", f"pictures={folder.parent}", "-o", str(tmp_path / "eval3"), "-q"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval3" / "metrics.json").read_text())
+    assert metrics["sizes"]["pictures"] == 3 and metrics["skipped"]["pictures"][0].startswith(str(folder / "broken"))
+    assert "pictures: 1 image file(s) could not be decoded" in (tmp_path / "eval3" / "table.md").read_text()
     result = runner.invoke(app, ["evaluate", "-m", str(tmp_path / "m"), "--in", str(blobs_test_npz),
                                  "--ood", f"stripes={stripes_npz}", "--score", "llr", "-q"])
     assert result.exit_code == 2 and "llr not available" in result.output

@@ -111,12 +111,27 @@ def test_jpeg_grey_mixed_and_resizing(tmp_path):
     assert (data.images[1] == 77).all()  # uniform grey stays exactly grey through both conversions
 
 
-def test_corrupt_image_names_file(tmp_path):
+def test_undecodable_images_are_skipped_by_name(tmp_path, caplog):
     root = tmp_path / "imgs" / "a"
     root.mkdir(parents=True)
     (root / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"broken\.png: cannot decode"):
+    with pytest.raises(DataError, match=r"none of its 1 image files .*broken\.png: not an image"):
         load_image_set(str(tmp_path / "imgs"))
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(1, 7)[0]).save(buffer, format="PNG")
+    (root / "good.png").write_bytes(buffer.getvalue())
+    (root / "truncated.png").write_bytes(buffer.getvalue()[:200])
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as archive:
+        for name in ("broken.png", "good.png", "truncated.png"):
+            archive.writestr(f"test/a/{name}", (root / name).read_bytes())
+    for spec in (str(tmp_path / "imgs"), f"{tmp_path / 'imgs.zip'}::test"):
+        caplog.clear()
+        data = load_image_set(spec)
+        assert data.images.shape == (1, 3, 32, 32)
+        assert np.array_equal(data.images[0].permute(1, 2, 0).numpy(), _rgb(1, 7)[0])
+        assert [reason.split(": ")[0].rsplit("/", 1)[1] for reason in data.skipped] == ["broken.png", "truncated.png"]
+        assert "skipped 2 image file(s)" in caplog.text and "truncated.png" in caplog.text
+        assert data.random_subset(1, 0).skipped == data.skipped
 
 
 def test_npz_layouts_and_errors(tmp_path):
