@@ -294,7 +294,7 @@ def score(
 
     from medflowad.mri.score import scans_to_score, score_scans
 
-    scans = scans_to_score(paths, pattern)
+    scans = scans_to_score(paths, pattern, out)
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
     with progress:

@@ -31,6 +31,8 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*")
+# The maps `medflowad score` writes (<scan-id> + suffix): never scans, so folder expansion skips them too.
+MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 SERIES_SEPARATOR = "::"
 
 
@@ -116,7 +118,8 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
     """Expand files and folders into scan paths: volume files, DICOM folders as one scan per series
     (see :func:`dicom_scans`), and ``folder::UID`` series names as given.
 
-    Inside folders, names matching :data:`LABEL_PATTERNS` (masks, ROIs, segmentations) are skipped.
+    Inside folders, names matching :data:`LABEL_PATTERNS` (masks, ROIs, segmentations) and medflowad's own
+    maps (:data:`MAP_SUFFIXES`) are skipped.
     """
     found: list[Path] = []
     for item in inputs:
@@ -129,7 +132,7 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
             found += dicom_scans(path)
         else:
             for child in sorted(path.rglob("*")):
-                if is_label_name(child.name):
+                if is_label_name(child.name) or child.name.endswith(MAP_SUFFIXES):
                     continue
                 if child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES:
                     found.append(child)

@@ -28,7 +28,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medflowad.data.readers import NIFTI_SUFFIXES, ScanError, absolute_scan_path, scan_id
+from medflowad.data.readers import (
+    MAP_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ScanError,
+    absolute_scan_path,
+    scan_id,
+    split_series,
+)
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import (
     SLICE_SCORES,
@@ -43,7 +50,6 @@ from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.storage import atomic_write, write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
-MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 
 
 @dataclass
@@ -152,16 +158,25 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
     return row
 
 
-def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None) -> list[Path]:
-    """The scans ``score_scans`` will score (see :func:`select_scans`); a clear error when there are none."""
+def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out: Path | None = None) -> list[Path]:
+    """The scans ``score_scans`` will score (see :func:`select_scans`); a clear error when there are none.
+
+    Files found inside the output folder ``out`` are not scans (nor, anywhere, files named like the maps
+    ``score`` writes), so scoring a folder that holds earlier results does not score those results.
+    """
+    explicit = {absolute_scan_path(i) for i in inputs if Path(i).is_file()}
+    out_root = Path(out).resolve() if out is not None else None
     unique: dict[str, Path] = {}  # one entry per scan, however its path was written
     for scan in select_scans(inputs, pattern, None):
-        unique.setdefault(absolute_scan_path(scan), scan)
+        key = absolute_scan_path(scan)
+        if key not in explicit and out_root is not None and split_series(key)[0].is_relative_to(out_root):
+            continue
+        unique.setdefault(key, scan)
     scans = list(unique.values())
     if not scans:
         matching = f" matching {pattern!r}" if pattern else ""
         raise ValueError(f"no scans{matching} found in {', '.join(str(i) for i in inputs)} "
-                         "(NIfTI, NRRD, MHA, DICOM folders)")
+                         "(NIfTI, NRRD, MHA, DICOM folders; medflowad's own maps are not scans)")
     return scans
 
 
@@ -180,7 +195,7 @@ def score_scans(
     model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
-    scans = scans_to_score(inputs, pattern)
+    scans = scans_to_score(inputs, pattern, out)
     fingerprint = model_fingerprint(model.folder)
     earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
     out.mkdir(parents=True, exist_ok=True)

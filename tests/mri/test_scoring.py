@@ -193,3 +193,21 @@ def test_results_of_another_model_or_fpr_are_not_mixed(tiny_mri_model, tmp_path)
     result = CliRunner().invoke(app, ["score", str(scan), "-m", str(copy), "-o", str(out), "-q", "--device", "cpu"])
     assert result.exit_code == 2 and "another model" in result.output
     assert (out / "scores.json").read_bytes() == before
+
+
+def test_maps_of_earlier_runs_are_not_scored_as_scans(tiny_mri_model, tmp_path, monkeypatch):
+    import shutil
+
+    from medflowad.data.readers import find_scans
+    from medflowad.mri.score import score_scans
+
+    save_nifti(tmp_path / "a.nii.gz", brain_like(seed=71), np.eye(4))
+    monkeypatch.chdir(tmp_path)
+    first = score_scans(["."], tiny_mri_model, Path("results"), device="cpu")  # the output inside the input
+    assert [r["scan_id"] for r in first.rows] == ["a"]
+    (tmp_path / "results" / "scores_notes.nii.gz").write_bytes((tmp_path / "a.nii.gz").read_bytes())
+    again = score_scans(["."], tiny_mri_model, Path("results"), device="cpu")
+    assert [r["scan_id"] for r in again.rows] == ["a"]  # neither its maps nor anything else in results/
+    shutil.copy(tmp_path / "results" / "a_anomaly.nii.gz", tmp_path / "old_anomaly.nii.gz")
+    assert [p.name for p in find_scans(["."])] == ["a.nii.gz", "scores_notes.nii.gz"]  # maps skipped anywhere
+    assert [p.name for p in find_scans(["old_anomaly.nii.gz"])] == ["old_anomaly.nii.gz"]  # named: a scan
