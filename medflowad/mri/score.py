@@ -215,15 +215,6 @@ def score_scans(
             result.rows.append(done[sid])
             result.slice_rows += [r for r in earlier_slice_rows if r["scan_id"] == sid]
             result.resumed.append(sid)
-            if report:  # the figures come from the scan and its map as written; without them, a table row
-                try:
-                    prepared = prepare(path, model.config, brain_replace=brain_masks)
-                    native_llr = np.asarray(nib.load(str(out / done[sid]["map"])).dataobj, dtype=np.float32)
-                    figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, done[sid][REPORT_SCORE],
-                                                healthy_scores, score_threshold, f"{sid} ({path.name})")
-                except Exception as exc:
-                    problem = f"{sid}: no report figures ({type(exc).__name__}: {exc})"
-                    result.warning = f"{result.warning}; {problem}" if result.warning else problem
             if on_scan is not None:
                 on_scan(sid, done[sid])
             continue
@@ -262,6 +253,22 @@ def score_scans(
         if on_scan is not None:
             on_scan(sid, row)
     if report:
+        problems = []
+        for row in result.kept_rows + result.rows:
+            sid = row["scan_id"]
+            if row["status"] != "ok" or sid in figures:
+                continue
+            try:  # scored before: the figures come from the scan and its map as written
+                source = Path(row["path"])
+                prepared = prepare(source, model.config, brain_replace=brain_masks)
+                native_llr = np.asarray(nib.load(str(out / row["map"])).dataobj, dtype=np.float32)
+                figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
+                                            score_threshold, f"{sid} ({source.name})")
+            except Exception as exc:  # the report still lists the scan, without figures
+                problems.append(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
+        if problems:
+            result.warning = "; ".join(filter(None, [result.warning, *problems]))
+            _write_tables(result, model, fpr)
         result.report = out / "report.html"
         write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
                      model.config.modality, fpr, len(healthy_scores))

@@ -173,6 +173,12 @@ def test_continue_skips_scans_already_scored(tiny_mri_model, tmp_path):
     assert CliRunner().invoke(app, [*command, str(scans[0])]).exit_code == 0
     assert {p.name: p.stat().st_ino for p in out.glob("a_*.nii.gz")}.keys() == before.keys()
     assert all(p.stat().st_ino != before[p.name] for p in out.glob("a_*.nii.gz"))
+    assert '<section id="b">' in (out / "report.html").read_text()  # earlier scans keep their figures
+    scans[1].unlink()
+    result = CliRunner().invoke(app, [*command, str(scans[0])])
+    assert result.exit_code == 0 and "b: no report figures" in result.output
+    report = (out / "report.html").read_text()
+    assert '<section id="a">' in report and '<section id="b">' not in report and "<td>b</td><td>ok" in report
 
 
 def test_results_of_another_model_or_fpr_are_not_mixed(tiny_mri_model, tmp_path):
