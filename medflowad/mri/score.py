@@ -56,7 +56,7 @@ SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
 class BatchResult:
     rows: list[dict] = field(default_factory=list)  # this run's scans, in order (skipped ones included)
     slice_rows: list[dict] = field(default_factory=list)
-    kept_rows: list[dict] = field(default_factory=list)  # earlier runs' scans not named in this one
+    kept_rows: list[dict] = field(default_factory=list)  # earlier runs' scans that this run has not replaced
     kept_slice_rows: list[dict] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)  # ids of scans skipped as already scored
     fingerprint: str = ""
@@ -203,17 +203,18 @@ def score_scans(
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
+    # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
     result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
-                         kept_rows=[r for r in earlier_rows if r["scan_id"] not in ids],
-                         kept_slice_rows=[r for r in earlier_slice_rows if r["scan_id"] not in ids])
+                         kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows)
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}
     for path, sid in zip(scans, ids, strict=True):
         started = time.perf_counter()
         if sid in done:
+            result.slice_rows += [r for r in result.kept_slice_rows if r["scan_id"] == sid]
+            _forget_kept(result, sid)
             result.rows.append(done[sid])
-            result.slice_rows += [r for r in earlier_slice_rows if r["scan_id"] == sid]
             result.resumed.append(sid)
             if on_scan is not None:
                 on_scan(sid, done[sid])
@@ -248,6 +249,7 @@ def score_scans(
             for suffix in MAP_SUFFIXES:  # a failed scan has no maps: none half-written, none left from before
                 (out / f"{sid}{suffix}").unlink(missing_ok=True)
         row["seconds"] = round(time.perf_counter() - started, 3)
+        _forget_kept(result, sid)
         result.rows.append(row)
         _write_tables(result, model, fpr)
         if on_scan is not None:
@@ -273,6 +275,12 @@ def score_scans(
         write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
                      model.config.modality, fpr, len(healthy_scores))
     return result
+
+
+def _forget_kept(result: BatchResult, sid: str) -> None:
+    """This run now holds scan ``sid``: its rows from earlier runs leave the tables."""
+    result.kept_rows = [r for r in result.kept_rows if r["scan_id"] != sid]
+    result.kept_slice_rows = [r for r in result.kept_slice_rows if r["scan_id"] != sid]
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -142,6 +142,17 @@ def test_scoring_into_a_folder_adds_to_earlier_results(tiny_mri_model, tmp_path,
     slice_ids = [line.split(",")[0] for line in (out / "slices.csv").read_text().splitlines()[1:]]
     assert {sid: slice_ids.count(sid) for sid in rows} == {"a": 14, "x": 14, "x_2": 9}
     assert len((out / "scores.csv").read_text().splitlines()) == 4
+    slices_before = (out / "slices.csv").read_text().splitlines()
+
+    def interrupt(sid, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after scoring a again, before x_2
+        score_scans([other, second], tiny_mri_model, out, device="cpu", on_scan=interrupt)
+    rows = json.loads((out / "scores.json").read_text())["scans"]
+    assert sorted(r["scan_id"] for r in rows) == ["a", "x", "x_2"]  # nothing lost, nothing twice
+    # a scored again gives the same rows (scoring is deterministic), the others are kept as they were
+    assert sorted((out / "slices.csv").read_text().splitlines()) == sorted(slices_before)
     # the same file named another way is the same scan; when it now fails, its old maps go
     first.write_bytes(b"\x1f\x8b\x08" + b"truncated gzip")
     relative = Path("..") / first.relative_to(tmp_path)
