@@ -38,6 +38,9 @@ def _status(message: str, quiet: bool) -> Iterator:
             yield status
 
 
+ON_INTERRUPT_SCORE = "the scans finished so far are saved; the same command with --continue scores the rest"
+
+
 def _friendly_errors(func: Callable) -> Callable:
     """Turn the library's expected errors into one red line and exit code 2, never a traceback."""
 
@@ -56,7 +59,9 @@ def _friendly_errors(func: Callable) -> Callable:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]; a checkpointed run resumes with the same command")
+            hint = (ON_INTERRUPT_SCORE if func.__name__ == "score"
+                    else "a checkpointed run resumes with the same command")
+            err_console.print(f"[yellow]interrupted[/]; {hint}")
             raise typer.Exit(130) from None
 
     return wrapper

@@ -228,3 +228,15 @@ def test_maps_of_earlier_runs_are_not_scored_as_scans(tiny_mri_model, tmp_path, 
     shutil.copy(tmp_path / "results" / "a_anomaly.nii.gz", tmp_path / "old_anomaly.nii.gz")
     assert [p.name for p in find_scans(["."])] == ["a.nii.gz", "scores_notes.nii.gz"]  # maps skipped anywhere
     assert [p.name for p in find_scans(["old_anomaly.nii.gz"])] == ["old_anomaly.nii.gz"]  # named: a scan
+
+
+def test_interrupted_score_says_how_to_continue(tiny_mri_model, tmp_path, monkeypatch):
+    import medflowad.mri.score
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medflowad.mri.score, "score_scans", interrupted)
+    scan = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=81), np.eye(4))
+    result = CliRunner().invoke(app, ["score", str(scan), "-m", str(tiny_mri_model), "-o", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 130 and "with --continue scores the rest" in result.output
