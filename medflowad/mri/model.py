@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import logging
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ MRI_CONFIG = "mri.yaml"
 SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors", "in/config.yaml",
                  "in/model.safetensors", "calibration.safetensors", "calibration.json")
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
+BIDS_SUBJECT = re.compile(r"(sub-[A-Za-z0-9]+)_")  # BIDS file names start with the subject entity
 
 
 @dataclass
@@ -103,23 +105,38 @@ def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[tor
     return torch.cat(images), torch.tensor(index)
 
 
+def subject_of(scan: Path) -> str:
+    """Who a scan belongs to, as far as its name tells: the BIDS subject when the file (or DICOM folder) is
+    named ``sub-<label>_...`` (one key for all its sessions, under ``.../sub-<label>/`` or side by side),
+    otherwise the visit: the DICOM folder of a series, or the file itself."""
+    location = split_series(scan)[0]
+    match = BIDS_SUBJECT.match(location.name)
+    if match is None:
+        return str(location)
+    subject = match.group(1)
+    root = next((folder.parent for folder in location.parents if folder.name == subject), location.parent)
+    return str(root / subject)
+
+
 def split_healthy_scans(
     healthy: Sequence[str | Path], config: MriConfig, pattern: str | None = None,
     mask_replace: tuple[str, str] | None = None,
 ) -> tuple[list[Path], list[Path]]:
     """(training scans, scans held apart for calibration) among the healthy scans that training finds:
-    a draw of ``val_fraction`` of them, seeded by ``calibration_seed`` (default ``seed``). The series of
-    one DICOM folder (one visit) are drawn together, so that no visit calibrates what it trained."""
+    a draw of ``val_fraction`` of their subjects (:func:`subject_of`), seeded by ``calibration_seed``
+    (default ``seed``). All scans of a subject are drawn together, so that no one calibrates what they
+    trained: the series of one visit, and the sessions of one BIDS subject."""
     scans = select_scans(healthy, pattern, mask_replace)
-    visits = list(dict.fromkeys(split_series(s)[0] for s in scans))
-    if len(visits) < 2:
-        raise ValueError(f"need at least 2 healthy scans (one for calibration), found {len(visits)}")
+    subjects = list(dict.fromkeys(subject_of(s) for s in scans))
+    if len(subjects) < 2:
+        raise ValueError(f"need healthy scans of at least 2 subjects or visits (one for calibration), found "
+                         f"{len(subjects)}{f' ({subjects[0]})' if subjects else ''}")
     seed = config.seed if config.calibration_seed is None else config.calibration_seed
-    order = torch.randperm(len(visits), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(config.val_fraction * len(visits)))
-    held_apart = {visits[i] for i in order[:n_val]}
-    return (sorted(s for s in scans if split_series(s)[0] not in held_apart),
-            sorted(s for s in scans if split_series(s)[0] in held_apart))
+    order = torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(config.val_fraction * len(subjects)))
+    held_apart = {subjects[i] for i in order[:n_val]}
+    return (sorted(s for s in scans if subject_of(s) not in held_apart),
+            sorted(s for s in scans if subject_of(s) in held_apart))
 
 
 def check_preprocessing(source: Path, stored: dict | None, config: MriConfig) -> None:

@@ -64,3 +64,28 @@ def test_series_of_one_dicom_folder_are_drawn_together(tmp_path):
         assert len(train) == 6 and len(val) == 2
         visits_of = {split_series(s)[0] for s in train}, {split_series(s)[0] for s in val}
         assert len(visits_of[1]) == 1 and not visits_of[0] & visits_of[1], seed
+
+
+def test_sessions_of_one_bids_subject_are_drawn_together(tmp_path):
+    """A subject's second session never calibrates a model trained on the first."""
+    bids = tmp_path / "bids"
+    for subject in range(1, 6):
+        for session in (1, 2):
+            anat = bids / f"sub-{subject:02d}" / f"ses-{session}" / "anat"
+            anat.mkdir(parents=True)
+            (anat / f"sub-{subject:02d}_ses-{session}_FLAIR.nii.gz").touch()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for subject in ("a", "b", "c", "d", "e"):
+        for run in (1, 2):
+            (flat / f"sub-{subject}_run-{run}_FLAIR.nii.gz").touch()
+    (flat / "sub-folder-scan.nii.gz").touch()  # not a BIDS name: its own subject
+    def subject(path: Path) -> str:  # by hand: the file name up to its first underscore
+        return path.name.split("_")[0] if "_" in path.name else path.name
+
+    for folder, subjects in ((bids, 5), (flat, 6)):
+        for seed in range(6):
+            train, val = split_healthy_scans([folder], MriConfig(seed=seed, val_fraction=0.2))
+            held, trained = {subject(p) for p in val}, {subject(p) for p in train}
+            assert len(held) == 1 and not held & trained and len(held | trained) == subjects, (folder, seed)
+            assert len(val) in (1, 2) and len(train) + len(val) == 2 * subjects - (folder == flat)
