@@ -46,6 +46,7 @@ MRI_CONFIG = "mri.yaml"
 SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors", "in/config.yaml",
                  "in/model.safetensors", "calibration.safetensors", "calibration.json")
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
+NAME_TOKENS = {"t1": {"t1", "t1w", "mprage"}, "t2": {"t2", "t2w"}, "pd": {"pd", "pdw"}, "ct": {"ct"}}
 BIDS_SUBJECT = re.compile(r"(sub-[A-Za-z0-9]+)_")  # BIDS file names start with the subject entity
 
 
@@ -72,6 +73,17 @@ def matches_pattern(scan: Path, pattern: str) -> bool:
     """Case-insensitive glob on the file name or the scan id (a DICOM series' id holds its description)."""
     pattern = pattern.lower()
     return fnmatch.fnmatch(scan.name.lower(), pattern) or fnmatch.fnmatch(scan_id(scan).lower(), pattern)
+
+
+def modality_in_name(scan: Path) -> str | None:
+    """The modality a scan's name or series description states (``FLAIR``, ``T1w``, ``MPRAGE``, ``T2``,
+    ``PD``, ``CT``), or None when it states none or several. FLAIR wins over T2 (``T2_FLAIR`` is FLAIR)."""
+    name = scan_id(scan).lower()
+    if "flair" in name:
+        return "flair"
+    tokens = set(re.split(r"[^a-z0-9]+", name))
+    named = {modality for modality, words in NAME_TOKENS.items() if tokens & words}
+    return named.pop() if len(named) == 1 else None
 
 
 def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace: tuple[str, str] | None) -> list[Path]:
@@ -173,6 +185,14 @@ def train_mri_model(
         echo(f"note: {len(series)} scans are series of DICOM folders holding several series ({', '.join(series[:3])}"
              f"{', ...' if len(series) > 3 else ''}); all train the {config.modality} model. "
              f"To keep only that modality's series, pass a pattern (e.g. --pattern '*{config.modality}*').")
+
+    healthy_scans = train_scans + val_scans
+    others = [s for s in healthy_scans if modality_in_name(s) not in (None, config.modality)]
+    if others:
+        echo(f"note: {len(others)} of {len(healthy_scans)} healthy scans are named as another modality than "
+             f"{config.modality} ({', '.join(scan_id(s) for s in others[:3])}{', ...' if len(others) > 3 else ''}); "
+             f"all train the {config.modality} model. To keep only {config.modality} scans, pass a pattern "
+             f"(e.g. --pattern '*{config.modality}*').")
 
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []

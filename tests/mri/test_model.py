@@ -9,7 +9,7 @@ import yaml
 
 from medflowad.data.readers import split_series
 from medflowad.mri.config import MriConfig, mri_config_from_dict
-from medflowad.mri.model import split_healthy_scans, train_mri_model
+from medflowad.mri.model import modality_in_name, split_healthy_scans, train_mri_model
 from medflowad.mri.pool import build_pool
 from tests.mri.conftest import TINY_MRI, brain_like, save_nifti, write_dicom_series
 
@@ -89,3 +89,32 @@ def test_sessions_of_one_bids_subject_are_drawn_together(tmp_path):
             held, trained = {subject(p) for p in val}, {subject(p) for p in train}
             assert len(held) == 1 and not held & trained and len(held | trained) == subjects, (folder, seed)
             assert len(val) in (1, 2) and len(train) + len(val) == 2 * subjects - (folder == flat)
+
+
+@pytest.mark.parametrize(("name", "modality"), [
+    ("sub-01_ses-1_FLAIR.nii.gz", "flair"), ("TCGA_CS_4943_20000902_flair.nii.gz", "flair"),
+    ("sub-01_T2w.nii.gz", "t2"), ("IXI002-Guys-0828-T1.nii.gz", "t1"), ("sub-02_acq-mprage_T1w.nii.gz", "t1"),
+    ("patient7_T2_FLAIR.nii.gz", "flair"), ("head_ct_004.nii.gz", "ct"), ("patient12.nii.gz", None),
+    ("t1_t2_maps.nii.gz", None), ("sub-03_acq-ctx_T1w.nii.gz", "t1"),
+])
+def test_modality_in_name(name, modality):
+    assert modality_in_name(Path(name)) == modality
+
+
+def test_scans_named_as_another_modality_are_pointed_out(tmp_path):
+    healthy = tmp_path / "bids"
+    healthy.mkdir()
+    for subject in range(4):
+        for suffix in ("FLAIR", "T1w"):
+            (healthy / f"sub-{subject}_{suffix}.nii.gz").write_bytes(b"")  # listing only: none is readable
+    notes = []
+    with pytest.raises(ValueError, match="no readable"):
+        train_mri_model(MriConfig(modality="flair"), [healthy], tmp_path / "model", general_model=tmp_path / "g",
+                        echo=notes.append)
+    assert any(n.startswith("note: 4 of 8 healthy scans are named as another modality than flair (sub-")
+               and "--pattern '*flair*'" in n for n in notes), notes
+    notes.clear()
+    with pytest.raises(ValueError, match="no readable"):
+        train_mri_model(MriConfig(modality="flair"), [healthy], tmp_path / "model2", general_model=tmp_path / "g",
+                        pattern="*flair*", echo=notes.append)
+    assert not any("another modality" in n for n in notes)
