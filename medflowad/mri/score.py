@@ -44,7 +44,15 @@ from medflowad.mri.analysis import (
     flag_resolution_problem,
     threshold_at_fpr,
 )
-from medflowad.mri.model import MriModel, analyse, load_mri_model, model_fingerprint, prepare, select_scans
+from medflowad.mri.model import (
+    MriModel,
+    analyse,
+    load_mri_model,
+    modality_in_name,
+    model_fingerprint,
+    prepare,
+    select_scans,
+)
 from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.storage import atomic_write, write_json, write_text
@@ -206,6 +214,13 @@ def score_scans(
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
     result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
                          kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows)
+    others = [sid for path, sid in zip(scans, ids, strict=True)
+              if modality_in_name(path) not in (None, model.config.modality)]
+    if others:
+        note = (f"{len(others)} scans are named as another modality than the model's {model.config.modality} "
+                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their scores rate them against "
+                f"healthy {model.config.modality} scans (--pattern '*{model.config.modality}*' keeps those)")
+        result.warning = "; ".join(filter(None, [result.warning, note]))
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}

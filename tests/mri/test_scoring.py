@@ -240,3 +240,18 @@ def test_interrupted_score_says_how_to_continue(tiny_mri_model, tmp_path, monkey
     scan = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=81), np.eye(4))
     result = CliRunner().invoke(app, ["score", str(scan), "-m", str(tiny_mri_model), "-o", str(tmp_path / "o"), "-q"])
     assert result.exit_code == 130 and "with --continue scores the rest" in result.output
+
+
+def test_scans_named_as_another_modality_get_a_warning(tiny_mri_model, tmp_path):
+    from medflowad.mri.model import load_mri_model
+    from medflowad.mri.score import score_scans
+
+    modality = load_mri_model(tiny_mri_model, "cpu").config.modality
+    other = "T1w" if modality != "t1" else "T2w"
+    (tmp_path / "in").mkdir()
+    for name in (f"sub-1_{other}", f"sub-1_{modality}", "sub-2"):
+        save_nifti(tmp_path / "in" / f"{name}.nii.gz", brain_like(seed=91), np.eye(4))
+    result = score_scans([tmp_path / "in"], tiny_mri_model, tmp_path / "out", device="cpu")
+    assert result.all_ok and len(result.rows) == 3
+    assert f"1 scans are named as another modality than the model's {modality} (sub-1_{other})" in result.warning
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["warning"] == result.warning
