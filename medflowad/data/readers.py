@@ -297,6 +297,9 @@ def load_scan(path: str | Path) -> MetaTensor:
         array = array[..., None]
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
+    if array.ndim == 4:
+        raise ScanError(f"{path}: a 4D image of {array.shape[3]} volumes (a time series, diffusion directions or "
+                        "echoes?); medflowad scores single 3D volumes: save the one to score as its own file")
     if array.ndim != 3:
         raise ScanError(f"{path}: expected a 3D volume, got array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number):

@@ -58,3 +58,15 @@ def test_complex_nifti_is_refused_not_cast(tmp_path):
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
     with pytest.raises(ScanError, match=r"phase\.nii\.gz: complex voxels .*magnitude"):
         load_scan(path)
+
+
+def test_four_d_image_is_refused_with_its_volume_count(tmp_path):
+    import nibabel as nib
+
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4, 7), np.float32), np.eye(4)), str(path))
+    with pytest.raises(ScanError, match=r"dwi\.nii\.gz: a 4D image of 7 volumes"):
+        load_scan(path)
+    single = tmp_path / "single.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4, 1), np.float32), np.eye(4)), str(single))
+    assert load_scan(single).shape == (1, 8, 8, 4)  # one volume in 4D is just that volume
