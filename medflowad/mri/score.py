@@ -145,8 +145,10 @@ def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not readable as medflowad scores ({exc}); score into another folder") from exc
     if earlier.get("model_sha256") != fingerprint or earlier.get("fpr") != fpr:
-        raise ValueError(f"{out} holds scores of another model or false-positive rate (model {earlier.get('model')}, "
-                         f"fpr {earlier.get('fpr')}); score into another folder, or delete this one to start again")
+        which = ("an older medflowad's scores, which do not say which model made them" if "model_sha256" not in earlier
+                 else f"scores of another model or false-positive rate (model {earlier.get('model')}, "
+                 f"fpr {earlier.get('fpr')})")
+        raise ValueError(f"{out} holds {which}; score into another folder, or delete this one to start again")
     slice_rows: list[dict] = []
     if (out / "slices.csv").is_file():
         with (out / "slices.csv").open(newline="") as f:

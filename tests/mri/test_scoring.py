@@ -210,6 +210,11 @@ def test_results_of_another_model_or_fpr_are_not_mixed(tiny_mri_model, tmp_path)
     result = CliRunner().invoke(app, ["score", str(scan), "-m", str(copy), "-o", str(out), "-q", "--device", "cpu"])
     assert result.exit_code == 2 and "another model" in result.output
     assert (out / "scores.json").read_bytes() == before
+    old_version = json.loads(before)
+    del old_version["model_sha256"]
+    (out / "scores.json").write_text(json.dumps(old_version))
+    with pytest.raises(ValueError, match="an older medflowad's scores"):
+        score_scans([scan], tiny_mri_model, out, device="cpu")
 
 
 def test_maps_of_earlier_runs_are_not_scored_as_scans(tiny_mri_model, tmp_path, monkeypatch):
