@@ -260,3 +260,27 @@ def test_scans_named_as_another_modality_get_a_warning(tiny_mri_model, tmp_path)
     assert result.all_ok and len(result.rows) == 3
     assert f"1 scans are named as another modality than the model's {modality} (sub-1_{other})" in result.warning
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["warning"] == result.warning
+
+
+def test_tables_are_rewritten_sparingly_and_always_at_the_end(tiny_mri_model, tmp_path, monkeypatch):
+    import medflowad.mri.score as score
+
+    writes = []
+    original = score._write_tables
+    monkeypatch.setattr(score, "_write_tables", lambda result, *a: (writes.append(len(result.rows)),
+                                                                    original(result, *a)))
+    monkeypatch.setattr(score, "TABLE_INTERVAL_S", 3600.0)
+    scans = [save_nifti(tmp_path / f"{n}.nii.gz", brain_like(seed=100 + i), np.eye(4)) for i, n in enumerate("abc")]
+    score.score_scans(scans, tiny_mri_model, tmp_path / "out", device="cpu")
+    assert writes == [1, 3]  # after the first scan, then at the end: not after every scan
+    assert len(json.loads((tmp_path / "out" / "scores.json").read_text())["scans"]) == 3
+    writes.clear()
+
+    def interrupt_second(sid, row):
+        if sid == "b":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score.score_scans(scans, tiny_mri_model, tmp_path / "out2", device="cpu", on_scan=interrupt_second)
+    assert writes == [1, 2]  # the interruption still writes the scans finished
+    assert [r["scan_id"] for r in json.loads((tmp_path / "out2" / "scores.json").read_text())["scans"]] == ["a", "b"]
