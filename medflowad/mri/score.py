@@ -181,6 +181,18 @@ def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict
     return rows, slice_rows
 
 
+def _scans_the_model_saw(folder: Path) -> dict[str, str]:
+    """Absolute path -> "trained" or "calibrated", from the model folder's healthy slice-set manifests (a
+    bundled or exported model has none). Paths recorded relative to another working folder are missed."""
+    seen = {}
+    for role, part in (("trained", "healthy_train"), ("calibrated", "healthy_val")):
+        manifest = Path(folder) / "data" / part / "manifest.json"
+        if manifest.is_file():
+            for source in json.loads(manifest.read_text()).get("sources", []):
+                seen[absolute_scan_path(source["path"])] = role
+    return seen
+
+
 def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str, float | bool]:
     """A scan's scores (``llr``, ...), their conformal p-values against the healthy calibration scans
     (``llr_p``, ...) and flags at ``fpr`` (``llr_flag``, ...)."""
@@ -247,6 +259,14 @@ def score_scans(
         note = (f"{len(others)} scans are named as another modality than the model's {model.config.modality} "
                 f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their scores rate them against "
                 f"healthy {model.config.modality} scans (--pattern '*{model.config.modality}*' keeps those)")
+        result.warning = "; ".join(filter(None, [result.warning, note]))
+    seen = _scans_the_model_saw(model.folder)
+    used = {role: [sid for path, sid in zip(scans, ids, strict=True) if seen.get(absolute_scan_path(path)) == role]
+            for role in ("trained", "calibrated")}
+    if used["trained"] or used["calibrated"]:
+        named = used["trained"] + used["calibrated"]
+        note = (f"{len(used['trained'])} of these scans trained the model and {len(used['calibrated'])} calibrated it "
+                f"({', '.join(named[:3])}{', ...' if len(named) > 3 else ''}): their scores do not test it")
         result.warning = "; ".join(filter(None, [result.warning, note]))
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}

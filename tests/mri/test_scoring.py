@@ -284,3 +284,17 @@ def test_tables_are_rewritten_sparingly_and_always_at_the_end(tiny_mri_model, tm
         score.score_scans(scans, tiny_mri_model, tmp_path / "out2", device="cpu", on_scan=interrupt_second)
     assert writes == [1, 2]  # the interruption still writes the scans finished
     assert [r["scan_id"] for r in json.loads((tmp_path / "out2" / "scores.json").read_text())["scans"]] == ["a", "b"]
+
+
+def test_scans_that_trained_or_calibrated_the_model_get_a_warning(tiny_mri_model, tmp_path):
+    from medflowad.mri.score import score_scans
+
+    healthy = sorted(tiny_mri_model.parent.glob("healthy_*.nii.gz"))  # the fixture's training scans
+    val = json.loads((tiny_mri_model / "data" / "healthy_val" / "manifest.json").read_text())["sources"]
+    calibrating = {Path(s["path"]).name for s in val}
+    fresh = save_nifti(tmp_path / "new.nii.gz", brain_like(seed=111), np.eye(4))
+    result = score_scans([*healthy, fresh], tiny_mri_model, tmp_path / "out", device="cpu")
+    assert f"{3 - len(calibrating)} of these scans trained the model and {len(calibrating)} calibrated it" \
+        in result.warning
+    assert "new" not in result.warning.split("trained the model")[1]
+    assert "trained the model" not in score_scans([fresh], tiny_mri_model, tmp_path / "out2", device="cpu").warning
