@@ -267,6 +267,9 @@ def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, 
     console.print(metrics_markdown(result), highlight=False, soft_wrap=True)
     for failed in result["failed"]:
         err_console.print(f"[yellow]not evaluated[/] {failed['error']}", highlight=False)
+    if result["trained_or_calibrated"]:
+        err_console.print(f"[yellow]warning:[/] {len(result['trained_or_calibrated'])} of these scans trained or "
+                          "calibrated the model; the metrics are not a test of it", highlight=False)
 
 
 @app.command()

@@ -23,12 +23,12 @@ import numpy as np
 from monai.transforms import ResampleToMatch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from medflowad.data.readers import ScanError, load_scan
+from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
 from medflowad.data.scans import prepare_scan, to_native
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
-from medflowad.mri.score import csv_text
+from medflowad.mri.score import csv_text, scans_the_model_saw
 from medflowad.storage import write_json, write_text
 
 SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
@@ -82,6 +82,8 @@ def evaluate_scans(
     scans = select_scans(inputs, pattern, mask_replace)
     if not scans:
         raise ValueError("no scans with lesion masks found")
+    seen = scans_the_model_saw(model.folder)
+    leaked = [str(s) for s in scans if absolute_scan_path(s) in seen]
     slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, *SLICE_BASELINES)}
     slice_labels: list[np.ndarray] = []
     slice_rows: list[dict] = []
@@ -122,7 +124,7 @@ def evaluate_scans(
     position_stratum = np.minimum(np.floor(np.concatenate(slice_scores["position"]) * POSITION_STRATA),
                                   POSITION_STRATA - 1)
     truth = np.concatenate(voxel_labels)
-    result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr,
+    result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr, "trained_or_calibrated": leaked,
                     "slices": len(labels), "lesion_slices": int(labels.sum()),
                     "voxels": len(truth), "lesion_voxels": int(truth.sum()), "slice": {}, "voxel": {}}
     for name, values in slice_scores.items():
@@ -161,8 +163,11 @@ def slice_table(rows: dict[str, dict]) -> list[str]:
 
 def metrics_markdown(result: dict) -> str:
     lines = [f"Scans: {result['scans']}, scored slices: {result['slices']} ({result['lesion_slices']} with lesion), "
-             f"foreground voxels: {result['voxels']} ({result['lesion_voxels']} lesion).", "",
-             *slice_table(result["slice"])]
+             f"foreground voxels: {result['voxels']} ({result['lesion_voxels']} lesion).", ""]
+    if result.get("trained_or_calibrated"):
+        lines += [f"**{len(result['trained_or_calibrated'])} of these scans trained or calibrated the model: the "
+                  "figures below are not a test of it.**", ""]
+    lines += slice_table(result["slice"])
     lines += ["", f"| voxel map | AUPRC | Dice at {result['fpr']:.0%} healthy FPR | best Dice (optimistic, "
               "label-tuned) |", "|---|---|---|---|"]
     lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m['best_dice_optimistic']:.3f} |"

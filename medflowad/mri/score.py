@@ -181,7 +181,7 @@ def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict
     return rows, slice_rows
 
 
-def _scans_the_model_saw(folder: Path) -> dict[str, str]:
+def scans_the_model_saw(folder: Path) -> dict[str, str]:
     """Absolute path -> "trained" or "calibrated", from the model folder's healthy slice-set manifests (a
     bundled or exported model has none). Paths recorded relative to another working folder are missed."""
     seen = {}
@@ -260,7 +260,7 @@ def score_scans(
                 f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their scores rate them against "
                 f"healthy {model.config.modality} scans (--pattern '*{model.config.modality}*' keeps those)")
         result.warning = "; ".join(filter(None, [result.warning, note]))
-    seen = _scans_the_model_saw(model.folder)
+    seen = scans_the_model_saw(model.folder)
     used = {role: [sid for path, sid in zip(scans, ids, strict=True) if seen.get(absolute_scan_path(path)) == role]
             for role in ("trained", "calibrated")}
     if used["trained"] or used["calibrated"]:

@@ -289,7 +289,7 @@ def test_tables_are_rewritten_sparingly_and_always_at_the_end(tiny_mri_model, tm
 def test_scans_that_trained_or_calibrated_the_model_get_a_warning(tiny_mri_model, tmp_path):
     from medflowad.mri.score import score_scans
 
-    healthy = sorted(tiny_mri_model.parent.glob("healthy_*.nii.gz"))  # the fixture's training scans
+    healthy = [tiny_mri_model.parent / f"healthy_{i}.nii.gz" for i in range(3)]  # the fixture's healthy scans
     val = json.loads((tiny_mri_model / "data" / "healthy_val" / "manifest.json").read_text())["sources"]
     calibrating = {Path(s["path"]).name for s in val}
     fresh = save_nifti(tmp_path / "new.nii.gz", brain_like(seed=111), np.eye(4))
@@ -298,3 +298,26 @@ def test_scans_that_trained_or_calibrated_the_model_get_a_warning(tiny_mri_model
         in result.warning
     assert "new" not in result.warning.split("trained the model")[1]
     assert "trained the model" not in score_scans([fresh], tiny_mri_model, tmp_path / "out2", device="cpu").warning
+
+
+def test_evaluating_on_training_scans_is_pointed_out(tiny_mri_model, tmp_path):
+    import shutil
+
+    from medflowad.mri.evaluate import evaluate_scans, metrics_markdown
+
+    scan = tiny_mri_model.parent / "healthy_0.nii.gz"  # trained or calibrated the fixture's model
+    affine = nib.load(str(scan)).affine
+    lesion = np.zeros(nib.load(str(scan)).shape, np.uint8)
+    lesion[20:26, 20:28, 5:8] = 1
+    fresh = shutil.copy(scan, tmp_path / "fresh.nii.gz")
+    shared_mask = scan.parent / "healthy_0_mask.nii.gz"  # beside the fixture's scan, removed again below
+    for target in (tmp_path / "fresh_mask.nii.gz", shared_mask):
+        save_nifti(target, lesion, affine)
+    masks = (".nii.gz", "_mask.nii.gz")
+    try:
+        result = evaluate_scans(tiny_mri_model, [scan, fresh], masks, device="cpu")
+    finally:
+        shared_mask.unlink()
+    assert result["scans"] == 2 and result["trained_or_calibrated"] == [str(scan)]
+    assert "1 of these scans trained or calibrated the model" in metrics_markdown(result)
+    assert evaluate_scans(tiny_mri_model, [fresh], masks, device="cpu")["trained_or_calibrated"] == []
