@@ -239,6 +239,8 @@ def score_scans(
     ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`). Earlier results in OUT are
     kept (see the module's description); ``resume`` skips the scans they hold with all three maps.
     """
+    if fpr is not None and not 0 < fpr < 1:  # also refuses NaN
+        raise ValueError(f"--fpr must lie strictly between 0 and 1 (0.05 is 5 %), got {fpr}")
     model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)

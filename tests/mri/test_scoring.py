@@ -321,3 +321,12 @@ def test_evaluating_on_training_scans_is_pointed_out(tiny_mri_model, tmp_path):
     assert result["scans"] == 2 and result["trained_or_calibrated"] == [str(scan)]
     assert "1 of these scans trained or calibrated the model" in metrics_markdown(result)
     assert evaluate_scans(tiny_mri_model, [fresh], masks, device="cpu")["trained_or_calibrated"] == []
+
+
+@pytest.mark.parametrize("fpr", ["0", "1.5", "-0.1", "nan"])
+def test_false_positive_rate_outside_zero_one_is_refused(tiny_mri_model, tmp_path, fpr):
+    scan = save_nifti(tmp_path / "a.nii.gz", brain_like(seed=121), np.eye(4))
+    result = CliRunner().invoke(app, ["score", str(scan), "-m", str(tiny_mri_model), "-o", str(tmp_path / "o"),
+                                      "-q", "--fpr", fpr])
+    assert result.exit_code == 2 and "--fpr must lie strictly between 0 and 1" in result.output
+    assert not (tmp_path / "o").exists()
