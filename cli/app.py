@@ -122,10 +122,10 @@ def train(
     outlier_loss: Annotated[bool | None, typer.Option(
         "--outlier-loss/--no-outlier-loss", help="Train against general samples (needs both general options).")
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimiser steps (MRI mode: of the in-distribution model).")
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (MRI mode: of the in-distribution model).")
                      ] = None,
-    general_steps: Annotated[int | None, typer.Option(help="MRI mode: steps of the general model.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step.")] = None,
+    general_steps: Annotated[int | None, typer.Option(min=1, help="MRI mode: steps of the general model.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (2e-4 is safe for fine-tuning).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -235,8 +235,8 @@ def evaluate(
     score: Annotated[list[str] | None, typer.Option(
         help="Report only this score (nll, llr, last_scale, c_1.., input_complexity, nll_general); repeatable.")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Random subset of at most N images per set.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
+    limit: Annotated[int | None, typer.Option(min=1, help="Random subset of at most N images per set.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 128,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     input_complexity: Annotated[bool, typer.Option(
         "--input-complexity/--no-input-complexity", help="Also compute the PNG-based baseline.")] = True,
@@ -289,7 +289,7 @@ def score(
     pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
     resume: Annotated[bool, typer.Option("--continue", help="Skip scans that OUT already holds scored by this "
                                          "model, e.g. after an interruption.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Slices per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -375,9 +375,9 @@ def bench_natural(
     preset: Annotated[str, typer.Option(help="cifar10_cpu, cifar10_paper or a YAML path.")] = "cifar10_cpu",
     ood: Annotated[list[str] | None, typer.Option(help="Extra NAME=SPEC OOD set (any format); repeatable.")
                    ] = None,
-    general_steps: Annotated[int, typer.Option(help="Steps of the Tiny ImageNet general model.")] = 1500,
-    finetune_steps: Annotated[int, typer.Option(help="Steps of each CIFAR-10 fine-tuning.")] = 750,
-    limit: Annotated[int, typer.Option(help="Images per evaluation set (0 = all).")] = 2000,
+    general_steps: Annotated[int, typer.Option(min=1, help="Steps of the Tiny ImageNet general model.")] = 1500,
+    finetune_steps: Annotated[int, typer.Option(min=1, help="Steps of each CIFAR-10 fine-tuning.")] = 750,
+    limit: Annotated[int, typer.Option(min=0, help="Images per evaluation set (0 = all).")] = 2000,
     grey_ood: Annotated[bool, typer.Option(
         "--grey-ood/--no-grey-ood", help="Also score the greyscale brain MRI 2D and head CT sets where present.")
     ] = True,
@@ -405,9 +405,9 @@ def bench_mri(
     config: Annotated[str, typer.Option("--config", "-c", help="MRI config or preset.")] = "mri_cpu",
     split: Annotated[Path | None, typer.Option(help="Patient split TSV (default: the fixed 60/28 split).")
                      ] = None,
-    general_steps: Annotated[int, typer.Option(help="Steps of the general model.")] = 600,
-    in_steps: Annotated[int, typer.Option(help="Steps of each in-distribution FLAIR model.")] = 400,
-    tumor_steps: Annotated[int, typer.Option(help="Steps of the 2D notumor model.")] = 300,
+    general_steps: Annotated[int, typer.Option(min=1, help="Steps of the general model.")] = 600,
+    in_steps: Annotated[int, typer.Option(min=1, help="Steps of each in-distribution FLAIR model.")] = 400,
+    tumor_steps: Annotated[int, typer.Option(min=1, help="Steps of the 2D notumor model.")] = 300,
     channels_last: Annotated[bool | None, typer.Option(
         "--channels-last/--no-channels-last", help="NHWC convolutions (faster on CPU); default: as the config says.")
     ] = None,

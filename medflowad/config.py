@@ -87,6 +87,8 @@ class RunConfig:
             raise ConfigError("model.num_classes is set but supervised is false")
         if self.optim.steps < 1 or self.optim.batch_size < 1:
             raise ConfigError("optim.steps and optim.batch_size must be positive")
+        if not self.optim.lr >= 0:  # 0 is allowed (nothing moves); negative or NaN is a mistake
+            raise ConfigError(f"optim.lr must not be negative, got {self.optim.lr}")
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:

@@ -45,6 +45,8 @@ def likelihoods(
 
     ``progress`` is an optional callable taking the number of images just processed.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = next(model.parameters()).device
     model.eval()
     log_probs, contribs, maps = [], [], []

@@ -33,7 +33,7 @@ class MriConfig:
     translate: float = 0.05
     hflip: bool = True  # brains are roughly left-right symmetric
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
-    val_fraction: float = 0.2  # healthy scans held apart for calibration (by scan; a DICOM folder's series together)
+    val_fraction: float = 0.2  # healthy subjects held apart for calibration (see split_healthy_scans)
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
     fpr: float = 0.05  # default false-positive rate for flags
     seed: int = 0
@@ -50,6 +50,9 @@ class MriConfig:
                               "to match preprocessing.image_size")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:
             raise ConfigError("val_fraction, top_fraction and fpr must lie in (0, 1)")
+        if min(self.batch_size, self.general_steps, self.in_steps) < 1 or not min(self.general_lr, self.in_lr) >= 0:
+            raise ConfigError("batch_size, general_steps and in_steps must be positive, general_lr and in_lr not "
+                              "negative")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
