@@ -448,6 +448,7 @@ def pool_build(
                       ] = "mri_cpu",
     exclude: Annotated[list[str] | None, typer.Option(
         help="Glob of file names to skip; repeatable (default: *mask*, *roi*, *seg*, *label*).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a pool already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Turn any mix of scans and pictures into a slice set, with a manifest of what went in."""
@@ -457,7 +458,8 @@ def pool_build(
     preprocessing = load_mri_config(config).preprocessing
     with _status("building pool", quiet) as status:
         manifest = build_pool(sources, out, preprocessing, exclude or DEFAULT_EXCLUDES,
-                              progress=lambda p: status.update(f"read {Path(p.split('::')[-1]).name}"))
+                              progress=lambda p: status.update(f"read {Path(p.split('::')[-1]).name}"),
+                              overwrite=overwrite)
     errors = [s for s in manifest["sources"] if s["error"]]
     console.print(f"pool: {manifest['total_slices']} slices from {len(manifest['sources']) - len(errors)} "
                   f"sources in [bold]{out}[/]")

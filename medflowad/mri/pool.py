@@ -3,12 +3,14 @@
 Sources may be volume files (NIfTI, NRRD, MHA), DICOM folders (each series a source; ``folder::UID``
 takes one), 2D pictures (PNG, JPEG, ...), single DICOM images, zip archives of pictures
 (``archive.zip::Training`` takes one folder of it), and folders of any of these. Label images (names
-matching ``*mask*``, ``*roi*``, ``*seg*``, ``*label*``) are skipped by default: they are not scans.
+matching ``*mask*``, ``*roi*``, ``*seg*``, ``*label*``) are skipped by default: they are not scans; nor
+are the anomaly maps ``medflowad score`` writes.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from medflowad.data.readers import (
     IMAGE_2D_SUFFIXES,
     ITK_SUFFIXES,
     LABEL_PATTERNS,
+    MAP_SUFFIXES,
     NIFTI_SUFFIXES,
     ScanError,
     dicom_scans,
@@ -55,7 +58,7 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
     found: list[tuple[str, str]] = []
 
     def visit_file(f: Path, prefix: str = "") -> None:
-        if is_label_name(f.name, excludes):
+        if is_label_name(f.name, excludes) or f.name.endswith(MAP_SUFFIXES):  # masks; medflowad's own maps
             return
         if _is_volume(f):
             found.append((str(f), "volume"))
@@ -94,8 +97,18 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
 def build_pool(
     inputs: Sequence[str | Path], out: Path, config: ScanPreprocessing,
     excludes: Sequence[str] = DEFAULT_EXCLUDES, progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Preprocess every source into one slice set at ``out``; returns the manifest written there."""
+    """Preprocess every source into one slice set at ``out``; returns the manifest written there.
+
+    A pool already at ``out`` is replaced only with ``overwrite``: models trained on it refer to it.
+    """
+    existing = Path(out) / "manifest.json"
+    if existing.is_file() and not overwrite:
+        held = json.loads(existing.read_text())
+        raise FileExistsError(f"{out} already holds a pool ({held.get('total_slices', '?')} slices from "
+                              f"{len(held.get('sources', []))} sources); choose another --out, or --overwrite "
+                              "to replace it")
     sources = collect_sources(inputs, excludes)
     if not sources:
         raise ValueError(f"no scans or images found in {', '.join(str(i) for i in inputs)}")

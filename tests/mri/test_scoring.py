@@ -82,6 +82,7 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     src.mkdir()
     save_nifti(src / "scan.nii.gz", brain_like(), np.eye(4))
     save_nifti(src / "scan_mask.nii.gz", (brain_like() > 0).astype(np.uint8), np.eye(4))
+    save_nifti(src / "scan_anomaly.nii.gz", brain_like(seed=5), np.eye(4))  # a map score wrote: not a scan
     from PIL import Image
 
     picture = (np.clip(brain_like(shape=(40, 40, 1))[..., 0], 0, 255)).astype(np.uint8)
@@ -89,7 +90,7 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     (src / "broken.png").write_bytes(b"nope")
     manifest = build_pool([src], tmp_path / "pool", ScanPreprocessing(image_size=32, min_foreground=0.05))
     by_name = {Path(s["path"]).name: s for s in manifest["sources"]}
-    assert "scan_mask.nii.gz" not in by_name
+    assert "scan_mask.nii.gz" not in by_name and "scan_anomaly.nii.gz" not in by_name
     assert by_name["scan.nii.gz"]["slices"] > 5 and by_name["slice.png"]["slices"] == 1
     assert "broken.png" in by_name["broken.png"]["error"]
     from medflowad.data import load_image_set
@@ -97,6 +98,10 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     pool = load_image_set(str(tmp_path / "pool"))
     assert pool.images.shape[1:] == (1, 32, 32)
     assert len(pool) == manifest["total_slices"]
+    config = ScanPreprocessing(image_size=32, min_foreground=0.05)
+    with pytest.raises(FileExistsError, match=r"pool already holds a pool \(\d+ slices from 3 sources\)"):
+        build_pool([src / "scan.nii.gz"], tmp_path / "pool", config)
+    assert len(build_pool([src / "scan.nii.gz"], tmp_path / "pool", config, overwrite=True)["sources"]) == 1
 
 
 def test_given_brain_mask_limits_the_map(tiny_mri_model, tmp_path):
