@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -30,21 +31,23 @@ import torch
 import yaml
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
-from medflowad.data.readers import ScanError, find_scans, load_scan, scan_id, split_series
+from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, load_scan, scan_id, split_series
 from medflowad.data.scans import PreparedScan, ScanPreprocessing, prepare_scan
-from medflowad.data.slice_sets import load_slice_set_manifest, save_slice_set
+from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
 from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, ScanAnalysis, analyse_scan, threshold_at_fpr
 from medflowad.mri.config import MriConfig, mri_config_from_dict
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
+from medflowad.training.trainer import CHECKPOINT
 
 log = logging.getLogger("medflowad.mri")
 MRI_CONFIG = "mri.yaml"
 # What `score` needs of a model folder (what a bundled model or an exported bundle ships).
 SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors", "in/config.yaml",
                  "in/model.safetensors", "calibration.safetensors", "calibration.json")
+TRAINED_ON = "trained_on.json"
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
 NAME_TOKENS = {"t1": {"t1", "t1w", "mprage"}, "t2": {"t2", "t2w"}, "pd": {"pd", "pdw"}, "ct": {"ct"}}
 BIDS_SUBJECT = re.compile(r"(sub-[A-Za-z0-9]+)_")  # BIDS file names start with the subject entity
@@ -205,10 +208,13 @@ def train_mri_model(
             except ScanError as exc:
                 skipped.append({"scan": str(path), "error": str(exc)})
                 echo(f"skipped {path}: {exc}")
-    healthy_slices = {}
     for split in ("train", "val"):
         if not prepared[split]:
             raise ValueError(f"no readable {split} scans")
+    _refuse_other_data(out, {split: [absolute_scan_path(path) for path, _ in prepared[split]]
+                             for split in ("train", "val")}, pool)
+    healthy_slices = {}
+    for split in ("train", "val"):
         images, index = _slices_of([p for _, p in prepared[split]], exclude_lesions=True)
         healthy_slices[split] = len(index)
         save_slice_set(out / "data" / f"healthy_{split}", images, index, {
@@ -253,6 +259,31 @@ def train_mri_model(
     }
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _refuse_other_data(out: Path, healthy: dict[str, list[str]], pool: Path | None) -> None:
+    """Record what the models in ``out`` train on (``data/trained_on.json``: the healthy scans and the pool's
+    slices), and refuse a rerun that would resume or reuse them with other data: the data's paths stay the
+    same, so training alone would not notice, and the folder would describe data its models never saw."""
+    record = out / "data" / TRAINED_ON
+    now = {"healthy_train": healthy["train"], "healthy_val": healthy["val"],
+           "pool_slices_sha256": _file_sha256(Path(pool) / SLICES_FILE) if pool is not None else None}
+    if record.is_file() and any((out / part / "model.safetensors").exists() or (out / part / CHECKPOINT).exists()
+                                for part in ("general", "in")):
+        before = json.loads(record.read_text())
+        changed = [key for key, value in now.items() if before.get(key) != value]
+        if changed:
+            raise ValueError(f"{out} holds models trained on other data (changed: {', '.join(changed)}); "
+                             "choose another --out, or delete that folder to start again")
+    write_json(record, now)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def mri_run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_spec: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ MAX_CONSECUTIVE_SKIPS = 50
 # weights (test_limit: how many test images the bits/dim report reads).
 RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",), ("channels_last",),
                      ("data", "test_limit")}
+# Settings naming data or model folders: the same place named relatively or absolutely is no change.
+PATH_SETTINGS = {("data", "train"), ("data", "test"), ("data", "general"), ("init_from",), ("general_model",)}
 
 
 class TrainingError(RuntimeError):
@@ -165,12 +168,26 @@ def _check_resumable(out_dir: Path, config: RunConfig) -> None:
             differences += [(section, k) for k, v in values.items() if stored.get(section, {}).get(k) != v]
         elif stored.get(section) != values:
             differences.append((section,))
+    differences = [d for d in differences if not (d in PATH_SETTINGS and _same_place(_setting(stored, d),
+                                                                                     _setting(current, d)))]
     blocking = [".".join(d) for d in differences if d not in RESUMABLE_CHANGES]
     if blocking:
         raise TrainingError(
             f"{out_dir} holds a checkpoint of a different run (changed: {', '.join(blocking)}); "
             "choose another output folder or delete that one"
         )
+
+
+def _setting(config: dict, key: tuple[str, ...]):
+    return config.get(key[0], {}).get(key[1]) if len(key) == 2 else config.get(key[0])
+
+
+def _same_place(a: str | None, b: str | None) -> bool:
+    """Two data specs or folders (``PATH[::SUBDIR]``, environment variables allowed) naming the same place."""
+    if a is None or b is None:
+        return a == b
+    (path_a, _, sub_a), (path_b, _, sub_b) = (os.path.expandvars(x).partition("::") for x in (a, b))
+    return sub_a.strip("/") == sub_b.strip("/") and Path(path_a).resolve() == Path(path_b).resolve()
 
 
 class _Objective:

@@ -118,3 +118,30 @@ def test_scans_named_as_another_modality_are_pointed_out(tmp_path):
         train_mri_model(MriConfig(modality="flair"), [healthy], tmp_path / "model2", general_model=tmp_path / "g",
                         pattern="*flair*", echo=notes.append)
     assert not any("another modality" in n for n in notes)
+
+
+def test_a_model_folder_is_not_resumed_with_other_data(tmp_path, monkeypatch):
+    """Same folder, same data paths, other contents: before, the finished models were reused as they were and
+    the folder's manifests described scans they never trained on."""
+    healthy = tmp_path / "healthy"
+    healthy.mkdir()
+    for i in range(3):
+        save_nifti(healthy / f"h{i}.nii.gz", brain_like(seed=40 + i), np.eye(4))
+    source = tmp_path / "pool_src"
+    source.mkdir()
+    save_nifti(source / "other.nii.gz", brain_like(shape=(40, 40, 10), seed=3), np.eye(4))
+    config = mri_config_from_dict(TINY_MRI)
+    build_pool([source], tmp_path / "pool", config.preprocessing)
+    model = tmp_path / "model"
+    train_mri_model(config, [healthy], model, pool=tmp_path / "pool", show_progress=False, echo=lambda m: None)
+    monkeypatch.chdir(tmp_path)  # the same scans named relatively are the same data
+    train_mri_model(config, [Path("healthy")], model, pool=Path("pool"), show_progress=False, echo=lambda m: None)
+
+    (healthy / "h2.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"model holds models trained on other data \(changed: healthy_"):
+        train_mri_model(config, [healthy], model, pool=tmp_path / "pool", show_progress=False, echo=lambda m: None)
+    save_nifti(healthy / "h2.nii.gz", brain_like(seed=42), np.eye(4))
+    save_nifti(source / "another.nii.gz", brain_like(shape=(40, 40, 10), seed=4), np.eye(4))
+    build_pool([source], tmp_path / "pool", config.preprocessing, overwrite=True)
+    with pytest.raises(ValueError, match=r"changed: pool_slices_sha256"):
+        train_mri_model(config, [healthy], model, pool=tmp_path / "pool", show_progress=False, echo=lambda m: None)
