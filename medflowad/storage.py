@@ -86,6 +86,9 @@ def read_model_config(folder: Path) -> RunConfig:
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: model folder does not exist")
     if not path.exists():
+        if (folder / "mri.yaml").is_file():  # an MRI model folder holds two Glow folders, in/ and general/
+            raise ModelFolderError(f"{folder}: an MRI model folder; evaluate it with --scans, or name one of its "
+                                   f"Glows ({folder / 'in'}, {folder / 'general'})")
         raise ModelFolderError(f"{folder}: not a model folder (no {MODEL_CONFIG})")
     try:
         return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))

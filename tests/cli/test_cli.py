@@ -93,6 +93,8 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
     (["train", "-o", "x", "-c", "does_not_exist"], "no config file or preset"),
     (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "b=c.npz"], "model folder does not exist"),
     (["evaluate", "-m", "nowhere", "--in", "a.npz", "--ood", "bad"], "NAME=SPEC"),
+    (["evaluate", "-m", "mri_model", "--in", "a.npz", "--ood", "b=c.npz"], "mri_model: an MRI model folder; evaluate "
+     "it with --scans"),
     (["train", "-o", "x", "--pool", "p", "--calibration-seed", "0"], "--pool, --calibration-seed: MRI-mode options"),
     (["train", "-o", "x", "-c", "sample", "--lr", "-1"], "optim.lr must not be negative, got -1.0"),
     (["train", "-o", "x", "--modality", "t1", "--data", ".", "--general-steps", "0"], "greater than or equal to 1"),
@@ -102,6 +104,8 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "mri_model").mkdir()
+    (tmp_path / "mri_model" / "mri.yaml").write_text("modality: flair\n")
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())  # usage errors come in a wrapped panel
