@@ -78,6 +78,9 @@ class BatchResult:
     def all_ok(self) -> bool:
         return all(r["status"] == "ok" for r in self.rows)
 
+    def warn(self, message: str) -> None:
+        self.warning = f"{self.warning}; {message}" if self.warning else message
+
 
 TABLE_INTERVAL_S = 10.0
 
@@ -193,6 +196,29 @@ def scans_the_model_saw(folder: Path) -> dict[str, str]:
     return seen
 
 
+def _input_notes(scans: list[Path], ids: list[str], model: MriModel) -> list[str]:
+    """Warnings about what is being scored: scans named as another modality than the model's, and scans that
+    trained or calibrated it."""
+    notes = []
+    modality = model.config.modality
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    others = [sid for path, sid in zip(scans, ids, strict=True) if modality_in_name(path) not in (None, modality)]
+    if others:
+        notes.append(f"{len(others)} scans are named as another modality than the model's {modality} "
+                     f"({listed(others)}): their scores rate them against healthy {modality} scans "
+                     f"(--pattern '*{modality}*' keeps those)")
+    seen = scans_the_model_saw(model.folder)
+    used = {role: [sid for path, sid in zip(scans, ids, strict=True) if seen.get(absolute_scan_path(path)) == role]
+            for role in ("trained", "calibrated")}
+    if used["trained"] or used["calibrated"]:
+        notes.append(f"{len(used['trained'])} of these scans trained the model and {len(used['calibrated'])} "
+                     f"calibrated it ({listed(used['trained'] + used['calibrated'])}): their scores do not test it")
+    return notes
+
+
 def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str, float | bool]:
     """A scan's scores (``llr``, ...), their conformal p-values against the healthy calibration scans
     (``llr_p``, ...) and flags at ``fpr`` (``llr_flag``, ...)."""
@@ -255,21 +281,8 @@ def score_scans(
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
     result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
                          kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows)
-    others = [sid for path, sid in zip(scans, ids, strict=True)
-              if modality_in_name(path) not in (None, model.config.modality)]
-    if others:
-        note = (f"{len(others)} scans are named as another modality than the model's {model.config.modality} "
-                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their scores rate them against "
-                f"healthy {model.config.modality} scans (--pattern '*{model.config.modality}*' keeps those)")
-        result.warning = "; ".join(filter(None, [result.warning, note]))
-    seen = scans_the_model_saw(model.folder)
-    used = {role: [sid for path, sid in zip(scans, ids, strict=True) if seen.get(absolute_scan_path(path)) == role]
-            for role in ("trained", "calibrated")}
-    if used["trained"] or used["calibrated"]:
-        named = used["trained"] + used["calibrated"]
-        note = (f"{len(used['trained'])} of these scans trained the model and {len(used['calibrated'])} calibrated it "
-                f"({', '.join(named[:3])}{', ...' if len(named) > 3 else ''}): their scores do not test it")
-        result.warning = "; ".join(filter(None, [result.warning, note]))
+    for note in _input_notes(scans, ids, model):
+        result.warn(note)
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}
@@ -323,7 +336,7 @@ def score_scans(
     finally:  # an interruption or a crash still leaves tables of every scan finished
         tables.save(force=True)
     if report:
-        problems = []
+        missing = 0
         for row in result.kept_rows + result.rows:
             sid = row["scan_id"]
             if row["status"] != "ok" or sid in figures:
@@ -335,10 +348,10 @@ def score_scans(
                 figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
                                             score_threshold, f"{sid} ({source.name})")
             except Exception as exc:  # the report still lists the scan, without figures
-                problems.append(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
-        if problems:
-            result.warning = "; ".join(filter(None, [result.warning, *problems]))
-            tables.save(force=True)
+                result.warn(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
+                missing += 1
+        if missing:
+            tables.save(force=True)  # scores.json carries the warnings too
         result.report = out / "report.html"
         write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
                      model.config.modality, fpr, len(healthy_scores))
