@@ -300,21 +300,21 @@ def score(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from medflowad.mri.score import scans_to_score, score_scans
+    from medflowad.mri.score import score_scans
 
-    scans = scans_to_score(paths, pattern, out)
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
     with progress:
-        task = progress.add_task("", total=len(scans))
+        tasks = []  # the bar appears once the scans are found
 
         def on_scan(sid: str, row: dict) -> None:
-            progress.update(task, advance=1, description=sid)
+            progress.update(tasks[0], advance=1, description=sid)
             if row["status"] != "ok":
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
-        result = score_scans(scans, model, out, device, batch_size, fpr, on_scan=on_scan,
-                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, resume=resume)
+        result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
+                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, pattern=pattern,
+                             resume=resume, on_start=lambda total: tasks.append(progress.add_task("", total=total)))
     table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
     for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
         table.add_column(column, justify="left" if column in ("scan", "status") else "right",

@@ -257,13 +257,14 @@ def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
     brain_masks: tuple[str, str] | None = None, report: bool = False, pattern: str | None = None,
-    resume: bool = False,
+    resume: bool = False, on_start: Callable[[int], None] | None = None,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
     ``pattern`` keeps the scans whose file name or id matches (see :func:`matches_pattern`). With
     ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`). Earlier results in OUT are
     kept (see the module's description); ``resume`` skips the scans they hold with all three maps.
+    ``on_start`` hears how many scans were found, ``on_scan`` each one's id and row as it is done.
     """
     if fpr is not None and not 0 < fpr < 1:  # also refuses NaN
         raise ValueError(f"--fpr must lie strictly between 0 and 1 (0.05 is 5 %), got {fpr}")
@@ -271,6 +272,8 @@ def score_scans(
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
     scans = scans_to_score(inputs, pattern, out)
+    if on_start is not None:
+        on_start(len(scans))
     fingerprint = model_fingerprint(model.folder)
     earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
     out.mkdir(parents=True, exist_ok=True)
