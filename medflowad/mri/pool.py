@@ -10,7 +10,6 @@ are the anomaly maps ``medflowad score`` writes.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from medflowad.data.readers import (
     load_scan,
 )
 from medflowad.data.scans import ScanPreprocessing, prepare_image_2d, prepare_scan
-from medflowad.data.slice_sets import save_slice_set
+from medflowad.data.slice_sets import load_slice_set_manifest, save_slice_set
 
 DEFAULT_EXCLUDES = LABEL_PATTERNS
 
@@ -103,9 +102,8 @@ def build_pool(
 
     A pool already at ``out`` is replaced only with ``overwrite``: models trained on it refer to it.
     """
-    existing = Path(out) / "manifest.json"
-    if existing.is_file() and not overwrite:
-        held = json.loads(existing.read_text())
+    held = load_slice_set_manifest(out)
+    if held and not overwrite:
         raise FileExistsError(f"{out} already holds a pool ({held.get('total_slices', '?')} slices from "
                               f"{len(held.get('sources', []))} sources); choose another --out, or --overwrite "
                               "to replace it")

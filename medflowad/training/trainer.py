@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from medflowad.config import ConfigError, RunConfig, config_to_dict
 from medflowad.data.augment import random_hflip, random_translate
-from medflowad.data.natural import ImageSet, load_image_set
+from medflowad.data.natural import DataError, ImageSet, load_image_set, split_spec
 from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow, class_mixture_log_prob
 from medflowad.scores import likelihoods
@@ -186,8 +185,11 @@ def _same_place(a: str | None, b: str | None) -> bool:
     """Two data specs or folders (``PATH[::SUBDIR]``, environment variables allowed) naming the same place."""
     if a is None or b is None:
         return a == b
-    (path_a, _, sub_a), (path_b, _, sub_b) = (os.path.expandvars(x).partition("::") for x in (a, b))
-    return sub_a.strip("/") == sub_b.strip("/") and Path(path_a).resolve() == Path(path_b).resolve()
+    try:
+        (path_a, sub_a), (path_b, sub_b) = split_spec(a), split_spec(b)
+    except DataError:  # an unset environment variable: not comparable, so not the same
+        return False
+    return sub_a == sub_b and path_a.resolve() == path_b.resolve()
 
 
 class _Objective:
