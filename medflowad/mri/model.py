@@ -78,6 +78,11 @@ def matches_pattern(scan: Path, pattern: str) -> bool:
     return fnmatch.fnmatch(scan.name.lower(), pattern) or fnmatch.fnmatch(scan_id(scan).lower(), pattern)
 
 
+def listed(names: Sequence[str], most: int = 3) -> str:
+    """The first ``most`` names, comma-separated, ending in ', ...' when there are more (for messages)."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def modality_in_name(scan: Path) -> str | None:
     """The modality a scan's name or series description states (``FLAIR``, ``T1w``, ``MPRAGE``, ``T2``,
     ``PD``, ``CT``), or None when it states none or several. FLAIR wins over T2 (``T2_FLAIR`` is FLAIR)."""
@@ -142,7 +147,8 @@ def split_healthy_scans(
     (default ``seed``). All scans of a subject are drawn together, so that no one calibrates what they
     trained: the series of one visit, and the sessions of one BIDS subject."""
     scans = select_scans(healthy, pattern, mask_replace)
-    subjects = list(dict.fromkeys(subject_of(s) for s in scans))
+    subject = {scan: subject_of(scan) for scan in scans}
+    subjects = list(dict.fromkeys(subject.values()))
     if len(subjects) < 2:
         raise ValueError(f"need healthy scans of at least 2 subjects or visits (one for calibration), found "
                          f"{len(subjects)}{f' ({subjects[0]})' if subjects else ''}")
@@ -150,8 +156,8 @@ def split_healthy_scans(
     order = torch.randperm(len(subjects), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, round(config.val_fraction * len(subjects)))
     held_apart = {subjects[i] for i in order[:n_val]}
-    return (sorted(s for s in scans if subject_of(s) not in held_apart),
-            sorted(s for s in scans if subject_of(s) in held_apart))
+    return (sorted(s for s in scans if subject[s] not in held_apart),
+            sorted(s for s in scans if subject[s] in held_apart))
 
 
 def check_preprocessing(source: Path, stored: dict | None, config: MriConfig) -> None:
@@ -183,19 +189,18 @@ def train_mri_model(
         stored = yaml.safe_load((Path(general_model).parent / MRI_CONFIG).read_text()) or {}
         check_preprocessing(Path(general_model), stored.get("preprocessing"), config)
     train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
-    series = [scan_id(s) for s in train_scans + val_scans if split_series(s)[1] is not None]
-    if series and pattern is None:
-        echo(f"note: {len(series)} scans are series of DICOM folders holding several series ({', '.join(series[:3])}"
-             f"{', ...' if len(series) > 3 else ''}); all train the {config.modality} model. "
-             f"To keep only that modality's series, pass a pattern (e.g. --pattern '*{config.modality}*').")
-
     healthy_scans = train_scans + val_scans
-    others = [s for s in healthy_scans if modality_in_name(s) not in (None, config.modality)]
-    if others:
-        echo(f"note: {len(others)} of {len(healthy_scans)} healthy scans are named as another modality than "
-             f"{config.modality} ({', '.join(scan_id(s) for s in others[:3])}{', ...' if len(others) > 3 else ''}); "
-             f"all train the {config.modality} model. To keep only {config.modality} scans, pass a pattern "
-             f"(e.g. --pattern '*{config.modality}*').")
+    mixed = {  # healthy scans that may be of another modality than the model's
+        "are series of DICOM folders holding several series":
+            [s for s in healthy_scans if pattern is None and split_series(s)[1] is not None],
+        f"are named as another modality than {config.modality}":
+            [s for s in healthy_scans if modality_in_name(s) not in (None, config.modality)],
+    }
+    for what, scans in mixed.items():
+        if scans:
+            echo(f"note: {len(scans)} of {len(healthy_scans)} healthy scans {what} "
+                 f"({listed([scan_id(s) for s in scans])}); all train the {config.modality} model. To keep only "
+                 f"{config.modality} scans, pass a pattern (e.g. --pattern '*{config.modality}*').")
 
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []

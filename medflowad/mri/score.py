@@ -49,6 +49,7 @@ from medflowad.mri.analysis import (
 from medflowad.mri.model import (
     MriModel,
     analyse,
+    listed,
     load_mri_model,
     modality_in_name,
     model_fingerprint,
@@ -201,10 +202,6 @@ def _input_notes(scans: list[Path], ids: list[str], model: MriModel) -> list[str
     trained or calibrated it."""
     notes = []
     modality = model.config.modality
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
     others = [sid for path, sid in zip(scans, ids, strict=True) if modality_in_name(path) not in (None, modality)]
     if others:
         notes.append(f"{len(others)} scans are named as another modality than the model's {modality} "
