@@ -26,7 +26,8 @@ from sklearn.metrics import roc_auc_score
 
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.mri.analysis import scale_map_names
-from medflowad.mri.model import analyse, load_mri_model, prepare
+from medflowad.mri.model import analyse, load_mri_model
+from medflowad.prep import prepare
 
 PEAKS = {"max": 0.0, "top1%": 0.01, "top5%": 0.05}
 
@@ -54,7 +55,7 @@ def main() -> None:
     scores: dict[str, list[float]] = {}
     labels: list[bool] = []
     for patient in read_split(args.split)["test"]:
-        prepared = prepare(lgg / f"{patient}_flair.nii.gz", model.config, LESION_MASKS)
+        prepared = prepare(lgg / f"{patient}_flair.nii.gz", model.config.preprocessing, LESION_MASKS)
         analysis = analyse(model, prepared)
         for z in np.nonzero(prepared.keep)[0]:
             labels.append(bool(prepared.lesion_slices[z]))

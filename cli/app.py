@@ -38,6 +38,12 @@ def _status(message: str, quiet: bool) -> Iterator:
             yield status
 
 
+SpaceOption = Annotated[str | None, typer.Option(
+    "--space", help="Preparation: standard (brain registered to the MNI template, a slice index is a brain level) "
+    "or native (the scan's own grid); default: the config's.")]
+BrainOption = Annotated[str | None, typer.Option(
+    "--brain", help="Brain extraction: deepbet, or auto (intensity foreground, skull kept); default: the config's.")]
+N4Option = Annotated[bool | None, typer.Option("--n4/--no-n4", help="N4 bias-field correction; default: the config's.")]
 ON_INTERRUPT_SCORE = "the scans finished so far are saved; the same command with --continue scores the rest"
 
 
@@ -132,16 +138,21 @@ def train(
     calibration_seed: Annotated[int | None, typer.Option(
         help="MRI mode: seed of the draw of calibration scans (default: --seed); fix it to vary training alone.")
     ] = None,
+    space: SpaceOption = None,
+    brain: BrainOption = None,
+    n4: N4Option = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Glow from a preset or YAML config (natural images), or, with --modality, an MRI model folder."""
     if modality is not None:
         default = "ct_cpu" if modality == "ct" else "mri_cpu"
         _train_mri(modality, config or default, data, out, pool, general_model, pattern, lesion_masks,
-                   outlier_loss, steps, general_steps, lr, device, seed, calibration_seed, quiet)
+                   outlier_loss, steps, general_steps, lr, device, seed, calibration_seed, quiet,
+                   {"space": space, "brain": brain, "n4": n4})
         return
     mri_only = {"--data": data, "--pool": pool, "--pattern": pattern, "--lesion-masks": lesion_masks,
-                "--general-steps": general_steps, "--calibration-seed": calibration_seed}
+                "--general-steps": general_steps, "--calibration-seed": calibration_seed, "--space": space,
+                "--brain": brain, "--n4": n4}
     given = [name for name, value in mri_only.items() if value is not None and value != []]
     if given:
         raise ValueError(f"{', '.join(given)}: MRI-mode options; add --modality (or use --train-data for images)")
@@ -173,7 +184,7 @@ def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[s
 
 
 def _train_mri(modality, config_name, data, out, pool, general_model, pattern, lesion_masks, outlier_loss,
-               steps, general_steps, lr, device, seed, calibration_seed, quiet) -> None:
+               steps, general_steps, lr, device, seed, calibration_seed, quiet, preparation) -> None:
     from medflowad.mri.config import load_mri_config
     from medflowad.mri.model import train_mri_model
 
@@ -181,6 +192,7 @@ def _train_mri(modality, config_name, data, out, pool, general_model, pattern, l
         raise ValueError("--modality needs --data with the healthy scans")
     config = load_mri_config(config_name)
     config.modality = modality
+    config.preprocessing = config.preprocessing.overridden(**preparation)
     if outlier_loss is not None:
         config.outlier.enabled = outlier_loss
     if steps is not None:
@@ -270,6 +282,55 @@ def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, 
     if result["trained_or_calibrated"]:
         err_console.print(f"[yellow]warning:[/] {len(result['trained_or_calibrated'])} of these scans trained or "
                           "calibrated the model; the metrics are not a test of it", highlight=False)
+
+
+@app.command()
+@_friendly_errors
+def prepare(
+    paths: Annotated[list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files, folders, DICOM series folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the prepared scans (one folder each).")],
+    config: Annotated[str, typer.Option("--config", "-c", help="MRI config, preset or model folder whose "
+                                        "preparation to run.")] = "mri_cpu",
+    space: SpaceOption = None,
+    brain: BrainOption = None,
+    n4: N4Option = None,
+    brain_masks: Annotated[str | None, typer.Option(
+        help="OLD=NEW from scan name to a brain-mask file beside it, used instead of brain extraction.")] = None,
+    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Brain extraction, registration to the MNI template and resampling onto the standard grid, cached.
+
+    Writes per scan the prepared scan, its brain masks and the transform (NIfTI, ITK .tfm, JSON), and
+    preparation.csv. pool build, train, score and evaluate prepare their scans the same way and reuse
+    these results from the cache ($MEDFLOWAD_CACHE, default ~/.cache/medflowad).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from medflowad.mri.config import load_mri_config
+    from medflowad.prep.batch import prepare_scans
+
+    source = Path(config) / "mri.yaml" if (Path(config) / "mri.yaml").is_file() else config
+    preprocessing = load_mri_config(str(source)).preprocessing.overridden(space=space, brain=brain, n4=n4)
+    progress = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        console=console, disable=quiet)
+    with progress:
+        tasks = []
+
+        def on_scan(row: dict) -> None:
+            progress.update(tasks[0], advance=1, description=row["scan_id"])
+            if row["status"] != "ok":
+                progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
+
+        rows = prepare_scans(paths, preprocessing, out, pattern, _parse_replace(brain_masks, "--brain-masks"),
+                             on_start=lambda total: tasks.append(progress.add_task("", total=total)), on_scan=on_scan)
+    failed = [r for r in rows if r["status"] != "ok"]
+    cached = sum(bool(r.get("cached")) for r in rows)
+    console.print(f"{len(rows) - len(failed)} scans prepared in [bold]{out}[/] ({cached} from the cache); "
+                  f"space {preprocessing.space}, brain {preprocessing.brain}; table: {out / 'preparation.csv'}")
+    if failed:
+        err_console.print(f"[red]{len(failed)} of {len(rows)} scans failed[/] (reasons in preparation.csv)")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -449,13 +510,16 @@ def pool_build(
     exclude: Annotated[list[str] | None, typer.Option(
         help="Glob of file names to skip; repeatable (default: *mask*, *roi*, *seg*, *label*).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a pool already in --out.")] = False,
+    space: SpaceOption = None,
+    brain: BrainOption = None,
+    n4: N4Option = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Turn any mix of scans and pictures into a slice set, with a manifest of what went in."""
     from medflowad.mri.config import load_mri_config
     from medflowad.mri.pool import DEFAULT_EXCLUDES, build_pool
 
-    preprocessing = load_mri_config(config).preprocessing
+    preprocessing = load_mri_config(config).preprocessing.overridden(space=space, brain=brain, n4=n4)
     with _status("building pool", quiet) as status:
         manifest = build_pool(sources, out, preprocessing, exclude or DEFAULT_EXCLUDES,
                               progress=lambda p: status.update(f"read {Path(p.split('::')[-1]).name}"),

@@ -44,12 +44,12 @@ from medflowad.mri.model import (
     analyse,
     load_mri_model,
     mri_run_config,
-    prepare,
     split_healthy_scans,
     train_mri_model,
 )
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
+from medflowad.prep import prepare
 from medflowad.storage import atomic_write, load_model, write_json, write_text
 from medflowad.training import train
 
@@ -202,7 +202,7 @@ def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device:
     model = load_mri_model(model_dir, device)
     candidates = []
     for path in scans:
-        prepared = prepare(path, model.config, LESION_MASKS)
+        prepared = prepare(path, model.config.preprocessing, LESION_MASKS)
         areas = prepared.lesion.sum(axis=(1, 2)) * prepared.keep
         if areas.max() > 0:
             candidates.append((areas.max(), path, int(areas.argmax()), prepared))

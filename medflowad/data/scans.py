@@ -39,12 +39,22 @@ class ScanPreprocessing:
     foreground_threshold: float = 0.1  # automatic mask: fraction of the 99th intensity percentile
     min_foreground: float = 0.1  # slices with a smaller foreground share are not scored
     margin: float = 0.05  # in-plane crop margin, fraction of the foreground extent
+    # Standard-space preparation (medflowad.prep). "native": slices on the scan's own grid, cropped to its
+    # foreground (models made before standard space read as such); "standard": affinely registered to the MNI
+    # template and resampled onto its fixed grid (medflowad.prep.template), so a slice index is a brain level.
+    space: str = "native"
+    brain: str = "auto"  # "deepbet": brain extraction; "auto": the intensity foreground, skull included
+    n4: bool = False  # N4 bias-field correction (SimpleITK) before anything else
+    slice_mm: float = 3.0  # standard space: distance between axial slices
+    brain_volume_ml: tuple[float, float] | None = (400.0, 2500.0)  # plausible extracted brains; None: any
+    min_template_overlap: float = 0.85  # standard space: Dice of the registered brain and the template's
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_spacing"] = list(self.target_spacing) if self.target_spacing else None
         d["percentiles"] = list(self.percentiles)
         d["intensity_window"] = list(self.intensity_window) if self.intensity_window else None
+        d["brain_volume_ml"] = list(self.brain_volume_ml) if self.brain_volume_ml else None
         return d
 
     @classmethod
@@ -58,7 +68,31 @@ class ScanPreprocessing:
             if len(window) != 2 or not window[1] > window[0]:
                 raise ConfigError(f"preprocessing.intensity_window must be [low, high] with high > low, got {window}")
             values["intensity_window"] = window
-        return cls(**values)
+        if values.get("brain_volume_ml") is not None:
+            values["brain_volume_ml"] = tuple(float(v) for v in values["brain_volume_ml"])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def overridden(self, **values: object) -> ScanPreprocessing:
+        """A copy with the given settings changed (None leaves a setting as it is), validated."""
+        changed = replace(self, **{k: v for k, v in values.items() if v is not None})
+        changed.validate()
+        return changed
+
+    def validate(self) -> None:
+        if self.space not in SPACES:
+            raise ConfigError(f"preprocessing.space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.brain not in ("auto", "deepbet"):
+            raise ConfigError(f"preprocessing.brain must be auto or deepbet, got {self.brain!r}")
+        if not self.slice_mm > 0 or not 0 <= self.min_template_overlap <= 1:
+            raise ConfigError("preprocessing.slice_mm must be positive and min_template_overlap within [0, 1]")
+        if self.brain_volume_ml is not None and (len(self.brain_volume_ml) != 2
+                                                 or not 0 <= self.brain_volume_ml[0] < self.brain_volume_ml[1]):
+            raise ConfigError(f"preprocessing.brain_volume_ml must be [low, high] mL, got {self.brain_volume_ml}")
+
+
+SPACES = ("native", "standard")
 
 
 @dataclass
@@ -72,6 +106,9 @@ class PreparedScan:
     lesion: np.ndarray | None  # float (Z, S, S) lesion mask on the model grid (share of each pixel), if given
     grid: MetaTensor  # (1, S, S, Z) model-grid reference carrying the affine
     native: MetaTensor | None  # the scan as read (native shape and affine); None once no longer needed
+    # Standard space: grid world -> native world (RAS, 4x4); None when the grid lies in the scan's own world.
+    transform: np.ndarray | None = None
+    brain: np.ndarray | None = None  # bool brain mask on the native grid, when the brain was extracted or given
 
     @property
     def num_slices(self) -> int:
@@ -186,11 +223,24 @@ def prepare_scan(
 
 
 def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") -> np.ndarray:
-    """(Z, S, S) display-oriented maps on the model grid -> float32 array on the scan's native grid."""
+    """(Z, S, S) display-oriented maps on the model grid -> float32 array on the scan's native grid.
+
+    Through world coordinates: directly when the grid lies in the scan's world, through the inverse of the
+    registration (``prepared.transform``) in standard space. Zero outside the brain when its mask is known.
+    """
     volume = display_to_volume(np.asarray(maps, dtype=np.float32))
-    on_grid = MetaTensor(torch.from_numpy(volume)[None], affine=prepared.grid.affine)
-    native = ResampleToMatch(mode=mode, padding_mode="zeros")(on_grid, prepared.native)
-    return native[0].numpy().astype(np.float32)
+    if prepared.transform is None:
+        on_grid = MetaTensor(torch.from_numpy(volume)[None], affine=prepared.grid.affine)
+        native = ResampleToMatch(mode=mode, padding_mode="zeros")(on_grid, prepared.native)[0].numpy()
+    else:
+        from medflowad.prep.registration import resample  # prep builds on this module
+
+        native = resample(volume, prepared.grid.affine.numpy(), prepared.native.affine.numpy(),
+                          tuple(prepared.native.shape[1:]), np.linalg.inv(prepared.transform),
+                          order=0 if mode == "nearest" else 1)
+    if prepared.brain is not None:
+        native = native * prepared.brain
+    return native.astype(np.float32)
 
 
 def prepare_image_2d(image: np.ndarray, config: ScanPreprocessing) -> torch.Tensor | None:

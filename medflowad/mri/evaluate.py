@@ -24,11 +24,12 @@ from monai.transforms import ResampleToMatch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
-from medflowad.data.scans import prepare_scan, to_native
+from medflowad.data.scans import to_native
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
-from medflowad.mri.model import analyse, companion_path, load_mri_model, select_scans
+from medflowad.mri.model import analyse, load_mri_model, select_scans
 from medflowad.mri.score import csv_text, scans_the_model_saw
+from medflowad.prep import companion_path, prepare_volume
 from medflowad.storage import write_json, write_text
 
 SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
@@ -93,7 +94,7 @@ def evaluate_scans(
     for path in scans:
         try:
             lesion_file = load_scan(companion_path(path, mask_replace))
-            prepared = prepare_scan(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
+            prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
             analysis = analyse(model, prepared, batch_size)
             lesion = ResampleToMatch(mode="nearest")(lesion_file, prepared.native)[0].numpy() > 0.5
         except ScanError as exc:

@@ -31,13 +31,14 @@ import torch
 import yaml
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
-from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, load_scan, scan_id, split_series
-from medflowad.data.scans import PreparedScan, ScanPreprocessing, prepare_scan
+from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, scan_id, split_series
+from medflowad.data.scans import PreparedScan, ScanPreprocessing
 from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
 from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, ScanAnalysis, analyse_scan, threshold_at_fpr
 from medflowad.mri.config import MriConfig, mri_config_from_dict
+from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
 from medflowad.training.trainer import CHECKPOINT
@@ -60,16 +61,6 @@ class MriModel:
     general_model: Glow
     calibration: dict[str, np.ndarray]  # "slice/<score>", "scan/<score>", "voxel/<map>"
     folder: Path
-
-
-def companion_path(scan: Path, replace: tuple[str, str] | None) -> Path | None:
-    """A mask beside the scan whose name has ``old`` replaced by ``new`` (e.g. _flair -> _mask)."""
-    if replace is None:
-        return None
-    old, new = replace
-    if old not in scan.name:
-        raise ScanError(f"{scan}: name does not contain '{old}' to derive its mask's name")
-    return scan.with_name(scan.name.replace(old, new))
 
 
 def matches_pattern(scan: Path, pattern: str) -> bool:
@@ -101,16 +92,6 @@ def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace
     if mask_replace:
         scans = [s for s in scans if mask_replace[1] not in s.name]
     return scans
-
-
-def prepare(path: Path, config: MriConfig, mask_replace: tuple[str, str] | None = None,
-            brain_replace: tuple[str, str] | None = None) -> PreparedScan:
-    """Read and preprocess a scan; masks beside it are found by name replacement (see companion_path)."""
-    mask_path = companion_path(path, mask_replace)
-    lesion = load_scan(mask_path) if mask_path is not None else None
-    brain_path = companion_path(path, brain_replace)
-    brain = load_scan(brain_path) if brain_path is not None else None
-    return prepare_scan(load_scan(path), config.preprocessing, brain_mask=brain, lesion_mask=lesion)
 
 
 def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +190,8 @@ def train_mri_model(
             try:
                 # Only the model-grid slices are needed from here on; dropping the native volume keeps
                 # memory at a few MB per scan even for 1 mm volumes.
-                prepared[split].append((path, dataclasses.replace(prepare(path, config, mask_replace), native=None)))
+                scan = prepare(path, config.preprocessing, mask_replace)
+                prepared[split].append((path, dataclasses.replace(scan, native=None, brain=None)))
             except ScanError as exc:
                 skipped.append({"scan": str(path), "error": str(exc)})
                 echo(f"skipped {path}: {exc}")
@@ -402,5 +384,5 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
 
 
-__all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "model_fingerprint", "prepare",
+__all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "model_fingerprint",
            "resolve_model_dir", "select_scans", "train_mri_model"]

@@ -33,8 +33,9 @@ from medflowad.data.readers import (
     load_image_2d,
     load_scan,
 )
-from medflowad.data.scans import ScanPreprocessing, prepare_image_2d, prepare_scan
+from medflowad.data.scans import ScanPreprocessing, prepare_image_2d
 from medflowad.data.slice_sets import load_slice_set_manifest, save_slice_set
+from medflowad.prep import prepare_volume
 
 DEFAULT_EXCLUDES = LABEL_PATTERNS
 
@@ -147,7 +148,7 @@ def _source_slices(path: str, kind: str, config: ScanPreprocessing, archives: di
     if kind == "missing":
         raise ScanError(f"{path}: no such file or folder")
     if kind in ("volume", "dicom-series"):
-        prepared = prepare_scan(load_scan(path), config)
+        prepared = prepare_volume(load_scan(path), config)
         return [prepared.slices[k] for k in np.nonzero(prepared.keep)[0]]
     if kind == "zip-member":
         archive_path, member = path.split("::", 1)

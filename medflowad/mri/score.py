@@ -53,11 +53,11 @@ from medflowad.mri.model import (
     load_mri_model,
     modality_in_name,
     model_fingerprint,
-    prepare,
     select_scans,
 )
 from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
+from medflowad.prep import prepare
 from medflowad.storage import atomic_write, write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
@@ -300,7 +300,7 @@ def score_scans(
                 continue
             row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
             try:
-                prepared = prepare(path, model.config, brain_replace=brain_masks)
+                prepared = prepare(path, model.config.preprocessing, brain_replace=brain_masks)
                 analysis = analyse(model, prepared, batch_size)
                 row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))
                 row.update(scan_scores(model, analysis, fpr))
@@ -343,7 +343,7 @@ def score_scans(
                 continue
             try:  # scored before: the figures come from the scan and its map as written
                 source = Path(row["path"])
-                prepared = prepare(source, model.config, brain_replace=brain_masks)
+                prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
                 native_llr = np.asarray(nib.load(str(out / row["map"])).dataobj, dtype=np.float32)
                 figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
                                             score_threshold, f"{sid} ({source.name})")

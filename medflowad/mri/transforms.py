@@ -29,10 +29,11 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from medflowad.data.readers import load_scan
-from medflowad.data.scans import prepare_scan, to_native
+from medflowad.data.scans import to_native
 from medflowad.mri.analysis import map_names
 from medflowad.mri.model import MriModel, analyse, load_mri_model
 from medflowad.mri.score import scan_scores
+from medflowad.prep import prepare_volume
 
 
 class LoadScan(Transform):
@@ -88,7 +89,7 @@ class AnomalyMap(Transform):
             scan = scan[None]
         if scan.ndim != 4 or scan.shape[0] != 1:
             raise ValueError(f"AnomalyMap needs one 3D scan, shape (1, X, Y, Z) or (X, Y, Z); got {tuple(scan.shape)}")
-        prepared = prepare_scan(scan, self.model.config.preprocessing)
+        prepared = prepare_volume(scan, self.model.config.preprocessing)
         analysis = analyse(self.model, prepared, self.batch_size)
         maps = np.stack([to_native(analysis.maps[name], prepared) for name in self.maps])
         out = MetaTensor(torch.from_numpy(maps), affine=scan.affine.clone(),
