@@ -1,0 +1,158 @@
+"""The preparation stage: geometry there and back, registration against a known head motion, brain
+extraction against DLMUSE, failures as per-scan errors, and the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk  # noqa: N813
+
+from medflowad.data.readers import LPS_TO_RAS, ScanError, load_scan
+from medflowad.data.scans import ScanPreprocessing, display_to_volume, to_native
+from medflowad.prep import prepare, stage
+from medflowad.prep.batch import prepare_scans
+from medflowad.prep.brain import extract_brain
+from medflowad.prep.template import load_template, standard_grid
+from tests.conftest import data_root
+from tests.prep.conftest import head_motion, moved_template_scan, oblique_head_grid
+
+STANDARD = ScanPreprocessing(space="standard", brain="auto", percentiles=(0.0, 100.0))
+POINT_MM = np.array([24.0, -20.0, 22.0])  # template world (RAS): deep white matter of the right hemisphere
+
+
+def _centroid(volume: np.ndarray, level: float) -> np.ndarray:
+    index = np.argwhere(volume >= level)
+    return np.average(index, axis=0, weights=volume[tuple(index.T)])
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An oblique, LPS-stored, anisotropic head with a bright ball; (path, motion, ball's native index)."""
+    folder = tmp_path_factory.mktemp("planted")
+    affine, shape = oblique_head_grid()
+    motion = head_motion()
+    path = moved_template_scan(folder / "head.nii.gz", motion, affine, shape, point_mm=POINT_MM)
+    native_index = (np.linalg.inv(affine) @ motion @ np.append(POINT_MM, 1.0))[:3]
+    return path, motion, native_index
+
+
+def test_planted_point_lands_within_one_native_voxel(planted, tmp_path):
+    """Native -> standard grid -> native again: the ball's centre moves by less than one native voxel on each
+    axis, and in standard space it sits where the known head motion puts it (within one standard voxel)."""
+    path, _, native_index = planted
+    prepared = prepare(path, STANDARD, cache=tmp_path)
+    grid = display_to_volume(prepared.slices[:, 0].numpy().astype(np.float32) / 255)
+    grid_affine, grid_shape = standard_grid(STANDARD.image_size, STANDARD.slice_mm)
+    assert grid.shape == grid_shape and np.allclose(prepared.grid.affine.numpy(), grid_affine)
+    in_standard = nib.affines.apply_affine(grid_affine, _centroid(grid, 0.75))
+    assert np.all(np.abs(in_standard - POINT_MM) <= np.diag(grid_affine)[:3]), (in_standard, POINT_MM)
+
+    back = to_native(prepared.slices[:, 0].numpy().astype(np.float32) / 255, prepared)
+    assert back.shape == tuple(load_scan(path).shape[1:])
+    found = _centroid(back, 0.75 * back.max())
+    assert np.all(np.abs(found - native_index) <= 1.0), (found, native_index)
+
+
+def test_registration_recovers_a_known_head_motion(planted, tmp_path):
+    path, motion, _ = planted
+    preparation = stage.run_preparation(load_scan(path), STANDARD, cache=tmp_path)
+    assert preparation.info["template_overlap"] > 0.95
+    low = np.argwhere(load_template().brain).min(axis=0)
+    high = np.argwhere(load_template().brain).max(axis=0)
+    corners = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    world = nib.affines.apply_affine(load_template().affine, corners)
+    error = nib.affines.apply_affine(preparation.transform, world) - nib.affines.apply_affine(motion, world)
+    assert np.linalg.norm(error, axis=1).max() < 2.0  # mm, at the corners of the brain's bounding box
+
+
+def test_stored_transform_file_is_the_same_transform(planted, tmp_path):
+    """transform.tfm, read by SimpleITK, maps template points as preparation.json's RAS matrix does."""
+    path, _, _ = planted
+    rows = prepare_scans([path], STANDARD, tmp_path / "out", cache=tmp_path / "cache")
+    folder = tmp_path / "out" / rows[0]["folder"]
+    matrix = np.array(json.loads((folder / "preparation.json").read_text())["template_to_scan_ras"])
+    transform = sitk.ReadTransform(str(folder / "transform.tfm"))
+    for point in ([0.0, 0.0, 0.0], [40.0, -60.0, 30.0], [-55.0, 20.0, -10.0]):
+        lps = (LPS_TO_RAS @ np.append(point, 1.0))[:3]
+        moved = (LPS_TO_RAS @ np.append(transform.TransformPoint(lps.tolist()), 1.0))[:3]
+        assert np.allclose(moved, (matrix @ np.append(point, 1.0))[:3], atol=1e-4)
+    standard = nib.load(str(folder / "standard.nii.gz"))
+    assert int(standard.header["sform_code"]) == 4 and standard.shape == standard_grid(64, 3.0)[1]
+
+
+def test_failed_registration_is_that_scans_error_and_the_batch_goes_on(planted, tmp_path, monkeypatch):
+    """A registration forced to fail (a transform 40 mm off) fails its scan with the reason; the others pass."""
+    path, _, _ = planted
+    bad = tmp_path / "bad_head.nii.gz"
+    bad.write_bytes(Path(path).read_bytes())
+    broken = nib.load(str(bad))
+    nib.save(nib.Nifti1Image(np.asarray(broken.dataobj) * 1.01, broken.affine, broken.header), str(bad))
+    register = stage.register_affine
+
+    def sometimes_wrong(template, template_affine, brain, brain_affine):
+        transform = register(template, template_affine, brain, brain_affine)
+        if brain.max() > 1.005 * 2 * load_template().image.max():  # the scaled copy: bad_head
+            transform = transform.copy()
+            transform[0, 3] += 40.0
+        return transform
+
+    monkeypatch.setattr(stage, "register_affine", sometimes_wrong)
+    rows = prepare_scans([bad, path], STANDARD, tmp_path / "out", cache=tmp_path / "cache")
+    status = {row["scan_id"]: row for row in rows}
+    assert status["bad_head"]["status"] == "error"
+    assert "registration to the MNI template failed" in status["bad_head"]["error"]
+    assert str(bad) in status["bad_head"]["error"]
+    assert status["head"]["status"] == "ok" and (tmp_path / "out" / "head" / "standard.nii.gz").is_file()
+    assert not (tmp_path / "out" / "bad_head").exists()
+    table = (tmp_path / "out" / "preparation.csv").read_text()
+    assert "bad_head,error," in table and "head,ok," in table
+
+
+def test_second_run_reads_the_cache_without_registering(planted, tmp_path, monkeypatch):
+    path, _, _ = planted
+    first = prepare(path, STANDARD, cache=tmp_path)
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("registered again although the cache holds the result")
+
+    monkeypatch.setattr(stage, "register_affine", no_registration)
+    monkeypatch.setattr(stage, "extract_brain", no_registration)
+    second = prepare(path, STANDARD, cache=tmp_path)
+    assert np.array_equal(first.slices.numpy(), second.slices.numpy())
+    assert np.array_equal(first.foreground, second.foreground) and np.array_equal(first.brain, second.brain)
+    assert np.allclose(first.transform, second.transform, atol=1e-12)
+    entries = list((tmp_path / "prepared").iterdir())
+    assert len(entries) == 1 and not list(tmp_path.glob("prepared/.*"))  # one entry, no staging left
+    # Other settings that shape the result are another entry (and would register).
+    with pytest.raises(AssertionError, match="registered again"):
+        prepare(path, STANDARD.overridden(slice_mm=4.0), cache=tmp_path)
+
+
+def test_implausible_brain_mask_is_refused(planted, tmp_path):
+    path, _, _ = planted
+    scan = load_scan(path)
+    tiny = np.zeros(scan.shape[1:], dtype=bool)
+    tiny[70:75, 90:95, 28:31] = True  # 75 voxels, 0.24 mL
+    config = STANDARD.overridden(brain="deepbet")
+    with pytest.raises(ScanError, match=r"implausible brain mask: 0 mL, outside the expected 400-2500 mL"):
+        stage.run_preparation(scan, config, given_brain=tiny, cache=tmp_path)
+    with pytest.raises(ScanError, match="empty brain mask"):
+        stage.run_preparation(scan, config, given_brain=np.zeros_like(tiny), cache=tmp_path)
+
+
+@pytest.mark.skipif(data_root() is None, reason="real data not found: set MEDFLOWAD_DATA")
+def test_deepbet_brain_extraction_on_ixi_heads_against_dlmuse():
+    """Dice >= 0.90 against DLMUSE (label > 0) for each of the 7 IXI T1 heads (skull and neck on)."""
+    folder = data_root() / "medical" / "ixi_t1_2mm"
+    heads = sorted(folder.glob("*_T1.nii.gz"))
+    assert len(heads) == 7
+    for head in heads:
+        image = nib.load(str(head))
+        reference = np.asarray(nib.load(str(head).replace("_T1", "_dlmuse")).dataobj) > 0
+        mask = extract_brain(np.asarray(image.dataobj, dtype=np.float32), image.affine, "deepbet", 0.1)
+        dice = 2 * np.logical_and(mask, reference).sum() / (mask.sum() + reference.sum())
+        assert dice >= 0.90, (head.name, dice)
