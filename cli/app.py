@@ -480,6 +480,9 @@ def bench_mri(
              "(not the calibration patients').")] = True,
     tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
                         ] = True,
+    space: Annotated[str, typer.Option(help="Preparation space: native (LGG's affine is nominal, so registration "
+                                       "to MNI fails on it) or standard.")] = "native",
+    brain: Annotated[str, typer.Option(help="Brain extraction: deepbet, or auto (skull kept).")] = "deepbet",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -489,7 +492,7 @@ def bench_mri(
     settings = MriBenchSettings(data=data, config=config, split=str(split) if split else None,
                                 general_steps=general_steps, in_steps=in_steps, tumor_steps=tumor_steps,
                                 channels_last=channels_last, outlier=outlier, pool_train_flair=pool_train_flair,
-                                tumor_2d=tumor_2d, device=device)
+                                tumor_2d=tumor_2d, device=device, space=space, brain=brain)
     result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
     console.print(mri_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")

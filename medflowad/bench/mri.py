@@ -2,9 +2,17 @@
 
 Everything lands in OUT and is reused when present:
 
+Preparation: LGG's affine is nominal (no spacing or orientation in the release), and affine registration to
+the MNI template fails its overlap check on it (benchmarks/preparation_check.py), so the bench prepares
+in native space with deepbet brain extraction by default (``space``/``brain``): the in-plane
+standardisation PROTOCOL.md allows for LGG. The skull is then in no image, map or metric, and the
+intensity baseline is measured on the same prepared brain voxels as the models. The brain-volume check is
+off there, since nominal voxel sizes give no physical volume.
+
 - ``pool/``: general pool from the 2D brain tumour MRI set (Training split, all classes), head CT, the
-  NIfTI samples and (``pool_train_flair``) every slice of the FLAIR scans the in-distribution models train
-  on, lesion or not; never anything from the test patients or the patients held apart for calibration;
+  NIfTI samples, the IXI T1 heads and (``pool_train_flair``) every slice of the FLAIR scans the
+  in-distribution models train on, lesion or not; never anything from the test patients or the patients
+  held apart for calibration;
 - ``flair/``: general + in-distribution models on the lesion-free slices of the train patients
   (``flair_outlier/``: the same in-distribution model trained with the outlier loss);
 - ``eval/``: slice- and voxel-level metrics of the test patients for every score, the FLAIR
@@ -71,6 +79,8 @@ class MriBenchSettings:
     tumor_2d: bool = True
     overlays: int = 4
     device: str = "auto"
+    space: str | None = "native"  # None: as the config says
+    brain: str | None = "deepbet"
 
 
 def read_split(path: str | None) -> dict[str, list[str]]:
@@ -91,6 +101,9 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     config.general_steps, config.in_steps, config.device = settings.general_steps, settings.in_steps, settings.device
     if settings.channels_last is not None:
         config.channels_last = settings.channels_last
+    config.preprocessing = config.preprocessing.overridden(space=settings.space, brain=settings.brain)
+    if config.preprocessing.space == "native":  # nominal voxel sizes: no physical brain volume to check
+        config.preprocessing = dataclasses.replace(config.preprocessing, brain_volume_ml=None)
     split = read_split(settings.split)
     lgg = medical / "lgg_flair128"
     train_scans = [lgg / f"{p}_flair.nii.gz" for p in split["train"]]
@@ -109,9 +122,10 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     # The calibration patients stay out of the pool, so that their healthy slices remain unseen by both models.
     pool_flair = (split_healthy_scans(train_scans, config, mask_replace=LESION_MASKS)[0]
                   if settings.pool_train_flair else [])
+    ixi = sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz"))  # not their DLMUSE label maps
     stage("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
-        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *pool_flair], pool,
-        config.preprocessing))
+        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *ixi, *pool_flair],
+        pool, config.preprocessing))
     _check_pool_flair(pool, train_scans, pool_flair)
     stage("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(), lambda: train_mri_model(
         config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS, show_progress=show_progress,

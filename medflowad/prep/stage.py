@@ -285,7 +285,8 @@ def prepare_volume(scan: MetaTensor, config: ScanPreprocessing, brain_mask: Meta
     if config.space == "native":
         image = scan.as_tensor()[0].numpy() if preparation.image is None else preparation.image
         skull_stripped = torch.from_numpy(np.ascontiguousarray(image * native_brain, dtype=np.float32))[None]
-        source = MetaTensor(skull_stripped, affine=scan.affine, meta=dict(scan.meta))
+        meta = {k: v for k, v in scan.meta.items() if k != "affine"}
+        source = MetaTensor(skull_stripped, affine=scan.affine, meta=meta)
         brain = MetaTensor(torch.from_numpy(native_brain.astype(np.float32))[None], affine=scan.affine)
         prepared = prepare_scan(source, config, brain_mask=brain, lesion_mask=lesion_mask)
         prepared.native, prepared.brain = scan, native_brain

@@ -54,7 +54,7 @@ def test_bench_mri_reduced(tmp_path, monkeypatch):
 
     args = ["bench", "mri", "-o", str(tmp_path / "bench"), "--data", str(tmp_path / "data"), "-c", str(config),
             "--split", str(split), "--general-steps", "4", "--in-steps", "3", "--tumor-steps", "2", "--channels-last",
-            "-q"]
+            "--brain", "auto", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     bench = tmp_path / "bench"
