@@ -47,13 +47,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for head in sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz")):
         reference = np.asarray(nib.load(str(head).replace("_T1", "_dlmuse")).dataobj) > 0
-        started = time.perf_counter()
         preparation = run_preparation(load_scan(head), STANDARD)
         seconds = preparation.info["seconds"] if not preparation.cached else {"brain": float("nan"),
                                                                              "registration": float("nan")}
         print(f"| {head.name.split('_')[0]} | {_dice(preparation.brain, reference):.3f} | {preparation.brain_ml:.0f} | "
               f"{preparation.info['template_overlap']:.3f} | {seconds['brain']:.1f} | "
-              f"{seconds['registration']:.1f} |  <!-- {time.perf_counter() - started:.1f} s -->")
+              f"{seconds['registration']:.1f} |")
 
     print("\n| LGG patients | lesion voxels inside the brain mask: min / median | nominal brain mL: min / max |")
     print("|---|---|---|")

@@ -39,6 +39,7 @@ from medflowad.data.scans import PreparedScan, ScanPreprocessing, prepare_scan, 
 from medflowad.prep.brain import check_brain_mask, extract_brain
 from medflowad.prep.registration import ras_to_itk, register_affine, resample, sitk_image, supersampling
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
+from medflowad.storage import current_umask
 
 PREP_VERSION = 1  # part of every cache key: bump when the stage's results change
 CACHE_ENV = "MEDFLOWAD_CACHE"
@@ -205,6 +206,7 @@ def write_entry(preparation: Preparation, folder: Path, native_affine: np.ndarra
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp creates 0700; prepared scans are for sharing
         files = {"brain_mask.nii.gz": _nifti(preparation.brain.astype(np.uint8), native_affine)}
         if preparation.image is not None:
             files["n4.nii.gz"] = _nifti(preparation.image, native_affine)
