@@ -75,7 +75,7 @@ def test_pool_and_evaluate_prepare_in_standard_space(standard_model, monkeypatch
     root, cache, patient, pool_head = standard_model
     manifest = yaml.safe_load((root / "pool" / "manifest.json").read_text())
     assert manifest["preprocessing"]["space"] == "standard"
-    assert [s["slices"] > 0 for s in manifest["sources"]] == [True]
+    assert [(s["path"].endswith(pool_head.name), s["slices"] > 0) for s in manifest["sources"]] == [(True, True)]
     monkeypatch.setenv("MEDFLOWAD_CACHE", str(cache))
     result = evaluate_scans(root / "model", [patient], ("_t1", "_mask"), device="cpu")
     assert result["scans"] == 1 and result["lesion_voxels"] > 0
