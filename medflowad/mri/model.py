@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from scipy import ndimage
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
 from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, scan_id, split_series
@@ -36,7 +37,14 @@ from medflowad.data.scans import PreparedScan, ScanPreprocessing
 from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
-from medflowad.mri.analysis import MAP_TYPES, SLICE_SCORES, ScanAnalysis, analyse_scan, threshold_at_fpr
+from medflowad.mri.analysis import (
+    MAP_TYPES,
+    SLICE_SCORES,
+    ScanAnalysis,
+    aggregate,
+    analyse_scan,
+    threshold_at_fpr,
+)
 from medflowad.mri.config import MriConfig, mri_config_from_dict
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
@@ -50,6 +58,7 @@ SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors",
                  "in/model.safetensors", "calibration.safetensors", "calibration.json")
 TRAINED_ON = "trained_on.json"
 VOXEL_SAMPLE = 200_000  # healthy voxels kept per map type for voxel thresholds
+LESION_MARGIN = 2  # model-grid pixels around a lesion that are not healthy calibration voxels
 NAME_TOKENS = {"t1": {"t1", "t1w", "mprage"}, "t2": {"t2", "t2w"}, "pd": {"pd", "pdw"}, "ct": {"ct"}}
 BIDS_SUBJECT = re.compile(r"(sub-[A-Za-z0-9]+)_")  # BIDS file names start with the subject entity
 
@@ -294,25 +303,46 @@ def _copy_model(source: Path, target: Path) -> None:
         shutil.copyfile(source / name, target / name)
 
 
+def healthy_parts(prepared: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
+    """(scored slices without lesion (Z,), scored voxels at least LESION_MARGIN pixels from any lesion (Z, S, S)).
+
+    Without a lesion mask every scored slice and voxel counts as healthy.
+    """
+    slices = prepared.keep.copy()
+    voxels = prepared.foreground & prepared.keep[:, None, None]
+    if prepared.lesion is not None:
+        slices &= ~prepared.lesion_slices
+        in_plane = np.zeros((1, 3, 3), dtype=bool)
+        in_plane[0] = ndimage.generate_binary_structure(2, 1)
+        voxels &= ~ndimage.binary_dilation(prepared.lesion > 0, structure=in_plane, iterations=LESION_MARGIN)
+    return slices, voxels
+
+
 def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.ndarray]:
-    """Healthy validation distributions of slice scores, scan scores and foreground voxel map values."""
+    """Healthy validation distributions of slice scores, scan scores and brain (foreground) voxel map values.
+
+    Calibration scans with lesion masks (held-apart patients) contribute their healthy parts only
+    (:func:`healthy_parts`): lesion-free slices, voxels away from the lesion, and a scan score from the
+    lesion-free slices; lesion values would raise every threshold meant to bound false positives.
+    """
     slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
     scan_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
     voxel_values: dict[str, list] = {}
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model)
-        scan_scores = analysis.scan_scores(model.config.top_fraction)
+        healthy_slices, healthy_voxels = healthy_parts(prepared)
         for name, values in analysis.slice_scores.items():
-            slice_values[name].append(values[np.isfinite(values)])
-            scan_values[name].append(scan_scores[name])
-        scored = prepared.foreground & prepared.keep[:, None, None]
+            kept = np.where(healthy_slices, values, np.nan)
+            slice_values[name].append(kept[np.isfinite(kept)])
+            scan_values[name].append(aggregate(kept, model.config.top_fraction))
         for name, values in analysis.maps.items():  # MAP_TYPES and the per-scale llr maps
-            voxel_values.setdefault(name, []).append(values[scored])
+            voxel_values.setdefault(name, []).append(values[healthy_voxels])
     rng = np.random.default_rng(model.config.seed)
     calibration = {}
     for name in SLICE_SCORES:
         calibration[f"slice/{name}"] = np.concatenate(slice_values[name])
-        calibration[f"scan/{name}"] = np.asarray(scan_values[name], dtype=np.float64)
+        scan = np.asarray(scan_values[name], dtype=np.float64)
+        calibration[f"scan/{name}"] = scan[np.isfinite(scan)]  # a scan without healthy slice has no score
     for name, parts in voxel_values.items():
         values = np.concatenate(parts).astype(np.float64)
         if len(values) > VOXEL_SAMPLE:

@@ -145,3 +145,33 @@ def test_a_model_folder_is_not_resumed_with_other_data(tmp_path, monkeypatch):
     build_pool([source], tmp_path / "pool", config.preprocessing, overwrite=True)
     with pytest.raises(ValueError, match=r"changed: pool_slices_sha256"):
         train_mri_model(config, [healthy], model, pool=tmp_path / "pool", show_progress=False, echo=lambda m: None)
+
+
+def test_calibration_takes_only_the_healthy_parts_of_lesion_patients(tiny_mri_model, tmp_path):
+    """Slices with lesion and voxels within LESION_MARGIN pixels (4-neighbour steps in-plane) of a lesion stay out
+    of the calibration distributions; checked on the intensity map, which is the prepared image itself."""
+    from medflowad.data.readers import load_scan
+    from medflowad.mri.model import LESION_MARGIN, calibrate, load_mri_model
+    from medflowad.prep import prepare_volume
+
+    volume = brain_like(seed=7, blob=(24, 28, 7))
+    lesion = (volume == 300).astype(np.uint8)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    model = load_mri_model(tiny_mri_model, "cpu", calibrated=False)
+    prepared = prepare_volume(load_scan(save_nifti(tmp_path / "p_flair.nii.gz", volume, affine)),
+                              model.config.preprocessing,
+                              lesion_mask=load_scan(save_nifti(tmp_path / "p_mask.nii.gz", lesion, affine)))
+    assert prepared.lesion_slices[prepared.keep].any() and not prepared.lesion_slices[prepared.keep].all()
+    calibration = calibrate(model, [prepared])
+    # Independent: Manhattan distance in-plane from every pixel to the nearest lesion pixel, by brute force.
+    z_idx, r_idx, c_idx = np.nonzero(prepared.lesion > 0)
+    expected = []
+    image = prepared.slices[:, 0].numpy() / 255.0
+    for z in np.nonzero(prepared.keep)[0]:
+        for r, c in zip(*np.nonzero(prepared.foreground[z]), strict=True):
+            near = (z_idx == z) & (np.abs(r_idx - r) + np.abs(c_idx - c) <= LESION_MARGIN)
+            if not near.any():
+                expected.append(image[z, r, c])
+    assert np.allclose(np.sort(calibration["voxel/intensity"]), np.sort(np.asarray(expected, dtype=np.float32)))
+    healthy = prepared.keep & ~prepared.lesion_slices
+    assert len(calibration["slice/llr"]) == healthy.sum()
