@@ -14,6 +14,7 @@ Results go into the preparation cache ($MEDFLOWAD_CACHE), so a `bench mri` run a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def main() -> None:
     for patient in read_split(None)["train"][: args.lgg_registrations]:
         scan = load_scan(medical / "lgg_flair128" / f"{patient}_flair.nii.gz")
         try:
-            preparation = run_preparation(scan, STANDARD.overridden(min_template_overlap=0.0, brain_volume_ml=None))
+            preparation = run_preparation(scan, dataclasses.replace(STANDARD, min_template_overlap=0.0,
+                                                                    brain_volume_ml=None))
             overlap = preparation.info["template_overlap"]
             print(f"| {patient} | {overlap:.3f} | {'yes' if overlap >= STANDARD.min_template_overlap else 'no'} |")
         except ScanError as exc:

@@ -345,8 +345,8 @@ def score(
     fpr: Annotated[float | None, typer.Option(help="False-positive rate for flags (default: the model's, 5 %).")
                    ] = None,
     brain_masks: Annotated[str | None, typer.Option(
-        help="OLD=NEW from scan name to a brain-mask file beside it (e.g. .nii=_brainmask.nii); "
-        "default: automatic foreground.")] = None,
+        help="OLD=NEW from scan name to a brain-mask file beside it (e.g. .nii=_brainmask.nii), used instead "
+        "of the model's brain extraction.")] = None,
     pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
     resume: Annotated[bool, typer.Option("--continue", help="Skip scans that OUT already holds scored by this "
                                          "model, e.g. after an interruption.")] = False,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medflowad.data.slice_sets import is_slice_set, load_slice_set
+from medflowad.data.slice_sets import is_slice_set, load_slice_masks, load_slice_set
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("medflowad.data")
@@ -52,6 +52,8 @@ class ImageSet:
     class_names: list[str] = field(default_factory=list)
     source: str = ""
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded, each with its reason
+    # uint8 (N, 1, H, W), 1 where a pixel's likelihood counts in training, 0 where it is left out (lesions)
+    masks: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -59,6 +61,10 @@ class ImageSet:
                             f"{tuple(self.images.shape)}")
         if len(self.labels) != len(self.images):
             raise DataError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+        if self.masks is not None and (self.masks.shape[0] != len(self.images) or self.masks.shape[1] != 1
+                                       or self.masks.shape[2:] != self.images.shape[2:]):
+            raise DataError(f"{self.source}: masks of shape {tuple(self.masks.shape)} do not fit images of shape "
+                            f"{tuple(self.images.shape)}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -72,7 +78,8 @@ class ImageSet:
         if not limit or len(self) <= limit:
             return self
         pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:limit]
-        return ImageSet(self.images[pick], self.labels[pick], self.class_names, self.source, self.skipped)
+        masks = self.masks[pick] if self.masks is not None else None
+        return ImageSet(self.images[pick], self.labels[pick], self.class_names, self.source, self.skipped, masks)
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -98,7 +105,7 @@ def load_image_set(spec: str, channels: int | None = None, size: tuple[int, int]
         data = _load_zip_folder(path, subdir, size)
     elif is_slice_set(path):
         images, _, _ = load_slice_set(path)
-        data = ImageSet(images, torch.full((len(images),), -1, dtype=torch.long))
+        data = ImageSet(images, torch.full((len(images),), -1, dtype=torch.long), masks=load_slice_masks(path))
     elif path.is_dir() and _is_cifar_dir(path):
         data = _load_cifar_dir(path, subdir or "train")
     elif path.is_file() and _looks_like_cifar_batch(path):
@@ -124,10 +131,12 @@ def convert(data: ImageSet, channels: int | None, size: tuple[int, int] | None) 
         else:
             raise DataError(f"{data.source}: cannot convert {images.shape[1]} channels to {channels}")
     if size is not None and tuple(images.shape[2:]) != tuple(size):
+        if data.masks is not None:
+            raise DataError(f"{data.source}: a set with likelihood masks must already have the model's size {size}")
         resized = torch.nn.functional.interpolate(images.float(), size=tuple(size), mode="bilinear",
                                                   antialias=True, align_corners=False)
         images = resized.round().clamp(0, 255).to(torch.uint8)
-    return ImageSet(images, data.labels, data.class_names, data.source, data.skipped)
+    return ImageSet(images, data.labels, data.class_names, data.source, data.skipped, data.masks)
 
 
 def _decode(blob: bytes, where: str) -> np.ndarray:

@@ -81,6 +81,31 @@ class GlowOutput:
         """log p(x) = c_1 + ... + c_L: (B,), or (B, K) per class."""
         return self.contributions.sum(dim=-1)
 
+    def masked_log_prob(self, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Log-likelihood of the locations that touch no masked pixel, and how many dimensions they hold.
+
+        ``pixel_mask`` is (B, 1, H, W), 1 where a pixel counts. A location of scale i covers
+        :math:`2^i \times 2^i` pixels; it is kept (:math:`k_{i,l} = 1`) when all of them count, and
+
+        .. math:: \log \tilde p(x) = \sum_i \sum_l k_{i,l}\, c_i(x)[l],\qquad
+                  \tilde D = \sum_i d_i \sum_l k_{i,l},
+
+        with :math:`d_i` the latent channels of scale i (so :math:`\tilde D = D` without masked pixels and
+        the sum is ``log_prob``). Masked locations' terms are left out of the sum, so no gradient flows
+        from them. Unconditional models only. Returns ((B,) nats, (B,) dimensions).
+        """
+        kept_log_prob = 0.0
+        kept_dims = 0.0
+        outside = 1.0 - pixel_mask.float()
+        for contribution, latent in zip(self.contribution_maps, self.latents, strict=True):
+            if contribution.dim() != 3:
+                raise ValueError("masked likelihood needs an unconditional model (one map per scale)")
+            factor = pixel_mask.shape[-1] // contribution.shape[-1]
+            keep = 1.0 - torch.nn.functional.max_pool2d(outside, factor)[:, 0]  # (B, H_i, W_i)
+            kept_log_prob = kept_log_prob + (keep * contribution).sum(dim=(-2, -1))
+            kept_dims = kept_dims + latent.shape[1] * keep.sum(dim=(-2, -1))
+        return kept_log_prob, kept_dims
+
 
 def class_mixture_log_prob(log_p_given_class: torch.Tensor) -> torch.Tensor:
     """log((1/K) sum_c p(x | c)) from (B, K) per-class log-likelihoods."""

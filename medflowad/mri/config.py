@@ -30,6 +30,9 @@ class MriConfig:
     general_lr: float = 5e-4
     in_steps: int = 1000
     in_lr: float = 2e-4  # fine-tuning from the general model; 1e-3 diverged in our runs
+    # Scans with lesion masks train as healthy tissue: "mask" keeps every slice and leaves the (dilated) lesion's
+    # locations out of the likelihood; "drop_slices" trains on their lesion-free slices only.
+    lesions: str = "mask"
     translate: float = 0.05
     hflip: bool = True  # brains are roughly left-right symmetric
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
@@ -48,6 +51,8 @@ class MriConfig:
         if tuple(self.model.image_size) != (size, size) or self.model.in_channels != 1:
             raise ConfigError(f"model.image_size must be [{size}, {size}] with in_channels 1 "
                               "to match preprocessing.image_size")
+        if self.lesions not in ("mask", "drop_slices"):
+            raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:
             raise ConfigError("val_fraction, top_fraction and fpr must lie in (0, 1)")
         if min(self.batch_size, self.general_steps, self.in_steps) < 1 or not min(self.general_lr, self.in_lr) >= 0:

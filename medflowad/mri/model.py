@@ -103,16 +103,33 @@ def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace
     return scans
 
 
-def _slices_of(prepared: list[PreparedScan], exclude_lesions: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    images, index = [], []
+def _healthy_slices(prepared: list[PreparedScan], lesions: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor | None]:
+    """(slices, source index, likelihood masks or None) of the healthy tissue in ``prepared``.
+
+    ``lesions="drop_slices"``: the scored slices without lesion. ``"mask"``: every scored slice, with a mask
+    that is 0 within LESION_MARGIN pixels of a lesion (the model learns healthy tissue at every brain level);
+    masks are None when no scan has a lesion.
+    """
+    images, index, masks = [], [], []
     for i, p in enumerate(prepared):
-        keep = p.keep & ~p.lesion_slices if (exclude_lesions and p.lesion_slices is not None) else p.keep
+        keep = p.keep & ~p.lesion_slices if (lesions == "drop_slices" and p.lesion_slices is not None) else p.keep
         picked = np.nonzero(keep)[0]
         images.append(p.slices[picked])
         index += [i] * len(picked)
+        near = lesion_zone(p) if p.lesion is not None else np.zeros((p.num_slices, *p.slices.shape[-2:]), bool)
+        masks.append(torch.from_numpy(~near[picked])[:, None].to(torch.uint8))
     if not index:
         raise ValueError("no usable healthy slices (all slices lack foreground or contain lesions)")
-    return torch.cat(images), torch.tensor(index)
+    mask = torch.cat(masks)
+    return torch.cat(images), torch.tensor(index), (mask if lesions == "mask" and not bool(mask.all()) else None)
+
+
+def lesion_zone(prepared: PreparedScan) -> np.ndarray:
+    """(Z, S, S) pixels within LESION_MARGIN in-plane 4-neighbour steps of a lesion pixel."""
+    in_plane = np.zeros((1, 3, 3), dtype=bool)
+    in_plane[0] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_dilation(prepared.lesion > 0, structure=in_plane, iterations=LESION_MARGIN)
 
 
 def subject_of(scan: Path) -> str:
@@ -211,13 +228,16 @@ def train_mri_model(
                              for split in ("train", "val")}, pool)
     healthy_slices = {}
     for split in ("train", "val"):
-        images, index = _slices_of([p for _, p in prepared[split]], exclude_lesions=True)
+        # Calibration scans give the validation bits/dim on lesion-free slices; calibrate() takes their healthy parts.
+        lesions = config.lesions if split == "train" else "drop_slices"
+        images, index, masks = _healthy_slices([p for _, p in prepared[split]], lesions)
         healthy_slices[split] = len(index)
         save_slice_set(out / "data" / f"healthy_{split}", images, index, {
-            "kind": f"healthy-{split}", "modality": config.modality,
+            "kind": f"healthy-{split}", "modality": config.modality, "lesions": lesions,
+            "masked_pixels": int((masks == 0).sum()) if masks is not None else 0,
             "sources": [{"path": str(path), "slices": int((index == i).sum())}
                         for i, (path, _) in enumerate(prepared[split])],
-        })
+        }, masks=masks)
     write_yaml(out / MRI_CONFIG, config.to_dict())
 
     general_dir = out / "general"
@@ -312,9 +332,7 @@ def healthy_parts(prepared: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
     voxels = prepared.foreground & prepared.keep[:, None, None]
     if prepared.lesion is not None:
         slices &= ~prepared.lesion_slices
-        in_plane = np.zeros((1, 3, 3), dtype=bool)
-        in_plane[0] = ndimage.generate_binary_structure(2, 1)
-        voxels &= ~ndimage.binary_dilation(prepared.lesion > 0, structure=in_plane, iterations=LESION_MARGIN)
+        voxels &= ~lesion_zone(prepared)
     return slices, voxels
 
 

@@ -154,7 +154,10 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
     if config.space == "standard":
         template = load_template()
         started = time.perf_counter()
-        transform = register_affine(template.image, template.affine, image * brain, affine)
+        try:
+            transform = register_affine(template.image, template.affine, image * brain, affine)
+        except RuntimeError as exc:  # ITK's exceptions (e.g. all samples map outside the scan)
+            raise ScanError(f"{name}: registration to the MNI template failed ({str(exc).strip()[-300:]})") from exc
         seconds["registration"] = time.perf_counter() - started
         info["template_to_scan_ras"] = transform.tolist()
         info["template_overlap"] = round(template_overlap(brain, affine, transform), 4)

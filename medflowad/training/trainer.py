@@ -200,15 +200,21 @@ class _Objective:
         self.num_dims = config.model.num_dims
         self.nats_to_bpd = 1.0 / (self.num_dims * math.log(2))
 
-    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None, x_general: torch.Tensor | None):
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None, x_general: torch.Tensor | None,
+                 mask: torch.Tensor | None = None):
         cfg, out_cfg = self.config, self.config.outlier
         parts: dict[str, float] = {}
         if cfg.supervised:
             per_class = self.model(x).log_prob  # (B, K)
             log_p_in = per_class.gather(1, labels[:, None]).squeeze(1)
+            nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
+        elif mask is not None:  # healthy tissue of patients' slices: masked locations leave the likelihood
+            log_p_in, dims = self.model(x).masked_log_prob(mask)
+            counted = dims > 0
+            nll_bpd = ((-log_p_in + dims * math.log(256)) / (dims.clamp(min=1) * math.log(2)))[counted].mean()
         else:
             log_p_in = self.model(x).log_prob
-        nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
+            nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
         loss = nll_bpd
         parts["bpd"] = nll_bpd.item()
         if cfg.supervised and self.general is not None:
@@ -298,7 +304,13 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
             started = time.perf_counter()
             gen = torch.Generator().manual_seed(_mix(config.seed, 2, step))
             idx = sampler.indices(step)
-            x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
+            mask = None
+            if data.train.masks is None:
+                x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
+            else:  # masks shift and flip with their images
+                both = _augment(torch.cat([data.train.images[idx], data.train.masks[idx]], dim=1), config, gen)
+                x = to_model_input(both[:, :-1], torch.rand(both[:, :-1].shape, generator=gen)).to(device)
+                mask = both[:, -1:].to(device)
             labels = data.train.labels[idx].to(device) if config.supervised else None
             x_general = None
             if general_sampler is not None:
@@ -306,7 +318,7 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
                 x_general = _augment_and_dequantize(data.general.images[g_idx], config, gen).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
-            loss, parts = objective(x, labels, x_general)
+            loss, parts = objective(x, labels, x_general, mask)
             skipped = not torch.isfinite(loss)
             if not skipped:
                 optimizer.zero_grad(set_to_none=True)
@@ -386,11 +398,16 @@ def _finished_result(out_dir: Path, checkpoint_path: Path, config: RunConfig) ->
                        last.get("test_bpd"), ips, history)
 
 
-def _augment_and_dequantize(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
+def _augment(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
     if config.data.translate > 0:
         images = random_translate(images, config.data.translate, gen)
     if config.data.hflip:
         images = random_hflip(images, gen)
+    return images
+
+
+def _augment_and_dequantize(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
+    images = _augment(images, config, gen)
     noise = torch.rand(images.shape, generator=gen)
     return to_model_input(images, noise)
 
@@ -401,6 +418,8 @@ def _test_bpd(model: Glow, test: ImageSet, config: RunConfig) -> float:
 
 
 def _check_data(data: TrainData, config: RunConfig) -> None:
+    if config.supervised and data.train.masks is not None:
+        raise TrainingError(f"{data.train.source}: likelihood masks need an unconditional model (num_classes 0)")
     if config.supervised:
         labels = data.train.labels
         if (labels < 0).any() or (labels >= config.model.num_classes).any():

@@ -186,3 +186,25 @@ def test_finished_run_returns_without_loading_data(tmp_path, blobs_npz):
     blobs_npz.unlink()  # a finished run must not need its data again
     again = train(config, tmp_path / "run", show_progress=False)
     assert (again.steps, again.skipped_steps, again.history) == (first.steps, first.skipped_steps, first.history)
+
+
+def test_likelihood_masks_shift_and_flip_with_their_images(tmp_path, monkeypatch):
+    """A slice set with masks trains with the masked likelihood; each mask is augmented with its own image."""
+    from medflowad.data.slice_sets import save_slice_set
+
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(64, 1, 8, 8, generator=gen) > 0.3).to(torch.uint8)
+    save_slice_set(tmp_path / "set", masks * 255, torch.zeros(64, dtype=torch.long), {"sources": []}, masks=masks)
+    seen = []
+    original = trainer_module._Objective.__call__
+
+    def spy(self, x, labels, x_general, mask=None):
+        seen.append((x.detach().clone(), mask.clone()))
+        return original(self, x, labels, x_general, mask)
+
+    monkeypatch.setattr(trainer_module._Objective, "__call__", spy)
+    config = tiny_config(tmp_path / "set", model__in_channels=1, data__translate=0.25, optim__steps=3)
+    result = train(config, tmp_path / "run", show_progress=False)
+    assert result.steps == 3 and len(seen) == 3
+    for x, mask in seen:
+        assert torch.equal(x > 0, mask.bool())  # image 255 where the mask is 1, shifted and flipped alike
