@@ -33,6 +33,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*")
 # The maps `medflowad score` writes (<scan-id> + suffix): never scans, so folder expansion skips them too.
 MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
+NORMATIVE_SUFFIX = "_normative.nii.gz"  # written for models with normative calibration
+OUTPUT_SUFFIXES = (*MAP_SUFFIXES, NORMATIVE_SUFFIX)
 SERIES_SEPARATOR = "::"
 
 
@@ -132,7 +134,7 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Path]:
             found += dicom_scans(path)
         else:
             for child in sorted(path.rglob("*")):
-                if is_label_name(child.name) or child.name.endswith(MAP_SUFFIXES):
+                if is_label_name(child.name) or child.name.endswith(OUTPUT_SUFFIXES):
                     continue
                 if child.is_file() and _suffix(child) in NIFTI_SUFFIXES + ITK_SUFFIXES:
                     found.append(child)

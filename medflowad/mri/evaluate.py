@@ -28,6 +28,7 @@ from medflowad.data.scans import to_native
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, load_mri_model, select_scans
+from medflowad.mri.normative import NORMATIVE_MAPS
 from medflowad.mri.score import csv_text, scans_the_model_saw
 from medflowad.prep import companion_path, prepare_volume
 from medflowad.storage import write_json, write_text
@@ -88,7 +89,8 @@ def evaluate_scans(
     slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, *SLICE_BASELINES)}
     slice_labels: list[np.ndarray] = []
     slice_rows: list[dict] = []
-    voxel_scores: dict[str, list] = {n: [] for n in map_names(model.config.model.levels)}
+    normative = [f"{n}_normative" for n in NORMATIVE_MAPS if f"normative/{n}/centre" in model.calibration]
+    voxel_scores: dict[str, list] = {n: [] for n in (*map_names(model.config.model.levels), *normative)}
     voxel_labels: list[np.ndarray] = []
     failed = []
     for path in scans:

@@ -46,6 +46,7 @@ from medflowad.mri.analysis import (
     threshold_at_fpr,
 )
 from medflowad.mri.config import MriConfig, mri_config_from_dict
+from medflowad.mri.normative import NORMATIVE_MAPS, fit_normative, level_count, normative_map, slice_levels
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
@@ -346,6 +347,9 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
     slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
     scan_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
     voxel_values: dict[str, list] = {}
+    kept_maps: dict[str, list] = {name: [] for name in NORMATIVE_MAPS}  # for the per-location statistics
+    healthy_masks, levels = [], []
+    standard = model.config.preprocessing.space == "standard"
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model)
         healthy_slices, healthy_voxels = healthy_parts(prepared)
@@ -355,8 +359,20 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
             scan_values[name].append(aggregate(kept, model.config.top_fraction))
         for name, values in analysis.maps.items():  # MAP_TYPES and the per-scale llr maps
             voxel_values.setdefault(name, []).append(values[healthy_voxels])
+        for name in NORMATIVE_MAPS:
+            kept_maps[name].append(analysis.maps[name])
+        healthy_masks.append(healthy_voxels)
+        levels.append(slice_levels(prepared, standard))
     rng = np.random.default_rng(model.config.seed)
     calibration = {}
+    count = level_count(healthy_val[0], standard)
+    for name in NORMATIVE_MAPS:
+        centre, spread = fit_normative(kept_maps[name], healthy_masks, levels, count, neighbour_levels=standard)
+        calibration[f"normative/{name}/centre"], calibration[f"normative/{name}/spread"] = centre, spread
+        # In-sample: each calibration voxel is one of hundreds of values at its location (neighbourhood pooling).
+        voxel_values[f"{name}_normative"] = [
+            normative_map(values, mask, level, centre, spread)[mask]
+            for values, mask, level in zip(kept_maps[name], healthy_masks, levels, strict=True)]
     for name in SLICE_SCORES:
         calibration[f"slice/{name}"] = np.concatenate(slice_values[name])
         scan = np.asarray(scan_values[name], dtype=np.float64)
@@ -372,8 +388,9 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
 def calibration_summary(calibration: dict[str, np.ndarray], fpr: float) -> dict:
     return {
         "fpr": fpr,
-        "counts": {k: len(v) for k, v in calibration.items()},
-        "thresholds": {k: threshold_at_fpr(v, fpr) for k, v in calibration.items() if len(v)},
+        "counts": {k: len(v) for k, v in calibration.items() if not k.startswith("normative/")},
+        "thresholds": {k: threshold_at_fpr(v, fpr) for k, v in calibration.items()
+                       if len(v) and not k.startswith("normative/")},
     }
 
 
@@ -429,7 +446,18 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
 
 
 def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> ScanAnalysis:
-    return analyse_scan(prepared, model.in_model, model.general_model, batch_size)
+    """Scores and maps of a prepared scan, with the normative maps (``<map>_normative``) when the model's
+    calibration holds per-location statistics (models calibrated before normative maps have none)."""
+    analysis = analyse_scan(prepared, model.in_model, model.general_model, batch_size)
+    standard = model.config.preprocessing.space == "standard"
+    level = slice_levels(prepared, standard)
+    region = prepared.foreground & prepared.keep[:, None, None]
+    for name in NORMATIVE_MAPS:
+        centre = model.calibration.get(f"normative/{name}/centre")
+        if centre is not None:
+            analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre,
+                                                               model.calibration[f"normative/{name}/spread"])
+    return analysis
 
 
 __all__ = ["MriModel", "analyse", "bundled_models", "load_mri_model", "model_fingerprint",

@@ -23,8 +23,8 @@ from medflowad.data.readers import (
     IMAGE_2D_SUFFIXES,
     ITK_SUFFIXES,
     LABEL_PATTERNS,
-    MAP_SUFFIXES,
     NIFTI_SUFFIXES,
+    OUTPUT_SUFFIXES,
     ScanError,
     dicom_scans,
     is_dicom_file,
@@ -58,7 +58,7 @@ def collect_sources(inputs: Sequence[str | Path], excludes: Sequence[str] = DEFA
     found: list[tuple[str, str]] = []
 
     def visit_file(f: Path, prefix: str = "") -> None:
-        if is_label_name(f.name, excludes) or f.name.endswith(MAP_SUFFIXES):  # masks; medflowad's own maps
+        if is_label_name(f.name, excludes) or f.name.endswith(OUTPUT_SUFFIXES):  # masks; medflowad's own maps
             return
         if _is_volume(f):
             found.append((str(f), "volume"))

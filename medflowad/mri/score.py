@@ -33,6 +33,8 @@ import numpy as np
 from medflowad.data.readers import (
     MAP_SUFFIXES,
     NIFTI_SUFFIXES,
+    NORMATIVE_SUFFIX,
+    OUTPUT_SUFFIXES,
     ScanError,
     absolute_scan_path,
     scan_id,
@@ -115,7 +117,7 @@ def source_header(reference: PreparedScan) -> nib.Nifti1Header | None:
 
 
 def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
-                header: nib.Nifti1Header | None = None) -> None:
+                header: nib.Nifti1Header | None = None, zscore_window: tuple[float, float] | None = None) -> None:
     """Write ``data`` (native shape) with the scan's affine in both sform and qform, atomically.
 
     NIfTI inputs lend their own header (codes, units, orientation), so viewers overlay the map exactly;
@@ -136,6 +138,9 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
         sform_code = qform_code = 1
     image.set_sform(affine, code=sform_code)
     image.set_qform(affine, code=qform_code)
+    if zscore_window is not None:  # viewers then label the values and open them in this display range
+        image.header.set_intent("z score")
+        image.header["cal_min"], image.header["cal_max"] = zscore_window
     payload = gzip.compress(image.to_bytes(), compresslevel=6)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
@@ -276,6 +281,9 @@ def score_scans(
     out.mkdir(parents=True, exist_ok=True)
     ids = _unique_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
+    # The voxel mask flags deviation from healthy anatomy at each place when the model has normative statistics.
+    mask_map = "llr_normative" if "voxel/llr_normative" in model.calibration else "llr"
+    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
@@ -306,10 +314,14 @@ def score_scans(
                 row.update(scan_scores(model, analysis, fpr))
                 native_llr = to_native(analysis.maps["llr"], prepared)
                 native_last = to_native(analysis.maps["last_scale"], prepared)
-                flagged = (native_llr > voxel_threshold).astype(np.uint8)
+                native_mask_map = native_llr if mask_map == "llr" else to_native(analysis.maps[mask_map], prepared)
+                flagged = (native_mask_map > mask_threshold).astype(np.uint8)
                 header = source_header(prepared)
                 for suffix, data in zip(MAP_SUFFIXES, (native_llr, native_last, flagged), strict=True):
                     write_nifti(out / f"{sid}{suffix}", data, prepared, header)
+                if mask_map != "llr":
+                    write_nifti(out / f"{sid}{NORMATIVE_SUFFIX}", native_mask_map, prepared, header,
+                                zscore_window=(0.0, 5.0))
                 row["flagged_voxels"] = int(flagged.sum())
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:
@@ -325,7 +337,7 @@ def score_scans(
             except Exception as exc:  # one bad scan never stops the batch; its reason goes into the tables
                 reason = str(exc) if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
                 row.update(status="error", error=reason if str(path) in reason else f"{path}: {reason}")
-                for suffix in MAP_SUFFIXES:  # a failed scan has no maps: none half-written, none left from before
+                for suffix in OUTPUT_SUFFIXES:  # a failed scan has no maps: none half-written, none left from before
                     (out / f"{sid}{suffix}").unlink(missing_ok=True)
             row["seconds"] = round(time.perf_counter() - started, 3)
             _forget_kept(result, sid)

@@ -1,0 +1,102 @@
+r"""Normative voxel maps: each location's map value against the healthy range at that location.
+
+Healthy anatomy makes some places systematically less likely than others (edges, ventricles, sulci), far
+more than a lesion moves a map, so one threshold for the whole brain flags anatomy. The healthy calibration
+scans give every location l a robust centre and spread of a map's values,
+
+.. math:: m_l = \operatorname{median}\{v\},\qquad s_l = 1.4826\,\operatorname{median}|v - m_l|,
+
+over the healthy voxels v at l and its in-plane 3x3 neighbourhood (and the neighbouring levels), since
+calibration scans are few. The normative map is the robust z-score :math:`(\text{map}_l - m_l) / s_l`.
+
+A location is (level, row, column) on the model grid. In standard space the level is the slice itself (a
+slice index is a brain level in every scan); on a scan's own grid it is the slice's relative position
+between the first and the last scored slice, in ``NATIVE_LEVELS`` bins (an approximation: brains cropped
+to their extent share rough, not exact, anatomy per pixel). Locations with fewer than ``MIN_VALUES``
+healthy values take the map's global centre and spread; spreads are floored at ``SPREAD_FLOOR`` of the
+global spread so that a near-constant location cannot blow a z-score up.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from medflowad.data.scans import PreparedScan
+
+NORMATIVE_MAPS = ("llr", "last_scale", "intensity")  # each gets "<name>_normative"
+NATIVE_LEVELS = 16
+MIN_VALUES = 10
+SPREAD_FLOOR = 0.05
+MAD_TO_SD = 1.4826
+
+
+def slice_levels(prepared: PreparedScan, standard: bool) -> np.ndarray:
+    """(Z,) location level of each slice; -1 for slices that are not scored."""
+    levels = np.full(prepared.num_slices, -1)
+    scored = np.nonzero(prepared.keep)[0]
+    if standard:
+        levels[scored] = scored
+    elif len(scored):
+        span = max(scored[-1] - scored[0], 1)
+        levels[scored] = np.minimum(((scored - scored[0]) / span * NATIVE_LEVELS).astype(int), NATIVE_LEVELS - 1)
+    return levels
+
+
+def level_count(prepared: PreparedScan, standard: bool) -> int:
+    return prepared.num_slices if standard else NATIVE_LEVELS
+
+
+def _robust(values: np.ndarray) -> tuple[float, float]:
+    centre = float(np.median(values))
+    return centre, float(MAD_TO_SD * np.median(np.abs(values - centre)))
+
+
+def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
+                  neighbour_levels: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-location (centre, spread), each (count, S, S), from calibration scans' maps (Z, S, S), their
+    healthy-voxel masks (Z, S, S) and slice levels (Z,)."""
+    size = maps[0].shape[-1]
+    per_level: list[list[np.ndarray]] = [[] for _ in range(count)]
+    for values, mask, level in zip(maps, healthy, levels, strict=True):
+        for z in np.nonzero(level >= 0)[0]:
+            per_level[level[z]].append(np.where(mask[z], values[z], np.nan).astype(np.float32))
+    everything = np.concatenate([np.where(m, v, np.nan)[np.isfinite(np.where(m, v, np.nan))]
+                                 for v, m in zip(maps, healthy, strict=True)])
+    if everything.size == 0:
+        raise ValueError("no healthy calibration voxels for the normative maps")
+    global_centre, global_spread = _robust(everything)
+    floor = max(SPREAD_FLOOR * global_spread, 1e-6)
+    centre = np.full((count, size, size), global_centre, dtype=np.float32)
+    spread = np.full((count, size, size), max(global_spread, floor), dtype=np.float32)
+    for level in range(count):
+        sources = [*per_level[level]]
+        if neighbour_levels:
+            sources += [s for near in (level - 1, level + 1) if 0 <= near < count for s in per_level[near]]
+        if not sources:
+            continue
+        stack = np.stack(sources)
+        padded = np.pad(stack, ((0, 0), (1, 1), (1, 1)), constant_values=np.nan)
+        shifted = np.concatenate([padded[:, 1 + dr: 1 + dr + size, 1 + dc: 1 + dc + size]
+                                  for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+        enough = np.isfinite(shifted).sum(axis=0) >= MIN_VALUES
+        if not enough.any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN locations are handled by `enough`
+            median = np.nanmedian(shifted, axis=0)
+            mad = MAD_TO_SD * np.nanmedian(np.abs(shifted - median), axis=0)
+        centre[level][enough] = median[enough]
+        spread[level][enough] = np.maximum(mad[enough], floor)
+    return centre, spread
+
+
+def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, centre: np.ndarray,
+                  spread: np.ndarray) -> np.ndarray:
+    """(Z, S, S) robust z-scores inside ``region`` (zero elsewhere) for a scan with slice levels ``level``."""
+    out = np.zeros(values.shape, dtype=np.float32)
+    for z in np.nonzero(level >= 0)[0]:
+        level_z = min(level[z], len(centre) - 1)
+        out[z] = np.where(region[z], (values[z] - centre[level_z]) / spread[level_z], 0.0)
+    return out
