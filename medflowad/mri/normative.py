@@ -28,7 +28,7 @@ from medflowad.data.scans import PreparedScan
 NORMATIVE_MAPS = ("llr", "last_scale", "intensity")  # each gets "<name>_normative"
 NATIVE_LEVELS = 16
 MIN_VALUES = 10
-SPREAD_FLOOR = 0.05
+SPREAD_FLOOR = 0.01
 MAD_TO_SD = 1.4826
 
 
