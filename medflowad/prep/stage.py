@@ -41,7 +41,8 @@ from medflowad.prep.registration import ras_to_itk, register_affine, resample, s
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
 from medflowad.storage import current_umask
 
-PREP_VERSION = 1  # part of every cache key: bump when the stage's results change
+PREP_VERSION = 1  # part of every cache key: bump when brain extraction or normalisation change
+REGISTRATION_VERSION = 2  # part of standard-space keys: bump when registration or resampling change
 CACHE_ENV = "MEDFLOWAD_CACHE"
 ENTRY_FILES = {  # file -> what it holds (also written into preparation.json)
     "brain_mask.nii.gz": "brain mask on the scan's own grid (uint8)",
@@ -80,8 +81,8 @@ def _key_settings(config: ScanPreprocessing) -> dict:
     settings = {"version": PREP_VERSION, "space": config.space, "brain": config.brain, "n4": config.n4,
                 "foreground_threshold": config.foreground_threshold}
     if config.space == "standard":
-        settings.update(template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
-                        percentiles=list(config.percentiles))
+        settings.update(registration=REGISTRATION_VERSION, template=TEMPLATE_FILE, image_size=config.image_size,
+                        slice_mm=config.slice_mm, percentiles=list(config.percentiles))
     return settings
 
 
