@@ -60,10 +60,14 @@ def ixi_figure(data: Path, out: Path) -> None:
             ax.imshow(prepared.slices[z, 0].numpy(), cmap="gray")
             ax.contour(outline[z], levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_title(f"standard slice {z} (z = {grid_affine[2, 3] + z * grid_affine[2, 2]:.0f} mm)", fontsize=8)
-        for ax in row:
-            ax.axis("off")
+    _save(fig, axes, out / "preparation_ixi.png")
+
+
+def _save(fig, axes, path: Path) -> None:
+    for ax in axes.ravel():
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "preparation_ixi.png", dpi=80)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -88,11 +92,7 @@ def lgg_figure(data: Path, out: Path) -> None:
             if prepared.lesion is not None and prepared.lesion[z].any():
                 ax.contour(prepared.lesion[z], levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_title(f"model slice {z}", fontsize=8)
-        for ax in row:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "preparation_lgg.png", dpi=80)
-    plt.close(fig)
+    _save(fig, axes, out / "preparation_lgg.png")
 
 
 def main() -> None:

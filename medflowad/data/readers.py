@@ -164,6 +164,27 @@ def scan_id(path: Path) -> str:
     return name
 
 
+def unique_scan_ids(paths: Sequence[Path], earlier: dict[str, str] | None = None) -> list[str]:
+    """Output ids: a scan scored into the folder before keeps its id (``earlier``: absolute path to id);
+    any other gets its file's id, with ``_2``, ``_3``, ... when that is taken in the folder or the batch."""
+    earlier = earlier or {}
+    taken = set(earlier.values())
+    ids = []
+    for path in paths:
+        known = earlier.get(absolute_scan_path(path))
+        if known is not None:
+            ids.append(known)
+            continue
+        base = sid = scan_id(path)
+        number = 1
+        while sid in taken:
+            number += 1
+            sid = f"{base}_{number}"
+        taken.add(sid)
+        ids.append(sid)
+    return ids
+
+
 def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
     """4x4 affine from voxel (i, j, k) = SimpleITK index (x, y, z) to RAS millimetres."""
     dim = image.GetDimension()

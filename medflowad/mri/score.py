@@ -37,8 +37,8 @@ from medflowad.data.readers import (
     OUTPUT_SUFFIXES,
     ScanError,
     absolute_scan_path,
-    scan_id,
     split_series,
+    unique_scan_ids,
 )
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import (
@@ -143,26 +143,6 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
         image.header["cal_min"], image.header["cal_max"] = zscore_window
     payload = gzip.compress(image.to_bytes(), compresslevel=6)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
-
-
-def _unique_ids(paths: Sequence[Path], earlier: dict[str, str]) -> list[str]:
-    """Output ids: a scan scored into the folder before keeps its id (``earlier``: absolute path to id);
-    any other gets its file's id, with ``_2``, ``_3``, ... when that is taken in the folder or the batch."""
-    taken = set(earlier.values())
-    ids = []
-    for path in paths:
-        known = earlier.get(absolute_scan_path(path))
-        if known is not None:
-            ids.append(known)
-            continue
-        base = sid = scan_id(path)
-        number = 1
-        while sid in taken:
-            number += 1
-            sid = f"{base}_{number}"
-        taken.add(sid)
-        ids.append(sid)
-    return ids
 
 
 def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict], list[dict]]:
@@ -279,7 +259,7 @@ def score_scans(
     fingerprint = model_fingerprint(model.folder)
     earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
     out.mkdir(parents=True, exist_ok=True)
-    ids = _unique_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
+    ids = unique_scan_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
     # The voxel mask flags deviation from healthy anatomy at each place when the model has normative statistics.
     mask_map = "llr_normative" if "voxel/llr_normative" in model.calibration else "llr"

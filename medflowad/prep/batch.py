@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from medflowad.data.readers import ScanError, absolute_scan_path, load_scan, scan_id
+from medflowad.data.readers import ScanError, absolute_scan_path, load_scan, unique_scan_ids
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.mri.score import csv_text
 from medflowad.prep.stage import companion_path, mask_on_scan, run_preparation, write_entry
@@ -41,14 +41,7 @@ def prepare_scans(
     if on_start is not None:
         on_start(len(scans))
     rows: list[dict] = []
-    taken: set[str] = set()
-    for path in scans:
-        sid = base = scan_id(path)
-        number = 1
-        while sid in taken:
-            number += 1
-            sid = f"{base}_{number}"
-        taken.add(sid)
+    for path, sid in zip(scans, unique_scan_ids(scans), strict=True):
         started = time.perf_counter()
         row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
         try:
