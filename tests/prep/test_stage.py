@@ -156,3 +156,25 @@ def test_deepbet_brain_extraction_on_ixi_heads_against_dlmuse():
         mask = extract_brain(np.asarray(image.dataobj, dtype=np.float32), image.affine, "deepbet", 0.1)
         dice = 2 * np.logical_and(mask, reference).sum() / (mask.sum() + reference.sum())
         assert dice >= 0.90, (head.name, dice)
+
+
+def test_prepare_command_goes_on_past_a_broken_scan(planted, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from medflowad.cli.app import app
+
+    path, _, _ = planted
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a scan")
+    monkeypatch.setenv("MEDFLOWAD_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["prepare", str(broken), str(path), "-o", str(tmp_path / "out"),
+                                      "--space", "standard", "--brain", "auto", "-q"])
+    assert result.exit_code == 1, result.output
+    assert "1 of 2 scans failed" in result.output
+    rows = json.loads((tmp_path / "out" / "preparation.json").read_text())["scans"]
+    assert [(r["scan_id"], r["status"]) for r in rows] == [("broken", "error"), ("head", "ok")]
+    assert str(broken) in rows[0]["error"] and "cannot read scan" in rows[0]["error"]
+    assert (tmp_path / "out" / "head" / "transform.tfm").is_file()
+    again = CliRunner().invoke(app, ["prepare", str(path), "-o", str(tmp_path / "again"), "--space", "standard",
+                                     "--brain", "auto", "-q"])
+    assert again.exit_code == 0 and "(1 from the cache)" in " ".join(again.output.split())
