@@ -48,6 +48,9 @@ class ScanPreprocessing:
     slice_mm: float = 3.0  # standard space: distance between axial slices
     brain_volume_ml: tuple[float, float] | None = (400.0, 2500.0)  # plausible extracted brains; None: any
     min_template_overlap: float = 0.85  # standard space: Dice of the registered brain and the template's
+    # Standard space: the registration may scale the brain by at most this factor (or its inverse) along any
+    # axis. A wrong header (nominal voxel sizes, swapped axes) shows as a far larger stretch.
+    max_template_scaling: float = 1.5
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -85,8 +88,9 @@ class ScanPreprocessing:
             raise ConfigError(f"preprocessing.space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.brain not in ("auto", "deepbet"):
             raise ConfigError(f"preprocessing.brain must be auto or deepbet, got {self.brain!r}")
-        if not self.slice_mm > 0 or not 0 <= self.min_template_overlap <= 1:
-            raise ConfigError("preprocessing.slice_mm must be positive and min_template_overlap within [0, 1]")
+        if not self.slice_mm > 0 or not 0 <= self.min_template_overlap <= 1 or not self.max_template_scaling >= 1:
+            raise ConfigError("preprocessing.slice_mm must be positive, min_template_overlap within [0, 1] and "
+                              "max_template_scaling at least 1")
         if self.brain_volume_ml is not None and (len(self.brain_volume_ml) != 2
                                                  or not 0 <= self.brain_volume_ml[0] < self.brain_volume_ml[1]):
             raise ConfigError(f"preprocessing.brain_volume_ml must be [low, high] mL, got {self.brain_volume_ml}")

@@ -162,6 +162,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
         seconds["registration"] = time.perf_counter() - started
         info["template_to_scan_ras"] = transform.tolist()
         info["template_overlap"] = round(template_overlap(brain, affine, transform), 4)
+        info["template_scalings"] = [round(float(v), 4) for v in np.linalg.svd(transform[:3, :3], compute_uv=False)]
         started = time.perf_counter()
         grid_affine, grid_shape = standard_grid(config.image_size, config.slice_mm)
         factor = supersampling(grid_affine, affine)
@@ -188,6 +189,16 @@ def _checked_volume(brain: np.ndarray, affine: np.ndarray, config: ScanPreproces
 
 
 def _check_registration(preparation: Preparation, config: ScanPreprocessing, name: str) -> None:
+    """Refuse a registration that stretches the brain implausibly, or whose brain overlaps the template's too
+    little (the overlap alone passed LGG scans whose nominal header left them turned by 90 degrees)."""
+    if preparation.transform is not None:
+        scalings = np.linalg.svd(preparation.transform[:3, :3], compute_uv=False)
+        bound = config.max_template_scaling
+        if scalings.max() > bound or scalings.min() < 1 / bound:
+            raise ScanError(f"{name}: registration to the MNI template failed: it scales the brain by "
+                            f"{', '.join(f'{s:.2f}' for s in scalings)} along its main axes, outside "
+                            f"{1 / bound:.2f}-{bound:g} (preprocessing.max_template_scaling); the voxel sizes or "
+                            "axes in the scan's header are probably wrong (prepare it with --space native)")
     overlap = preparation.info.get("template_overlap")
     if overlap is not None and overlap < config.min_template_overlap:
         raise ScanError(f"{name}: registration to the MNI template failed: the registered brain overlaps the "

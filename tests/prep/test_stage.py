@@ -159,9 +159,8 @@ def test_deepbet_brain_extraction_on_ixi_heads_against_dlmuse():
 
 
 def test_prepare_command_goes_on_past_a_broken_scan(planted, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
     from medflowad.cli.app import app
+    from typer.testing import CliRunner
 
     path, _, _ = planted
     broken = tmp_path / "broken.nii.gz"
@@ -178,3 +177,18 @@ def test_prepare_command_goes_on_past_a_broken_scan(planted, tmp_path, monkeypat
     again = CliRunner().invoke(app, ["prepare", str(path), "-o", str(tmp_path / "again"), "--space", "standard",
                                      "--brain", "auto", "-q"])
     assert again.exit_code == 0 and "(1 from the cache)" in " ".join(again.output.split())
+
+
+def test_registration_that_stretches_the_brain_is_refused(planted, tmp_path):
+    """A header whose slice distance is 4x too small (as LGG's nominal 1 mm) gives an affine that stretches the
+    brain far beyond any head size: refused by max_template_scaling even where the masks overlap well."""
+    path, _, _ = planted
+    image = nib.load(str(path))
+    squashed = image.affine.copy()
+    squashed[:3, 2] /= 4  # the third axis' voxel size written as 0.75 mm instead of 3 mm
+    wrong = tmp_path / "wrong_header.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), squashed), str(wrong))
+    with pytest.raises(ScanError, match=r"scales the brain by .* outside 0.67-1.5 \(preprocessing.max_template_scaling"):
+        prepare(wrong, STANDARD, cache=tmp_path)
+    entry = json.loads(next((tmp_path / "prepared").glob("*/preparation.json")).read_text())
+    assert min(entry["template_scalings"]) < 1 / 1.5  # stored, so a wider bound needs no new registration
