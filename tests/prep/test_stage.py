@@ -188,7 +188,7 @@ def test_registration_that_stretches_the_brain_is_refused(planted, tmp_path):
     squashed[:3, 2] /= 4  # the third axis' voxel size written as 0.75 mm instead of 3 mm
     wrong = tmp_path / "wrong_header.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), squashed), str(wrong))
-    with pytest.raises(ScanError, match=r"scales the brain by .* outside 0.67-1.5 \(preprocessing.max_template_scaling"):
+    with pytest.raises(ScanError, match=r"scales the brain by .* outside 0.67-1.5 \(preprocessing.max_template"):
         prepare(wrong, STANDARD, cache=tmp_path)
     entry = json.loads(next((tmp_path / "prepared").glob("*/preparation.json")).read_text())
     assert min(entry["template_scalings"]) < 1 / 1.5  # stored, so a wider bound needs no new registration
