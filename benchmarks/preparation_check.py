@@ -44,15 +44,17 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     medical = Path(args.data) / "medical"
 
-    print("| IXI head | deepbet Dice vs DLMUSE | brain mL | template overlap (Dice) | brain s | registration s |")
-    print("|---|---|---|---|---|---|")
+    print("| IXI head | deepbet Dice vs DLMUSE | brain mL | template overlap (Dice) | scalings | brain s | "
+          "registration s |")
+    print("|---|---|---|---|---|---|---|")
     for head in sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz")):
         reference = np.asarray(nib.load(str(head).replace("_T1", "_dlmuse")).dataobj) > 0
         preparation = run_preparation(load_scan(head), STANDARD)
         seconds = preparation.info["seconds"] if not preparation.cached else {"brain": float("nan"),
                                                                              "registration": float("nan")}
         print(f"| {head.name.split('_')[0]} | {_dice(preparation.brain, reference):.3f} | {preparation.brain_ml:.0f} | "
-              f"{preparation.info['template_overlap']:.3f} | {seconds['brain']:.1f} | "
+              f"{preparation.info['template_overlap']:.3f} | "
+              f"{' / '.join(f'{v:.2f}' for v in preparation.info['template_scalings'])} | {seconds['brain']:.1f} | "
               f"{seconds['registration']:.1f} |")
 
     print("\n| LGG patients | lesion voxels inside the brain mask: min / median | nominal brain mL: min / max |")
@@ -69,17 +71,22 @@ def main() -> None:
     print(f"| {len(kept)} | {min(kept):.3f} / {np.median(kept):.3f} | {min(volumes):.0f} / {max(volumes):.0f} |")
     print(f"\n(brain extraction: median {np.median(times):.1f} s per LGG volume, cached ones included)")
 
-    print("\n| LGG train patient | registered to MNI: overlap (Dice) | passes the 0.85 check |")
-    print("|---|---|---|")
+    print("\n| LGG train patient | registered to MNI: overlap (Dice) | scalings | overlap >= 0.85 | scalings within "
+          "0.67-1.5 |")
+    print("|---|---|---|---|---|")
+    unchecked = dataclasses.replace(STANDARD, min_template_overlap=0.0, max_template_scaling=1e9, brain_volume_ml=None)
     for patient in read_split(None)["train"][: args.lgg_registrations]:
         scan = load_scan(medical / "lgg_flair128" / f"{patient}_flair.nii.gz")
         try:
-            preparation = run_preparation(scan, dataclasses.replace(STANDARD, min_template_overlap=0.0,
-                                                                    brain_volume_ml=None))
-            overlap = preparation.info["template_overlap"]
-            print(f"| {patient} | {overlap:.3f} | {'yes' if overlap >= STANDARD.min_template_overlap else 'no'} |")
+            preparation = run_preparation(scan, unchecked)
         except ScanError as exc:
-            print(f"| {patient} | failed: {exc} | no |")
+            print(f"| {patient} | failed: {exc} | | no | no |")
+            continue
+        overlap, scalings = preparation.info["template_overlap"], preparation.info["template_scalings"]
+        bound = STANDARD.max_template_scaling
+        plausible = 1 / bound <= min(scalings) and max(scalings) <= bound
+        print(f"| {patient} | {overlap:.3f} | {' / '.join(f'{v:.2f}' for v in scalings)} | "
+              f"{'yes' if overlap >= STANDARD.min_template_overlap else 'no'} | {'yes' if plausible else 'no'} |")
 
 
 if __name__ == "__main__":
