@@ -4,6 +4,8 @@
 
 - preparation_ixi.png: two IXI T1 heads: the scan as stored with deepbet's brain contour, then three standard-space
   slices the model sees with the template brain's outline (cyan) over them: registration quality at a glance.
+- preparation_lgg_standard_refused.png: two LGG scans forced into standard space with the checks off: their
+  nominal header leaves them turned by 90 degrees although their masks overlap the template's well.
 - preparation_lgg.png: two LGG FLAIR patients prepared in native space with brain extraction (the in-plane
   standardisation): scan with brain (yellow) and lesion (cyan) contours, and the model's slices.
 """
@@ -95,6 +97,26 @@ def lgg_figure(data: Path, out: Path) -> None:
     _save(fig, axes, out / "preparation_lgg.png")
 
 
+def lgg_standard_figure(data: Path, out: Path) -> None:
+    """Two LGG scans forced into standard space (checks off): turned by 90 degrees, though the masks overlap."""
+    import dataclasses
+
+    config = dataclasses.replace(ScanPreprocessing(space="standard", brain="deepbet"), min_template_overlap=0.0,
+                                 max_template_scaling=1e9, brain_volume_ml=None)
+    grid_affine, grid_shape = standard_grid(config.image_size, config.slice_mm)
+    template = load_template()
+    outline = volume_to_display(resample(template.brain.astype(np.float32), template.affine, grid_affine, grid_shape))
+    patients = ("TCGA_CS_5395_19981004", "TCGA_CS_4944_20010208")
+    fig, axes = plt.subplots(len(patients), 4, figsize=(11, 3 * len(patients)))
+    for row, patient in zip(axes, patients, strict=True):
+        prepared = prepare(data / "medical" / "lgg_flair128" / f"{patient}_flair.nii.gz", config)
+        for ax, z in zip(row, (15, 22, 28, 35), strict=True):
+            ax.imshow(prepared.slices[z, 0].numpy(), cmap="gray")
+            ax.contour(outline[z], levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_title(f"{patient}: standard slice {z}", fontsize=8)
+    _save(fig, axes, out / "preparation_lgg_standard_refused.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("MEDFLOWAD_DATA", "../shared/data"))
@@ -103,6 +125,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ixi_figure(Path(args.data), args.out)
     lgg_figure(Path(args.data), args.out)
+    lgg_standard_figure(Path(args.data), args.out)
     print(f"figures in {args.out}")
 
 
