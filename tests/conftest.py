@@ -33,6 +33,17 @@ def stripes_npz(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("preparation_cache")
+
+
+@pytest.fixture(autouse=True)
+def _preparation_cache(_session_cache, monkeypatch):
+    """Prepared scans go to a cache of this test session, never to the user's ~/.cache/medflowad."""
+    monkeypatch.setenv("MEDFLOWAD_CACHE", str(_session_cache))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
