@@ -175,3 +175,29 @@ def test_calibration_takes_only_the_healthy_parts_of_lesion_patients(tiny_mri_mo
     assert np.allclose(np.sort(calibration["voxel/intensity"]), np.sort(np.asarray(expected, dtype=np.float32)))
     healthy = prepared.keep & ~prepared.lesion_slices
     assert len(calibration["slice/llr"]) == healthy.sum()
+
+
+def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_path):
+    """lesions: mask trains on every scored slice with a likelihood mask that is 0 exactly within LESION_MARGIN
+    4-neighbour steps of a lesion pixel (brute force); drop_slices keeps the lesion-free slices, unmasked."""
+    from medflowad.data.readers import load_scan
+    from medflowad.mri.model import LESION_MARGIN, _healthy_slices
+    from medflowad.prep import prepare_volume
+
+    volume = brain_like(seed=8, blob=(24, 28, 7))
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    prepared = prepare_volume(load_scan(save_nifti(tmp_path / "p_flair.nii.gz", volume, affine)),
+                              mri_config_from_dict(TINY_MRI).preprocessing,
+                              lesion_mask=load_scan(save_nifti(tmp_path / "p_mask.nii.gz",
+                                                               (volume == 300).astype(np.uint8), affine)))
+    images, _, masks = _healthy_slices([prepared], "mask")
+    assert len(images) == prepared.keep.sum() and masks is not None
+    lesion = prepared.lesion > 0
+    for i, z in enumerate(np.nonzero(prepared.keep)[0]):
+        rows, cols = np.nonzero(lesion[z])
+        for r in range(lesion.shape[1]):
+            for c in range(lesion.shape[2]):
+                near = bool(len(rows)) and bool((np.abs(rows - r) + np.abs(cols - c) <= LESION_MARGIN).any())
+                assert masks[i, 0, r, c] == (0 if near else 1)
+    dropped, _, no_masks = _healthy_slices([prepared], "drop_slices")
+    assert no_masks is None and len(dropped) == (prepared.keep & ~prepared.lesion_slices).sum()
