@@ -261,8 +261,11 @@ def score_scans(
     out.mkdir(parents=True, exist_ok=True)
     ids = unique_scan_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
     voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
-    # The voxel mask flags deviation from healthy anatomy at each place when the model has normative statistics.
-    mask_map = "llr_normative" if "voxel/llr_normative" in model.calibration else "llr"
+    # In standard space a location is the same anatomy in every scan, so the voxel mask flags deviation from
+    # healthy anatomy there (the normative llr). On native grids locations only roughly agree (normative maps
+    # are approximate, and measured no better on LGG): the mask stays on the llr, the normative map is written.
+    normative = "voxel/llr_normative" in model.calibration
+    mask_map = "llr_normative" if normative and model.config.preprocessing.space == "standard" else "llr"
     mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], fpr)
     healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
@@ -294,13 +297,13 @@ def score_scans(
                 row.update(scan_scores(model, analysis, fpr))
                 native_llr = to_native(analysis.maps["llr"], prepared)
                 native_last = to_native(analysis.maps["last_scale"], prepared)
-                native_mask_map = native_llr if mask_map == "llr" else to_native(analysis.maps[mask_map], prepared)
-                flagged = (native_mask_map > mask_threshold).astype(np.uint8)
+                native_normative = to_native(analysis.maps["llr_normative"], prepared) if normative else None
+                flagged = ((native_llr if mask_map == "llr" else native_normative) > mask_threshold).astype(np.uint8)
                 header = source_header(prepared)
                 for suffix, data in zip(MAP_SUFFIXES, (native_llr, native_last, flagged), strict=True):
                     write_nifti(out / f"{sid}{suffix}", data, prepared, header)
-                if mask_map != "llr":
-                    write_nifti(out / f"{sid}{NORMATIVE_SUFFIX}", native_mask_map, prepared, header,
+                if native_normative is not None:
+                    write_nifti(out / f"{sid}{NORMATIVE_SUFFIX}", native_normative, prepared, header,
                                 zscore_window=(0.0, 5.0))
                 row["flagged_voxels"] = int(flagged.sum())
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"

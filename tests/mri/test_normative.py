@@ -63,7 +63,7 @@ def test_locations_with_too_few_healthy_values_take_the_global_statistics():
     assert np.allclose(spread[4], MAD_TO_SD * np.median(np.abs(everything - median)), atol=1e-4)
 
 
-def test_score_writes_the_normative_map_and_flags_it_at_the_healthy_threshold(tiny_mri_model, tmp_path):
+def test_score_writes_the_normative_map_and_keeps_the_llr_mask_on_native_grids(tiny_mri_model, tmp_path):
     from medflowad.mri.analysis import threshold_at_fpr
     from medflowad.mri.model import load_mri_model
     from medflowad.mri.score import score_scans
@@ -77,6 +77,7 @@ def test_score_writes_the_normative_map_and_flags_it_at_the_healthy_threshold(ti
     written = nib.load(str(tmp_path / "out" / "s_normative.nii.gz"))
     assert written.header.get_intent()[0] == "z score"
     assert (float(written.header["cal_min"]), float(written.header["cal_max"])) == (0.0, 5.0)
-    threshold = threshold_at_fpr(model.calibration["voxel/llr_normative"], model.config.fpr)
+    threshold = threshold_at_fpr(model.calibration["voxel/llr"], model.config.fpr)
     mask = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly_mask.nii.gz")).dataobj)
-    assert np.array_equal(mask.astype(bool), np.asarray(written.dataobj) > threshold)
+    llr = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly.nii.gz")).dataobj)
+    assert np.array_equal(mask.astype(bool), llr > threshold)

@@ -61,6 +61,16 @@ def test_standard_space_model_scores_onto_the_native_grid_from_the_cache(standar
     assert np.count_nonzero(values[~brain]) < 0.01 * np.count_nonzero(values), "map leaks outside the brain"
     assert np.count_nonzero(values[brain]) > 0.5 * brain.sum()
 
+    # Standard space: the voxel mask flags the normative llr at the healthy voxel threshold.
+    from medflowad.mri.analysis import threshold_at_fpr
+    from medflowad.mri.model import load_mri_model
+
+    model = load_mri_model(root / "model", "cpu")
+    normative = np.asarray(nib.load(str(tmp_path / "first" / "patient_t1_normative.nii.gz")).dataobj)
+    mask = np.asarray(nib.load(str(tmp_path / "first" / "patient_t1_anomaly_mask.nii.gz")).dataobj).astype(bool)
+    threshold = threshold_at_fpr(model.calibration["voxel/llr_normative"], model.config.fpr)
+    assert np.array_equal(mask, normative > threshold)
+
     def no_registration(*args, **kwargs):
         raise AssertionError("registered again although the cache holds the result")
 
