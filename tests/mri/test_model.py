@@ -151,7 +151,8 @@ def test_calibration_takes_only_the_healthy_parts_of_lesion_patients(tiny_mri_mo
     """Slices with lesion and voxels within LESION_MARGIN pixels (4-neighbour steps in-plane) of a lesion stay out
     of the calibration distributions; checked on the intensity map, which is the prepared image itself."""
     from medflowad.data.readers import load_scan
-    from medflowad.mri.model import LESION_MARGIN, calibrate, load_mri_model
+    from medflowad.mri.calibration import LESION_MARGIN, calibrate
+    from medflowad.mri.model import load_mri_model
     from medflowad.prep import prepare_volume
 
     volume = brain_like(seed=7, blob=(24, 28, 7))
@@ -181,7 +182,8 @@ def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_pat
     """lesions: mask trains on every scored slice with a likelihood mask that is 0 exactly within LESION_MARGIN
     4-neighbour steps of a lesion pixel (brute force); drop_slices keeps the lesion-free slices, unmasked."""
     from medflowad.data.readers import load_scan
-    from medflowad.mri.model import LESION_MARGIN, _healthy_slices
+    from medflowad.mri.calibration import LESION_MARGIN
+    from medflowad.mri.model import _healthy_slices
     from medflowad.prep import prepare_volume
 
     volume = brain_like(seed=8, blob=(24, 28, 7))
