@@ -161,6 +161,15 @@ def automatic_foreground(volume: np.ndarray, threshold: float, level: float | No
     return mask
 
 
+def percentile_range(image: np.ndarray, region: np.ndarray, percentiles: tuple[float, float], name: str,
+                     where: str) -> tuple[float, float]:
+    """The intensities at ``percentiles`` inside ``region``: the range that normalisation maps to 0-1."""
+    lo, hi = np.percentile(image[region], percentiles)
+    if not hi > lo:
+        raise ScanError(f"{name}: no intensity contrast inside {where}")
+    return float(lo), float(hi)
+
+
 def _as_channel(array: np.ndarray, like: MetaTensor) -> MetaTensor:
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], affine=like.affine)
 
@@ -195,9 +204,7 @@ def prepare_scan(
     if config.intensity_window is not None:
         lo, hi = config.intensity_window
     else:
-        lo, hi = np.percentile(image[foreground], config.percentiles)
-        if not hi > lo:
-            raise ScanError(f"{name}: no intensity contrast inside the foreground")
+        lo, hi = percentile_range(image, foreground, config.percentiles, name, "the foreground")
     normalised = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
 
     # Square in-plane crop around the foreground, all slices kept.

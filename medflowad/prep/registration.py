@@ -78,7 +78,7 @@ def _run_stage(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, s
     method.SetSmoothingSigmasPerLevel(smooth)
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
+    return method.Execute(fixed, moving).GetNthTransform(0)  # Execute wraps the optimised transform in a composite
 
 
 def register_affine(template: np.ndarray, template_affine: np.ndarray, brain: np.ndarray,
@@ -99,15 +99,10 @@ def register_affine(template: np.ndarray, template_affine: np.ndarray, brain: np
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     similarity = _run_stage(fixed, moving, start, [4, 2], [2.0, 1.0], 150)
     initial = sitk.AffineTransform(3)
-    flat = sitk.CompositeTransform(similarity).GetNthTransform(0) if isinstance(similarity, sitk.CompositeTransform) \
-        else similarity
-    initial.SetMatrix(flat.GetMatrix())
-    initial.SetTranslation(flat.GetTranslation())
-    initial.SetCenter(flat.GetCenter())
-    affine = _run_stage(fixed, moving, initial, [2, 1], [1.0, 0.0], 150)
-    if isinstance(affine, sitk.CompositeTransform):
-        affine = affine.GetNthTransform(affine.GetNumberOfTransforms() - 1)
-    return itk_to_ras(affine)
+    initial.SetMatrix(similarity.GetMatrix())
+    initial.SetTranslation(similarity.GetTranslation())
+    initial.SetCenter(similarity.GetCenter())
+    return itk_to_ras(_run_stage(fixed, moving, initial, [2, 1], [1.0, 0.0], 150))
 
 
 def supersampling(target_affine: np.ndarray, source_affine: np.ndarray, most: int = 4) -> int:

@@ -35,7 +35,13 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
-from medflowad.data.scans import PreparedScan, ScanPreprocessing, prepare_scan, volume_to_display
+from medflowad.data.scans import (
+    PreparedScan,
+    ScanPreprocessing,
+    percentile_range,
+    prepare_scan,
+    volume_to_display,
+)
 from medflowad.prep.brain import check_brain_mask, extract_brain
 from medflowad.prep.registration import ras_to_itk, register_affine, resample, sitk_image, supersampling
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
@@ -114,9 +120,7 @@ def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> np.nd
 def _normalised(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float], name: str) -> np.ndarray:
     if brain.sum() < 16:
         raise ScanError(f"{name}: the brain covers almost none of the standard grid (registration failed?)")
-    lo, hi = np.percentile(image[brain], percentiles)
-    if not hi > lo:
-        raise ScanError(f"{name}: no intensity contrast inside the brain")
+    lo, hi = percentile_range(image, brain, percentiles, name, "the brain")
     return (np.clip((image - lo) / (hi - lo), 0.0, 1.0) * brain).astype(np.float32)
 
 
@@ -162,7 +166,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
         seconds["registration"] = time.perf_counter() - started
         info["template_to_scan_ras"] = transform.tolist()
         info["template_overlap"] = round(template_overlap(brain, affine, transform), 4)
-        info["template_scalings"] = [round(float(v), 4) for v in np.linalg.svd(transform[:3, :3], compute_uv=False)]
+        info["template_scalings"] = [round(float(v), 4) for v in template_scalings(transform)]
         started = time.perf_counter()
         grid_affine, grid_shape = standard_grid(config.image_size, config.slice_mm)
         factor = supersampling(grid_affine, affine)
@@ -188,11 +192,16 @@ def _checked_volume(brain: np.ndarray, affine: np.ndarray, config: ScanPreproces
         raise ScanError(f"{name}: {exc}") from exc
 
 
+def template_scalings(transform: np.ndarray) -> np.ndarray:
+    """How much a registration stretches the brain along its main axes: the singular values of its 3x3 part."""
+    return np.linalg.svd(np.asarray(transform)[:3, :3], compute_uv=False)
+
+
 def _check_registration(preparation: Preparation, config: ScanPreprocessing, name: str) -> None:
     """Refuse a registration that stretches the brain implausibly, or whose brain overlaps the template's too
     little (the overlap alone passed LGG scans whose nominal header left them turned by 90 degrees)."""
     if preparation.transform is not None:
-        scalings = np.linalg.svd(preparation.transform[:3, :3], compute_uv=False)
+        scalings = template_scalings(preparation.transform)
         bound = config.max_template_scaling
         if scalings.max() > bound or scalings.min() < 1 / bound:
             raise ScanError(f"{name}: registration to the MNI template failed: it scales the brain by "

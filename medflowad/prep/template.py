@@ -37,6 +37,7 @@ def load_template() -> Template:
     return Template(np.asarray(image.dataobj, dtype=np.float32), image.affine.astype(np.float64))
 
 
+@functools.cache  # every standard-grid call needs it: computed once per process
 def brain_bounds() -> tuple[np.ndarray, np.ndarray]:
     """World (RAS mm) corners of the template brain's bounding box: (lowest, highest)."""
     template = load_template()
