@@ -22,6 +22,8 @@ def to_model_input(images: torch.Tensor, noise: torch.Tensor | None = None) -> t
     return x / BINS - 0.5
 
 
-def bits_per_dim(log_prob: torch.Tensor, num_dims: int) -> torch.Tensor:
-    """Discrete negative log-likelihood in bits per dimension: (-log p(x) + D ln 256) / (D ln 2)."""
+def bits_per_dim(log_prob: torch.Tensor, num_dims: int | torch.Tensor) -> torch.Tensor:
+    """Discrete negative log-likelihood in bits per dimension: (-log p(x) + D ln 256) / (D ln 2).
+
+    ``num_dims`` may be a tensor of per-image dimension counts (the masked likelihood's kept dimensions)."""
     return (-log_prob + num_dims * math.log(BINS)) / (num_dims * math.log(2))

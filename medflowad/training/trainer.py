@@ -210,8 +210,8 @@ class _Objective:
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
         elif mask is not None:  # healthy tissue of patients' slices: masked locations leave the likelihood
             log_p_in, dims = self.model(x).masked_log_prob(mask)
-            counted = dims > 0
-            nll_bpd = ((-log_p_in + dims * math.log(256)) / (dims.clamp(min=1) * math.log(2)))[counted].mean()
+            counted = dims > 0  # an image masked everywhere has no dimension to count
+            nll_bpd = bits_per_dim(log_p_in[counted], dims[counted]).mean()
         else:
             log_p_in = self.model(x).log_prob
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
@@ -309,7 +309,7 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
                 x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
             else:  # masks shift and flip with their images
                 both = _augment(torch.cat([data.train.images[idx], data.train.masks[idx]], dim=1), config, gen)
-                x = to_model_input(both[:, :-1], torch.rand(both[:, :-1].shape, generator=gen)).to(device)
+                x = _dequantize(both[:, :-1], gen).to(device)
                 mask = both[:, -1:].to(device)
             labels = data.train.labels[idx].to(device) if config.supervised else None
             x_general = None
@@ -406,10 +406,12 @@ def _augment(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> t
     return images
 
 
+def _dequantize(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return to_model_input(images, torch.rand(images.shape, generator=gen))
+
+
 def _augment_and_dequantize(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
-    images = _augment(images, config, gen)
-    noise = torch.rand(images.shape, generator=gen)
-    return to_model_input(images, noise)
+    return _dequantize(_augment(images, config, gen), gen)
 
 
 def _test_bpd(model: Glow, test: ImageSet, config: RunConfig) -> float:
