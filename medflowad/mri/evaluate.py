@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from monai.transforms import ResampleToMatch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
@@ -31,6 +30,7 @@ from medflowad.mri.model import analyse, load_mri_model, select_scans
 from medflowad.mri.normative import NORMATIVE_MAPS
 from medflowad.mri.score import csv_text, scans_the_model_saw
 from medflowad.prep import companion_path, prepare_volume
+from medflowad.prep.stage import mask_on_scan
 from medflowad.storage import write_json, write_text
 
 SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
@@ -98,7 +98,7 @@ def evaluate_scans(
             lesion_file = load_scan(companion_path(path, mask_replace))
             prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
             analysis = analyse(model, prepared, batch_size)
-            lesion = ResampleToMatch(mode="nearest")(lesion_file, prepared.native)[0].numpy() > 0.5
+            lesion = mask_on_scan(lesion_file, prepared.native)
         except ScanError as exc:
             failed.append({"scan": str(path), "error": str(exc)})
             continue

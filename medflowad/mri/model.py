@@ -115,12 +115,14 @@ def _healthy_slices(prepared: list[PreparedScan], lesions: str) -> tuple[torch.T
         picked = np.nonzero(keep)[0]
         images.append(p.slices[picked])
         index += [i] * len(picked)
-        near = lesion_zone(p) if p.lesion is not None else np.zeros((p.num_slices, *p.slices.shape[-2:]), bool)
-        masks.append(torch.from_numpy(~near[picked])[:, None].to(torch.uint8))
+        if lesions == "mask" and p.lesion is not None:
+            masks.append(torch.from_numpy(~lesion_zone(p)[picked])[:, None].to(torch.uint8))
+        else:
+            masks.append(torch.ones(len(picked), 1, *p.slices.shape[-2:], dtype=torch.uint8))
     if not index:
         raise ValueError("no usable healthy slices (all slices lack foreground or contain lesions)")
     mask = torch.cat(masks)
-    return torch.cat(images), torch.tensor(index), (mask if lesions == "mask" and not bool(mask.all()) else None)
+    return torch.cat(images), torch.tensor(index), (None if bool(mask.all()) else mask)
 
 
 def subject_of(scan: Path) -> str:

@@ -62,8 +62,7 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
     for values, mask, level in zip(maps, healthy, levels, strict=True):
         for z in np.nonzero(level >= 0)[0]:
             per_level[level[z]].append(np.where(mask[z], values[z], np.nan).astype(np.float32))
-    everything = np.concatenate([np.where(m, v, np.nan)[np.isfinite(np.where(m, v, np.nan))]
-                                 for v, m in zip(maps, healthy, strict=True)])
+    everything = np.concatenate([v[m & np.isfinite(v)] for v, m in zip(maps, healthy, strict=True)])
     if everything.size == 0:
         raise ValueError("no healthy calibration voxels for the normative maps")
     global_centre, global_spread = _robust(everything)
