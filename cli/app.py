@@ -481,7 +481,7 @@ def bench_mri(
     tumor_2d: Annotated[bool, typer.Option("--tumor-2d/--no-tumor-2d", help="Also run the 2D tumour set.")
                         ] = True,
     space: Annotated[str, typer.Option(help="Preparation space: native (LGG's affine is nominal, so registration "
-                                       "to MNI fails on it) or standard.")] = "native",
+                                       "to MNI is refused on it) or standard.")] = "native",
     brain: Annotated[str, typer.Option(help="Brain extraction: deepbet, or auto (skull kept).")] = "deepbet",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,

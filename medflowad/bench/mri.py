@@ -3,7 +3,8 @@
 Everything lands in OUT and is reused when present:
 
 Preparation: LGG's affine is nominal (no spacing or orientation in the release), and affine registration to
-the MNI template fails its overlap check on it (benchmarks/preparation_check.py), so the bench prepares
+the MNI template fails on it: the brain lands turned by 90 degrees and squashed along the slice axis, which
+the scaling check refuses (benchmarks/preparation_check.py), so the bench prepares
 in native space with deepbet brain extraction by default (``space``/``brain``): the in-plane
 standardisation PROTOCOL.md allows for LGG. The skull is then in no image, map or metric, and the
 intensity baseline is measured on the same prepared brain voxels as the models. The brain-volume check is
