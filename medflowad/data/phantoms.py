@@ -1,10 +1,10 @@
-"""Simulated brain scans from an openly licensed template, for the bundled sample data and demo model.
+"""Simulated brain scans from an openly licensed template, for the demo model's general pool.
 
 A *subject* is the MNI ICBM152 template (T1 and grey/white-matter probability maps, 1 mm) reduced to
 2 mm and passed through one random spatial transform (rotation, scaling, shear, translation and a
 smooth elastic field, the same for all three channels), so every subject has its own anatomy. Its
 T1 then gets a smooth bias field, a gamma change and noise. Other contrasts are synthesised from the
-tissue maps (``tissue_contrast``), and lesions are painted into white matter (``insert_lesions``).
+tissue maps (``tissue_contrast``). (Lesions are painted into real heads by :mod:`medflowad.data.painting`.)
 
 None of this is patient data: it is a controlled stand-in with known ground truth, so that anyone can
 rebuild the demo without data whose licence is unknown.
@@ -101,48 +101,6 @@ def tissue_contrast(subject: Template, contrast: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noisy = image + rng.normal(0, 0.02, image.shape) * (subject.t1 > 0.02)
     return noisy.clip(0, 1).astype(np.float32)
-
-
-LESION_KINDS = ("hypo", "hyper", "ring")
-
-
-def insert_lesions(subject: Template, radii_mm: list[float], seed: int, kind: str = "hypo",
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Paint lesions into the subject's T1: returns (T1 with lesions, binary lesion mask).
-
-    Each lesion is a union of three jittered ellipsoids centred in deep white matter, blended in with a
-    soft rim about one voxel wide. ``kind``: ``hypo``, darker than grey matter (0.3, as chronic lesions
-    and many tumours on T1); ``hyper``, brighter than white matter (1.0, as subacute haemorrhage, or
-    enhancing lesions after contrast); ``ring``, a bright rim around a dark core (as ring-enhancing
-    tumours after contrast). The mask is where the blend weight exceeds 0.5.
-    """
-    if kind not in LESION_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(LESION_KINDS)}, got {kind!r}")
-    rng = np.random.default_rng(seed)
-    spacing = np.abs(np.diag(subject.affine)[:3])
-    grid = np.stack(np.meshgrid(*[np.arange(s) * d for s, d in zip(subject.t1.shape, spacing, strict=True)],
-                                indexing="ij"), axis=-1)
-    candidates = np.argwhere(subject.wm > 0.9)
-    weight = np.zeros(subject.t1.shape, dtype=np.float32)
-    core = np.zeros(subject.t1.shape, dtype=np.float32)
-    for radius in radii_mm:
-        centre = candidates[rng.integers(len(candidates))] * spacing
-        field = np.full(subject.t1.shape, np.inf, dtype=np.float32)
-        for _ in range(3):
-            offset = rng.normal(0, radius / 3, 3)
-            axes = radius * rng.uniform(0.6, 1.0, 3)
-            distance = np.sqrt((((grid - centre - offset) / axes) ** 2).sum(-1))
-            field = np.minimum(field, distance)
-        # field is 1 on the lesion's border; the logistic makes a rim about one voxel wide
-        sharpness = radius / spacing.mean() * 2.0
-        weight = np.maximum(weight, 1.0 / (1.0 + np.exp((field - 1.0) * sharpness)))
-        core = np.maximum(core, 1.0 / (1.0 + np.exp((field - 0.6) * sharpness)))
-    weight *= subject.t1 > 0.02
-    target = {"hypo": np.full_like(weight, 0.3), "hyper": np.full_like(weight, 1.0),
-              "ring": core * 0.3 + (1 - core) * 1.0}[kind]
-    texture = rng.normal(0, 0.03, subject.t1.shape)
-    t1 = (1 - weight) * subject.t1 + weight * (target + texture)
-    return t1.clip(0, 1).astype(np.float32), (weight > 0.5).astype(np.uint8)
 
 
 def save_scan(path: Path, image: np.ndarray, affine: np.ndarray, scale: float = 1000.0) -> None:

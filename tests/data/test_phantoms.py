@@ -5,9 +5,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
-from medflowad.data.phantoms import TEMPLATE_FILES, insert_lesions, load_template, simulate_subject
+from medflowad.data.phantoms import TEMPLATE_FILES, load_template, simulate_subject
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "sample_data" / "mni_icbm152"
 
@@ -28,14 +27,7 @@ def test_reduced_voxel_sits_at_the_centre_of_its_fine_block(template):
     assert template.t1[tuple(index)] == pytest.approx(expected, abs=1e-6)
 
 
-def test_subjects_differ_and_lesions_darken_white_matter_inside_the_mask(template):
+def test_subjects_differ_and_are_seeded(template):
     a, b = simulate_subject(template, 1), simulate_subject(template, 2)
     assert np.abs(a.t1 - b.t1).mean() > 0.01
-    np.testing.assert_array_equal(simulate_subject(template, 1).t1, a.t1)  # seeded
-    lesioned, mask = insert_lesions(a, [10.0], seed=3)
-    assert 200 < mask.sum() < 5000
-    assert a.wm[mask.astype(bool)].mean() > 0.6  # placed in white matter
-    assert lesioned[mask.astype(bool)].mean() < a.t1[mask.astype(bool)].mean() - 0.2
-    changed = np.abs(lesioned - a.t1) > 0.05
-    rim = ndimage.binary_dilation(mask.astype(bool), iterations=2)
-    assert not (changed & ~rim).any()  # beyond a 2-voxel rim the subject is untouched
+    np.testing.assert_array_equal(simulate_subject(template, 1).t1, a.t1)
