@@ -376,17 +376,20 @@ def score(
         result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, pattern=pattern,
                              resume=resume, on_start=lambda total: tasks.append(progress.add_task("", total=total)))
-    table = Table(title=f"scan scores (flag: p <= {fpr or 'model FPR'})")
-    for column in ("scan", "status", "llr", "p", "flag", "last_scale", "p", "slices"):
+    table = Table(title=f"scan scores (flag: {result.scan_score} p <= {fpr or 'model FPR'})")
+    shown = list(dict.fromkeys((result.scan_score, "llr", "last_scale")))
+    columns = ["scan", "status", shown[0], "p", "flag"] + [c for name in shown[1:] for c in (name, "p")] + ["slices"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("scan", "status") else "right",
                          overflow="fold" if column == "scan" else "ellipsis")  # ids stay whole
     for row in result.rows:
         if row["status"] == "ok":
-            table.add_row(row["scan_id"], "ok", f"{row['llr']:.1f}", f"{row['llr_p']:.3f}",
-                          "[red]yes[/]" if row["llr_flag"] else "no", f"{row['last_scale']:.1f}",
-                          f"{row['last_scale_p']:.3f}", f"{row['scored_slices']}/{row['slices']}")
+            values = [f"{row[shown[0]]:.2f}", f"{row[shown[0] + '_p']:.3f}",
+                      "[red]yes[/]" if row[f"{shown[0]}_flag"] else "no"]
+            values += [v for name in shown[1:] for v in (f"{row[name]:.1f}", f"{row[name + '_p']:.3f}")]
+            table.add_row(row["scan_id"], "ok", *values, f"{row['scored_slices']}/{row['slices']}")
         else:
-            table.add_row(row["scan_id"], "[red]error[/]", "", "", "", "", "", "")
+            table.add_row(row["scan_id"], "[red]error[/]", *[""] * (len(columns) - 2))
     console.print(table)
     failed = sum(r["status"] != "ok" for r in result.rows)
     if result.warning:
@@ -496,6 +499,38 @@ def bench_mri(
     result = run_mri_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
     console.print(mri_markdown(result), highlight=False, soft_wrap=True)
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, maps/, overlays/")
+
+
+@bench_app.command("t1")
+@_friendly_errors
+def bench_t1(
+    out: BenchOut,
+    data: DataRoot = "$MEDFLOWAD_DATA",
+    config: Annotated[str, typer.Option("--config", "-c", help="Standard-space MRI config or preset.")
+                      ] = "mri_demo",
+    split: Annotated[Path | None, typer.Option(help="Subject split TSV (default: the fixed 5/2 IXI split).")
+                     ] = None,
+    pool: Annotated[list[str] | None, typer.Option(
+        help="General pool source; repeatable (default: the 2D tumour set, head CT, NIfTI samples, LGG FLAIR).")
+    ] = None,
+    copies: Annotated[int, typer.Option(min=1, help="Painted copies of every held-apart subject.")] = 3,
+    lesions: Annotated[int, typer.Option(min=1, help="Lesions per painted copy.")] = 2,
+    seed: Annotated[int, typer.Option(help="Painting seed.")] = 0,
+    general_steps: Annotated[int | None, typer.Option(min=1, help="Steps of the general model (default: config's).")
+                             ] = None,
+    in_steps: Annotated[int | None, typer.Option(min=1, help="Steps of the T1 model (default: config's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Protocol D: IXI T1 heads with painted lesions (held-apart subjects), against the |z| intensity baseline."""
+    from medflowad.bench.t1 import T1BenchSettings, run_t1_bench, t1_markdown
+
+    settings = T1BenchSettings(data=data, config=config, split=str(split) if split else None, pool=pool,
+                               copies=copies, lesions=lesions, seed=seed, general_steps=general_steps,
+                               in_steps=in_steps, device=device)
+    result = run_t1_bench(settings, out, show_progress=not quiet, echo=lambda m: console.print(m, highlight=False))
+    console.print(t1_markdown(result), highlight=False, soft_wrap=True)
+    console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, scores/, overlays/")
 
 
 pool_app = typer.Typer(help="General scan pool for the general-distribution model.", no_args_is_help=True)

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from medflowad.bench.overlays import lesion_overlays
 from medflowad.data.scans import prepare_image_2d
 from medflowad.data.slice_sets import load_slice_set_manifest
 from medflowad.devices import resolve_device
@@ -50,16 +51,13 @@ from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
 from medflowad.mri.model import (
-    analyse,
-    load_mri_model,
     mri_run_config,
     split_healthy_scans,
     train_mri_model,
 )
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
-from medflowad.prep import prepare
-from medflowad.storage import atomic_write, load_model, write_json, write_text
+from medflowad.storage import load_model, write_json, write_text
 from medflowad.training import train
 
 LESION_MASKS = ("_flair", "_mask")
@@ -84,11 +82,12 @@ class MriBenchSettings:
     brain: str | None = "deepbet"
 
 
-def read_split(path: str | None) -> dict[str, list[str]]:
-    text = Path(path).read_text() if path else (
-        resources.files("medflowad.presets_data") / "lgg_flair_split.tsv").read_text()
-    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith(("#", "patient\t"))]
-    return {name: [p for p, s in rows if s.strip() == name] for name in ("train", "test")}
+def read_split(path: str | None, default: str = "lgg_flair_split.tsv") -> dict[str, list[str]]:
+    """{"train": [...], "test": [...]} from a TSV of name<TAB>split (a header line and # comments are skipped);
+    ``path`` None reads the fixed split ``default`` shipped with medflowad."""
+    text = Path(path).read_text() if path else (resources.files("medflowad.presets_data") / default).read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    return {name: [row[0] for row in rows if len(row) > 1 and row[1].strip() == name] for name in ("train", "test")}
 
 
 def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = True,
@@ -151,7 +150,9 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     echo(f"writing the test patients' maps and overlays ({best.name})")
     shutil.rmtree(out / "maps", ignore_errors=True)  # the bench's own maps, remade whole: the model may be new
     score_scans(test_scans, best, out / "maps", device=settings.device)
-    _overlays(best, test_scans, out / "overlays", settings.overlays, settings.device)
+    lesion_overlays(best, test_scans, out / "overlays", settings.overlays, settings.device, LESION_MASKS,
+                    (("llr map", "llr"), ("llr map, finest scale (llr_c1)", "llr_c1"),
+                     ("intensity baseline", "intensity")))
     tumor = (_tumor_2d(medical, out, config, settings.tumor_steps, show_progress, settings.device, echo)
              if settings.tumor_2d else None)
 
@@ -204,44 +205,6 @@ def mri_markdown(result: dict) -> str:
             lines.append(f"| {cls} | {row['n']} | " + " | ".join(f"{row[s]:.3f}" for s in tumor["scores"]) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in result["timings"].items())]
     return "\n".join(lines) + "\n"
-
-
-def _overlays(model_dir: Path, scans: list[Path], out: Path, count: int, device: str) -> None:
-    """Image, lesion contour, llr map, its finest scale's share and the intensity baseline for the slices
-    with the largest lesions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model = load_mri_model(model_dir, device)
-    candidates = []
-    for path in scans:
-        prepared = prepare(path, model.config.preprocessing, LESION_MASKS)
-        areas = prepared.lesion.sum(axis=(1, 2)) * prepared.keep
-        if areas.max() > 0:
-            candidates.append((areas.max(), path, int(areas.argmax()), prepared))
-    for _, path, z, prepared in sorted(candidates, key=lambda c: -c[0])[:count]:
-        lesion_mask = prepared.lesion
-        analysis = analyse(model, prepared)
-        fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
-        image = prepared.slices[z, 0].numpy()
-        panels = (("FLAIR + lesion", None), ("llr map", analysis.maps["llr"][z]),
-                  ("llr map, finest scale (llr_c1)", analysis.maps["llr_c1"][z]),
-                  ("intensity baseline", analysis.maps["intensity"][z]))
-        for ax, (title, overlay) in zip(axes, panels, strict=True):
-            ax.imshow(image, cmap="gray")
-            if overlay is not None:
-                shown = np.ma.masked_where(~prepared.foreground[z], overlay)
-                ax.imshow(shown, cmap="inferno", alpha=0.6)
-            ax.contour(lesion_mask[z], levels=[0.5], colors="cyan", linewidths=0.8)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-        fig.suptitle(f"{path.name} slice {z} ({model_dir.name})", fontsize=9)
-        fig.tight_layout()
-        atomic_write(out / f"{path.name.replace('.nii.gz', '')}_slice{z}.png",
-                     lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=90))
-        plt.close(fig)
 
 
 def _tumor_2d(medical: Path, out: Path, config, steps: int, show_progress: bool, device: str, echo) -> dict:
