@@ -20,9 +20,15 @@ from medflowad.scores import likelihoods, scores_from_likelihoods
 
 # *_fg: the map's mean over the slice's foreground (nats per pixel). Unlike the whole-slice sums, they do
 # not grow with the share of predictable background, which varies from slice to slice.
-SLICE_SCORES = ("llr", "llr_fg", "last_scale", "last_scale_fg", "nll")
+# intensity_normative: the slice's highest normative intensity z-scores (medflowad.mri.normative); models
+# calibrated before it have none (NaN, no p-value).
+SLICE_SCORES = ("llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity_normative")
+OPTIONAL_SCORES = ("intensity_normative",)
 WHOLE_SLICE_SCORES = ("llr", "last_scale", "nll")
 MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised image (baseline)
+# |robust z| of the normalised image against the scan's own brain: the two-sided intensity baseline of
+# PROTOCOL part D (T1 lesions may be darker or brighter than tissue). Older calibrations lack it.
+TWO_SIDED_BASELINE = "intensity_abs_z"
 
 
 def scale_map_names(levels: int) -> tuple[str, ...]:
@@ -32,13 +38,13 @@ def scale_map_names(levels: int) -> tuple[str, ...]:
 
 def map_names(levels: int) -> tuple[str, ...]:
     """Every map ``analyse_scan`` returns for a model with ``levels`` scales."""
-    return (*MAP_TYPES, *scale_map_names(levels))
+    return (*MAP_TYPES, TWO_SIDED_BASELINE, *scale_map_names(levels))
 
 
 @dataclass
 class ScanAnalysis:
     slice_scores: dict[str, np.ndarray]  # (Z,) each, NaN on slices that are not scored
-    maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground; MAP_TYPES + llr_c<i>
+    maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground; map_names()
 
     def scan_scores(self, top_fraction: float) -> dict[str, float]:
         return {name: aggregate(values, top_fraction) for name, values in self.slice_scores.items()}
@@ -95,8 +101,26 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
         for name in ("llr", "last_scale"):
             slice_scores[f"{name}_fg"][keep] = maps[name][keep].sum(axis=(1, 2), dtype=np.float64) / pixels
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
-    maps["intensity"] = prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
+    maps["intensity"] = intensity_map(prepared)
+    maps[TWO_SIDED_BASELINE] = intensity_abs_z(maps["intensity"], prepared.foreground & prepared.keep[:, None, None])
     return ScanAnalysis(slice_scores, maps)
+
+
+def intensity_map(prepared: PreparedScan) -> np.ndarray:
+    """(Z, S, S) the normalised image (0-1) inside the foreground, zero outside."""
+    return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
+
+
+def intensity_abs_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """|image - median| / (1.4826 MAD) with median and MAD over ``region`` (zero outside it)."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    values = image[region]
+    if values.size == 0:
+        return out
+    centre = np.median(values)
+    spread = max(1.4826 * float(np.median(np.abs(values - centre))), 1e-6)
+    out[region] = np.abs(values - centre) / spread
+    return out
 
 
 def conformal_p_value(score: float, calibration: np.ndarray) -> float:

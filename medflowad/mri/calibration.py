@@ -3,14 +3,30 @@ per-location statistics of the normative maps (:mod:`medflowad.mri.normative`)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from medflowad.data.scans import PreparedScan
-from medflowad.mri.analysis import SLICE_SCORES, aggregate, analyse_scan, threshold_at_fpr
-from medflowad.mri.normative import NORMATIVE_MAPS, fit_normative, level_count, normative_map, slice_levels
+from medflowad.mri.analysis import (
+    OPTIONAL_SCORES,
+    SLICE_SCORES,
+    aggregate,
+    analyse_scan,
+    intensity_map,
+    threshold_at_fpr,
+)
+from medflowad.mri.normative import (
+    MODEL_FREE,
+    NORMATIVE_MAPS,
+    fit_normative,
+    level_count,
+    normative_map,
+    slice_levels,
+    slice_top_mean,
+)
 
 if TYPE_CHECKING:
     from medflowad.mri.model import MriModel
@@ -39,15 +55,23 @@ def healthy_parts(prepared: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
     return slices, voxels
 
 
-def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.ndarray]:
-    """Healthy validation distributions of slice scores, scan scores and brain (foreground) voxel map values.
+def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: Sequence[PreparedScan] = (),
+              subjects: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Healthy validation distributions of slice scores, scan scores and brain (foreground) voxel map values,
+    and the per-location statistics of the normative maps.
 
     Calibration scans with lesion masks (held-apart patients) contribute their healthy parts only
     (:func:`healthy_parts`): lesion-free slices, voxels away from the lesion, and a scan score from the
     lesion-free slices; lesion values would raise every threshold meant to bound false positives.
+
+    The model maps' normative statistics come from ``healthy_val`` alone (the models were fit to the training
+    scans, whose maps are too healthy). The intensity's come from ``healthy_train`` and ``healthy_val``
+    together, since no model was fit to it; its normative map, slice and scan scores are then calibrated by
+    leaving one subject out (``subjects``: one key per scan, training scans first; default: one per scan):
+    each scan is measured against statistics of the other subjects only.
     """
-    slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
-    scan_values: dict[str, list] = {n: [] for n in SLICE_SCORES}
+    slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
+    scan_values: dict[str, list] = {n: [] for n in slice_values}
     voxel_values: dict[str, list] = {}
     kept_maps: dict[str, list] = {name: [] for name in NORMATIVE_MAPS}  # for the per-location statistics
     healthy_masks, levels = [], []
@@ -55,11 +79,11 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model)
         healthy_slices, healthy_voxels = healthy_parts(prepared)
-        for name, values in analysis.slice_scores.items():
-            kept = np.where(healthy_slices, values, np.nan)
+        for name in slice_values:
+            kept = np.where(healthy_slices, analysis.slice_scores[name], np.nan)
             slice_values[name].append(kept[np.isfinite(kept)])
             scan_values[name].append(aggregate(kept, model.config.top_fraction))
-        for name, values in analysis.maps.items():  # MAP_TYPES and the per-scale llr maps
+        for name, values in analysis.maps.items():  # every map of map_names()
             voxel_values.setdefault(name, []).append(values[healthy_voxels])
         for name in NORMATIVE_MAPS:
             kept_maps[name].append(analysis.maps[name])
@@ -69,13 +93,20 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
     calibration = {}
     count = level_count(healthy_val[0], standard)
     for name in NORMATIVE_MAPS:
+        if name == MODEL_FREE:
+            continue
         centre, spread = fit_normative(kept_maps[name], healthy_masks, levels, count, neighbour_levels=standard)
         calibration[f"normative/{name}/centre"], calibration[f"normative/{name}/spread"] = centre, spread
         # In-sample: each calibration voxel is one of hundreds of values at its location (neighbourhood pooling).
         voxel_values[f"{name}_normative"] = [
             normative_map(values, mask, level, centre, spread)[mask]
             for values, mask, level in zip(kept_maps[name], healthy_masks, levels, strict=True)]
-    for name in SLICE_SCORES:
+    model_free = _model_free_calibration(list(healthy_train) + list(healthy_val), subjects, standard,
+                                         model.config.top_fraction)
+    if model_free:
+        voxel_values[f"{MODEL_FREE}_normative"] = model_free.pop("voxel")
+        calibration.update(model_free)
+    for name in slice_values:
         calibration[f"slice/{name}"] = np.concatenate(slice_values[name])
         scan = np.asarray(scan_values[name], dtype=np.float64)
         calibration[f"scan/{name}"] = scan[np.isfinite(scan)]  # a scan without healthy slice has no score
@@ -85,6 +116,42 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan]) -> dict[str, np.
             values = rng.choice(values, VOXEL_SAMPLE, replace=False)
         calibration[f"voxel/{name}"] = values
     return calibration
+
+
+def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
+                            top_fraction: float) -> dict:
+    """Normative intensity statistics from every healthy scan, and its leave-one-subject-out calibration:
+    slice and scan scores, and healthy voxel values (under "voxel", a list per scan). Empty with fewer than
+    two subjects: there is no one to leave out against."""
+    subjects = list(subjects) if subjects is not None else [str(i) for i in range(len(scans))]
+    if len(subjects) != len(scans):
+        raise ValueError(f"{len(subjects)} subject keys for {len(scans)} healthy scans")
+    if len(set(subjects)) < 2:
+        return {}
+    maps = [intensity_map(p) for p in scans]
+    parts = [healthy_parts(p) for p in scans]
+    levels = [slice_levels(p, standard) for p in scans]
+    count = level_count(scans[0], standard)
+    centre, spread = fit_normative(maps, [v for _, v in parts], levels, count, neighbour_levels=standard)
+    name = f"{MODEL_FREE}_normative"
+    result: dict = {f"normative/{MODEL_FREE}/centre": centre, f"normative/{MODEL_FREE}/spread": spread,
+                    "voxel": []}
+    slices, scan_scores = [], []
+    for subject in dict.fromkeys(subjects):
+        out = [i for i, s in enumerate(subjects) if s != subject]
+        left_centre, left_spread = fit_normative([maps[i] for i in out], [parts[i][1] for i in out],
+                                                 [levels[i] for i in out], count, neighbour_levels=standard)
+        for i in (i for i, s in enumerate(subjects) if s == subject):
+            healthy_slices, healthy_voxels = parts[i]
+            region = scans[i].foreground & scans[i].keep[:, None, None]
+            values = normative_map(maps[i], region, levels[i], left_centre, left_spread)
+            result["voxel"].append(values[healthy_voxels])
+            per_slice = np.where(healthy_slices, slice_top_mean(values, region & healthy_voxels), np.nan)
+            slices.append(per_slice[np.isfinite(per_slice)])
+            scan_scores.append(aggregate(per_slice, top_fraction))
+    scan = np.asarray(scan_scores, dtype=np.float64)
+    result[f"slice/{name}"], result[f"scan/{name}"] = np.concatenate(slices), scan[np.isfinite(scan)]
+    return result
 
 
 def calibration_summary(calibration: dict[str, np.ndarray], fpr: float) -> dict:

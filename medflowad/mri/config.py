@@ -12,8 +12,11 @@ import yaml
 from medflowad.config import ConfigError, OutlierConfig, build_dataclass
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
+from medflowad.mri.analysis import SLICE_SCORES
+from medflowad.mri.normative import NORMATIVE_MAPS
 
 MODALITIES = ("t1", "t2", "flair", "pd", "ct")
+MASK_MAPS = ("llr", *(f"{name}_normative" for name in NORMATIVE_MAPS))
 
 
 def _mri_model() -> GlowConfig:
@@ -39,6 +42,11 @@ class MriConfig:
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
     val_fraction: float = 0.2  # healthy subjects held apart for calibration (see split_healthy_scans)
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
+    # The scan score that flags scans, heads the report and is printed first (analysis.SLICE_SCORES).
+    scan_score: str = "llr"
+    # The map `score` thresholds into <id>_anomaly_mask and shows in the report: llr, or a normative map
+    # (written as <id>_normative). None: llr_normative in standard space, llr on a scan's own grid.
+    mask_map: str | None = None
     fpr: float = 0.05  # default false-positive rate for flags
     seed: int = 0
     calibration_seed: int | None = None  # draws the calibration scans; None: seed. Fix it to vary training alone
@@ -52,6 +60,10 @@ class MriConfig:
         if tuple(self.model.image_size) != (size, size) or self.model.in_channels != 1:
             raise ConfigError(f"model.image_size must be [{size}, {size}] with in_channels 1 "
                               "to match preprocessing.image_size")
+        if self.scan_score not in SLICE_SCORES:
+            raise ConfigError(f"scan_score must be one of {', '.join(SLICE_SCORES)}, got {self.scan_score!r}")
+        if self.mask_map not in (None, *MASK_MAPS):
+            raise ConfigError(f"mask_map must be one of {', '.join(MASK_MAPS)} (or null), got {self.mask_map!r}")
         if self.lesions not in ("mask", "drop_slices"):
             raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:

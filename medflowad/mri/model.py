@@ -39,13 +39,14 @@ from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
 from medflowad.mri.analysis import (
     MAP_TYPES,
+    OPTIONAL_SCORES,
     SLICE_SCORES,
     ScanAnalysis,
     analyse_scan,
 )
 from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone
 from medflowad.mri.config import MriConfig, mri_config_from_dict
-from medflowad.mri.normative import NORMATIVE_MAPS, normative_map, slice_levels
+from medflowad.mri.normative import MODEL_FREE, NORMATIVE_MAPS, normative_map, slice_levels, slice_top_mean
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
@@ -256,7 +257,8 @@ def train_mri_model(
     result = train(in_run, out / "in", show_progress=show_progress)
 
     model = load_mri_model(out, calibrated=False)
-    calibration = calibrate(model, [p for _, p in prepared["val"]])
+    calibration = calibrate(model, [p for _, p in prepared["val"]], [p for _, p in prepared["train"]],
+                            [subject_of(path) for split in ("train", "val") for path, _ in prepared[split]])
     write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
     summary = calibration_summary(calibration, config.fpr)
     write_json(out / "calibration.json", summary)
@@ -358,8 +360,11 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
         if not (folder / "calibration.safetensors").exists():
             raise ModelFolderError(f"{folder}: no calibration.safetensors (training did not finish)")
         calibration = {k: v.numpy() for k, v in read_tensors(folder / "calibration.safetensors").items()}
-        expected = {f"{level}/{n}" for level in ("slice", "scan") for n in SLICE_SCORES}
+        expected = {f"{level}/{n}" for level in ("slice", "scan") for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
         expected |= {f"voxel/{n}" for n in MAP_TYPES}
+        expected.add(f"scan/{config.scan_score}")
+        if config.mask_map is not None:
+            expected.add(f"voxel/{config.mask_map}")
         missing = sorted(expected - set(calibration))
         if missing:
             raise ModelFolderError(f"{folder}: calibration lacks {', '.join(missing)} (made by an older "
@@ -379,6 +384,9 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
         if centre is not None:
             analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre,
                                                                model.calibration[f"normative/{name}/spread"])
+    if f"{MODEL_FREE}_normative" in analysis.maps:
+        analysis.slice_scores[f"{MODEL_FREE}_normative"] = slice_top_mean(analysis.maps[f"{MODEL_FREE}_normative"],
+                                                                          region)
     return analysis
 
 

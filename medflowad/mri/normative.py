@@ -26,6 +26,10 @@ import numpy as np
 from medflowad.data.scans import PreparedScan
 
 NORMATIVE_MAPS = ("llr", "last_scale", "intensity")  # each gets "<name>_normative"
+# No model is fit to the intensity, so its statistics come from every healthy scan, training ones included,
+# and its calibration from leaving one subject out at a time (medflowad.mri.calibration).
+MODEL_FREE = "intensity"
+TOP_PIXELS = 20  # slice score: mean of the slice's highest normative values (20 pixels: about 1.8 cm^2 at 3 mm)
 NATIVE_LEVELS = 16
 MIN_VALUES = 10
 SPREAD_FLOOR = 0.01
@@ -98,4 +102,15 @@ def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, cen
     for z in np.nonzero(level >= 0)[0]:
         level_z = min(level[z], len(centre) - 1)
         out[z] = np.where(region[z], (values[z] - centre[level_z]) / spread[level_z], 0.0)
+    return out
+
+
+def slice_top_mean(values: np.ndarray, region: np.ndarray, k: int = TOP_PIXELS) -> np.ndarray:
+    """(Z,) mean of the ``k`` highest values of each slice inside ``region`` (all of them when fewer); NaN for
+    slices with no region."""
+    out = np.full(len(values), np.nan)
+    for z in range(len(values)):
+        inside = values[z][region[z]]
+        if inside.size:
+            out[z] = float(np.sort(inside)[-k:].mean())
     return out

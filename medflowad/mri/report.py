@@ -1,7 +1,8 @@
 """``score --report``: one self-contained report.html for a scored batch.
 
-Per scan: the scan score, its p-value and flag, a montage of axial slices of the scan with the llr
-anomaly map overlaid where it exceeds the healthy voxel threshold, and the scan's score on the
+Per scan: the model's scan score (``scan_score``), its p-value and flag, a montage of axial slices of the scan
+with the mask map (``mask_map``: llr, or a normative map) overlaid where it exceeds the healthy voxel
+threshold, as in the anomaly mask, and the scan's score on the
 histogram of the healthy calibration scans' scores. Figures are PNGs embedded as base64, so the file
 can be mailed or archived alone. Slices are shown in radiological convention (patient right on the
 image left, anterior up), at the scan's own resolution, with the map as written to the NIfTI file.
@@ -26,7 +27,16 @@ from medflowad.mri.analysis import flag_resolution_problem
 from medflowad.storage import write_text
 
 MONTAGE_SLICES = 12
-SCORE = "llr"  # the scan score the report is about (also the one `score` prints first)
+# What each scan score and mask map is, in the report's words.
+SCORE_MEANINGS = {
+    "llr": "the mean of the top 10% of slice log-likelihood ratios (in-distribution minus general model), nats",
+    "intensity_normative": "the mean over the top 10% of slices of each slice's 20 highest normative intensity "
+                           "z-scores (intensity against healthy scans at the same place)",
+}
+MAP_LABELS = {"llr": "llr above healthy voxel threshold (nats/pixel)",
+              "llr_normative": "normative llr z above healthy voxel threshold",
+              "last_scale_normative": "normative last-scale z above healthy voxel threshold",
+              "intensity_normative": "normative intensity z above healthy voxel threshold"}
 
 
 @dataclass
@@ -63,9 +73,10 @@ def pick_slices(image: np.ndarray, anomaly: np.ndarray, count: int = MONTAGE_SLI
     return sorted(int(z) for z in chosen)
 
 
-def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: float, scan_score: float,
-                 healthy_scores: np.ndarray, score_threshold: float, title: str) -> ScanFigures:
-    """The montage and the calibration histogram of one scan."""
+def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: float, map_name: str, scan_score: float,
+                 score_name: str, healthy_scores: np.ndarray, score_threshold: float, title: str) -> ScanFigures:
+    """The montage (``native_map``, named ``map_name``, where above ``threshold``) and the calibration
+    histogram of the scan score ``score_name`` of one scan."""
     affine = prepared.native.affine
     image, (row_mm, col_mm) = _display_volume(prepared.native[0].numpy(), affine)
     anomaly, _ = _display_volume(native_map, affine)
@@ -91,7 +102,8 @@ def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: floa
         ax.axis("off")
     if overlay is not None:
         bar = figure.colorbar(overlay, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-        bar.set_label("llr above healthy voxel threshold (nats/pixel)", color="white", fontsize=8)
+        bar.set_label(MAP_LABELS.get(map_name, f"{map_name} above healthy voxel threshold"), color="white",
+                      fontsize=8)
         bar.ax.tick_params(colors="white", labelsize=7)
     figure.suptitle(title, color="white", fontsize=10)
     montage = _png(figure)
@@ -103,7 +115,7 @@ def scan_figures(prepared: PreparedScan, native_map: np.ndarray, threshold: floa
             label=f"healthy calibration scans (n={len(finite_scores)})")
     ax.axvline(score_threshold, color="black", linestyle="--", linewidth=1, label="flag threshold")
     ax.axvline(scan_score, color="#d62728", linewidth=2.5, label="this scan")
-    ax.set_xlabel(f"scan score ({SCORE}, nats)")
+    ax.set_xlabel(f"scan score ({score_name})")
     ax.set_ylabel("scans")
     ax.legend(fontsize=7, loc="upper left")
     histogram = _png(figure)
@@ -128,20 +140,21 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 
 
 def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], model_name: str, modality: str,
-                 fpr: float, n_healthy: int) -> None:
-    """Write report.html atomically from the score rows and each scored scan's figures."""
+                 fpr: float, n_healthy: int, score: str = "llr") -> None:
+    """Write report.html atomically from the score rows and each scored scan's figures, about scan score
+    ``score``."""
     e = html.escape
     problem = flag_resolution_problem(n_healthy, fpr)
     problem = f' <b class="flag">Note: {e(problem)}.</b>' if problem else ""
-    flagged = sum(1 for r in rows if r.get(f"{SCORE}_flag"))
+    flagged = sum(1 for r in rows if r.get(f"{score}_flag"))
     failed = sum(1 for r in rows if r["status"] != "ok")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>medflowad report: {len(rows)} scans</title><style>{_STYLE}</style></head><body>",
         "<h1>medflowad anomaly report</h1>",
         f'<p class="note">Model <code>{e(model_name)}</code> ({e(modality)}); written '
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Scan score: {SCORE}, the mean of the "
-        "top 10% of slice log-likelihood ratios (in-distribution minus general model). p-value (conformal): "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Scan score: {score}, "
+        f"{SCORE_MEANINGS.get(score, 'aggregated over the top 10% of slices')}. p-value (conformal): "
         f"(1 + healthy calibration scans scoring at least as high) / (1 + {n_healthy}). A scan is flagged "
         f"when p &le; {fpr:g}.{problem}</p>",
         f"<p><b>{len(rows)}</b> scans: <b>{flagged}</b> flagged, <b>{failed}</b> failed.</p>",
@@ -151,10 +164,10 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
     for r in rows:
         sid = e(r["scan_id"])
         if r["status"] == "ok":
-            flag = '<span class="flag">yes</span>' if r[f"{SCORE}_flag"] else "no"
+            flag = '<span class="flag">yes</span>' if r[f"{score}_flag"] else "no"
             name = f'<a href="#{sid}">{sid}</a>' if r["scan_id"] in figures else sid  # earlier runs' scans: no figures
-            parts.append(f'<tr><td>{name}</td><td>ok</td><td>{r[SCORE]:.1f}</td>'
-                         f"<td>{r[f'{SCORE}_p']:.3f}</td><td>{flag}</td><td>{r['flagged_voxels']}</td>"
+            parts.append(f'<tr><td>{name}</td><td>ok</td><td>{r[score]:.1f}</td>'
+                         f"<td>{r[f'{score}_p']:.3f}</td><td>{flag}</td><td>{r['flagged_voxels']}</td>"
                          f"<td>{r['scored_slices']}/{r['slices']}</td></tr>")
         else:
             parts.append(f'<tr><td>{sid}</td><td class="error">failed</td><td colspan="5" class="error">'
@@ -164,10 +177,10 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
         if r["status"] != "ok" or r["scan_id"] not in figures:
             continue
         sid = e(r["scan_id"])
-        verdict = '<span class="flag">flagged</span>' if r[f"{SCORE}_flag"] else "not flagged"
+        verdict = '<span class="flag">flagged</span>' if r[f"{score}_flag"] else "not flagged"
         parts += [
             f'<section id="{sid}"><h2>{sid}</h2>',
-            f"<p>score {r[SCORE]:.1f}, p = {r[f'{SCORE}_p']:.3f}: {verdict}. Map: <code>{e(r['map'])}</code>; "
+            f"<p>score {r[score]:.1f}, p = {r[f'{score}_p']:.3f}: {verdict}. Map: <code>{e(r['map'])}</code>; "
             f"source: <code>{e(r['path'])}</code>.</p>",
             _img(figures[r["scan_id"]].montage, f"{r['scan_id']} axial montage with anomaly map"),
             _img(figures[r["scan_id"]].histogram, f"{r['scan_id']} score on the healthy histogram"),

@@ -57,7 +57,6 @@ from medflowad.mri.model import (
     model_fingerprint,
     select_scans,
 )
-from medflowad.mri.report import SCORE as REPORT_SCORE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.prep import prepare
 from medflowad.storage import atomic_write, write_json, write_text
@@ -76,6 +75,7 @@ class BatchResult:
     out: Path | None = None
     report: Path | None = None
     warning: str | None = None  # e.g. a calibration set too small for any flag at this FPR
+    scan_score: str = "llr"  # the score that flags scans (the model's scan_score)
 
     @property
     def all_ok(self) -> bool:
@@ -207,10 +207,21 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
     values = analysis.scan_scores(model.config.top_fraction)
     row: dict[str, float | bool] = {}
     for name in SLICE_SCORES:
-        row[name] = values[name]
-        row[f"{name}_p"] = conformal_p_value(values[name], model.calibration[f"scan/{name}"])
+        healthy = model.calibration.get(f"scan/{name}")  # None: a score older calibrations lack
+        row[name] = values[name] if healthy is not None else float("nan")
+        row[f"{name}_p"] = conformal_p_value(row[name], healthy) if healthy is not None else float("nan")
         row[f"{name}_flag"] = bool(row[f"{name}_p"] <= fpr)
     return row
+
+
+def mask_map_of(model: MriModel) -> str:
+    """The map ``score`` thresholds into the anomaly mask: the config's ``mask_map``, or by default the
+    normative llr in standard space (a location is the same anatomy in every scan there) and the llr on
+    scans' own grids (locations only roughly agree; normative maps measured no better on LGG)."""
+    if model.config.mask_map is not None:
+        return model.config.mask_map
+    standard = model.config.preprocessing.space == "standard"
+    return "llr_normative" if standard and "voxel/llr_normative" in model.calibration else "llr"
 
 
 def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out: Path | None = None) -> list[Path]:
@@ -260,18 +271,17 @@ def score_scans(
     earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
     out.mkdir(parents=True, exist_ok=True)
     ids = unique_scan_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
-    voxel_threshold = threshold_at_fpr(model.calibration["voxel/llr"], fpr)
-    # In standard space a location is the same anatomy in every scan, so the voxel mask flags deviation from
-    # healthy anatomy there (the normative llr). On native grids locations only roughly agree (normative maps
-    # are approximate, and measured no better on LGG): the mask stays on the llr, the normative map is written.
-    normative = "voxel/llr_normative" in model.calibration
-    mask_map = "llr_normative" if normative and model.config.preprocessing.space == "standard" else "llr"
+    mask_map = mask_map_of(model)
+    normative = mask_map if mask_map != "llr" else ("llr_normative" if "voxel/llr_normative" in model.calibration
+                                                     else None)  # the map written as <id>_normative
     mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], fpr)
-    healthy_scores = model.calibration[f"scan/{REPORT_SCORE}"]
+    mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
+    headline = model.config.scan_score
+    healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
     result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
-                         kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows)
+                         kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows, scan_score=headline)
     for note in _input_notes(scans, ids, model):
         result.warn(note)
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
@@ -297,8 +307,9 @@ def score_scans(
                 row.update(scan_scores(model, analysis, fpr))
                 native_llr = to_native(analysis.maps["llr"], prepared)
                 native_last = to_native(analysis.maps["last_scale"], prepared)
-                native_normative = to_native(analysis.maps["llr_normative"], prepared) if normative else None
-                flagged = ((native_llr if mask_map == "llr" else native_normative) > mask_threshold).astype(np.uint8)
+                native_normative = to_native(analysis.maps[normative], prepared) if normative else None
+                mask_source = native_llr if mask_map == "llr" else native_normative
+                flagged = (mask_source > mask_threshold).astype(np.uint8)
                 header = source_header(prepared)
                 for suffix, data in zip(MAP_SUFFIXES, (native_llr, native_last, flagged), strict=True):
                     write_nifti(out / f"{sid}{suffix}", data, prepared, header)
@@ -308,14 +319,15 @@ def score_scans(
                 row["flagged_voxels"] = int(flagged.sum())
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:
-                    figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE],
-                                                healthy_scores, score_threshold, f"{sid} ({path.name})")
+                    figures[sid] = scan_figures(prepared, mask_source, mask_threshold, mask_map, row[headline],
+                                                headline, healthy_scores, score_threshold, f"{sid} ({path.name})")
                 for z in range(prepared.num_slices):
                     slice_row = {"scan_id": sid, "slice": z, "scored": bool(prepared.keep[z])}
                     for name in SLICE_SCORES:
                         value = float(analysis.slice_scores[name][z])
+                        healthy = model.calibration.get(f"slice/{name}")
                         slice_row[name] = value
-                        slice_row[f"{name}_p"] = conformal_p_value(value, model.calibration[f"slice/{name}"])
+                        slice_row[f"{name}_p"] = conformal_p_value(value, healthy) if healthy is not None else math.nan
                     result.slice_rows.append(slice_row)
             except Exception as exc:  # one bad scan never stops the batch; its reason goes into the tables
                 reason = str(exc) if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
@@ -339,9 +351,9 @@ def score_scans(
             try:  # scored before: the figures come from the scan and its map as written
                 source = Path(row["path"])
                 prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
-                native_llr = np.asarray(nib.load(str(out / row["map"])).dataobj, dtype=np.float32)
-                figures[sid] = scan_figures(prepared, native_llr, voxel_threshold, row[REPORT_SCORE], healthy_scores,
-                                            score_threshold, f"{sid} ({source.name})")
+                written = np.asarray(nib.load(str(out / f"{sid}{mask_file_suffix}")).dataobj, dtype=np.float32)
+                figures[sid] = scan_figures(prepared, written, mask_threshold, mask_map, row[headline], headline,
+                                            healthy_scores, score_threshold, f"{sid} ({source.name})")
             except Exception as exc:  # the report still lists the scan, without figures
                 result.warn(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
                 missing += 1
@@ -349,7 +361,7 @@ def score_scans(
             tables.save(force=True)  # scores.json carries the warnings too
         result.report = out / "report.html"
         write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
-                     model.config.modality, fpr, len(healthy_scores))
+                     model.config.modality, fpr, len(healthy_scores), headline)
     return result
 
 

@@ -63,11 +63,12 @@ class AnomalyMap(Transform):
     scan's grid, with the scan's affine.
 
     ``maps`` are any of ``llr`` (log p_general - log p_in per location, nats), ``last_scale`` (-c_L per
-    location), ``llr_c1``.. (each scale's share of ``llr``) and ``intensity`` (the normalised image, the
-    baseline). The output's meta holds ``anomaly_maps`` (their names) and ``anomaly_scores``: the scan
-    scores, conformal p-values against the model's healthy calibration scans and flags at ``fpr``
-    (default: the model's), as in ``medflowad score``'s scores.csv. The scan needs a real affine: read it
-    with :class:`LoadScan` or MONAI's ``LoadImage`` (+ ``EnsureChannelFirst``).
+    location), ``llr_c1``.. (each scale's share of ``llr``), ``intensity`` (the normalised image, the
+    baseline) and ``intensity_abs_z`` (its two-sided robust z against the scan's brain). The output's meta
+    holds ``anomaly_maps`` (their names) and ``anomaly_scores``: the scan scores, conformal p-values against
+    the model's healthy calibration scans and flags at ``fpr`` (default: the model's), as in ``medflowad
+    score``'s scores.csv. The scan needs a real affine: read it with :class:`LoadScan` or MONAI's
+    ``LoadImage`` (+ ``EnsureChannelFirst``).
     """
 
     def __init__(self, model: str | Path | MriModel, maps: Sequence[str] = ("llr",), fpr: float | None = None,

@@ -81,3 +81,125 @@ def test_score_writes_the_normative_map_and_keeps_the_llr_mask_on_native_grids(t
     mask = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly_mask.nii.gz")).dataobj)
     llr = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly.nii.gz")).dataobj)
     assert np.array_equal(mask.astype(bool), llr > threshold)
+
+
+def test_slice_top_mean_is_the_mean_of_the_k_highest_values_inside_the_region():
+    from medflowad.mri.normative import slice_top_mean
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(3, 8, 8))
+    region = rng.random((3, 8, 8)) > 0.3
+    region[2] = False
+    got = slice_top_mean(values, region, k=5)
+    for z in range(2):
+        assert np.isclose(got[z], np.mean(sorted(values[z][region[z]])[-5:]))
+    assert np.isnan(got[2])
+
+
+def _prepared(image: np.ndarray):
+    """A standard-space-like PreparedScan of a (Z, S, S) 0-1 image, foreground everywhere."""
+    import torch
+
+    from medflowad.data.scans import PreparedScan
+
+    slices = torch.from_numpy(np.round(image * 255).astype(np.uint8))[:, None]
+    z = len(image)
+    return PreparedScan(slices=slices, foreground=np.ones(image.shape, dtype=bool), keep=np.ones(z, dtype=bool),
+                        lesion_slices=None, lesion=None, grid=None, native=None)
+
+
+def test_intensity_calibration_leaves_each_subject_out_with_all_its_scans():
+    """Subject C's four scans share a bright square that the two other subjects lack. Left out together,
+    the square stands far above the others' statistics; were its scans counted as four subjects, each one's
+    twins would be in the statistics that judge it (three bright of five), and the square would look ordinary."""
+    from medflowad.mri.calibration import _model_free_calibration
+
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.3, 0.5, (4, 16, 16))
+    scans = [np.clip(base + rng.normal(0, 0.02, base.shape), 0, 1) for _ in range(6)]
+    for i in (2, 3, 4, 5):
+        scans[i][:, 2:14, 2:14] = 0.9
+    prepared = [_prepared(s) for s in scans]
+    grouped = _model_free_calibration(prepared, ["a", "b", "c", "c", "c", "c"], True, 0.5)
+    apart = _model_free_calibration(prepared, ["a", "b", "c", "d", "e", "f"], True, 0.5)
+    assert grouped["scan/intensity_normative"][2:].min() > 3 * apart["scan/intensity_normative"][2:].max()
+    # the stored statistics come from every scan
+    assert grouped["normative/intensity/centre"].shape == (4, 16, 16)
+    assert len(grouped["scan/intensity_normative"]) == 6 and len(grouped["voxel"]) == 6
+
+
+def test_one_subject_gives_no_intensity_calibration():
+    from medflowad.mri.calibration import _model_free_calibration
+
+    prepared = [_prepared(np.full((2, 8, 8), 0.4)) for _ in range(2)]
+    assert _model_free_calibration(prepared, ["a", "a"], True, 0.5) == {}
+
+
+def test_intensity_abs_z_is_the_robust_z_of_the_region():
+    from medflowad.mri.analysis import intensity_abs_z
+
+    rng = np.random.default_rng(5)
+    image = rng.uniform(size=(2, 6, 6)).astype(np.float32)
+    region = rng.random((2, 6, 6)) > 0.4
+    values = image[region]
+    mad = 1.4826 * np.median(np.abs(values - np.median(values)))
+    expected = np.where(region, np.abs(image - np.median(values)) / mad, 0)
+    assert np.allclose(intensity_abs_z(image, region), expected, atol=1e-5)
+
+
+def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_model, tmp_path):
+    """A model whose config chooses the normative intensity: the mask is that map above its healthy
+    threshold, the map is written as <id>_normative, and flags, report and table head use its scan score."""
+    import shutil
+
+    import yaml
+
+    from medflowad.mri.analysis import threshold_at_fpr
+    from medflowad.mri.model import load_mri_model
+    from medflowad.mri.score import score_scans
+    from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_mri_model, model_dir)
+    config = yaml.safe_load((model_dir / "mri.yaml").read_text())
+    config.update(mask_map="intensity_normative", scan_score="intensity_normative")
+    (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
+    scan = save_nifti(tmp_path / "s.nii.gz", brain_like(seed=22, blob=(30, 20, 8)), oblique_lps_affine())
+    model = load_mri_model(model_dir, "cpu")
+    result = score_scans([scan], model_dir, tmp_path / "out", device="cpu", report=True)
+    assert result.all_ok and result.scan_score == "intensity_normative"
+    row = result.rows[0]
+    healthy = model.calibration["scan/intensity_normative"]
+    assert row["intensity_normative_p"] == (1 + np.sum(healthy >= row["intensity_normative"])) / (1 + len(healthy))
+    threshold = threshold_at_fpr(model.calibration["voxel/intensity_normative"], model.config.fpr)
+    normative = np.asarray(nib.load(str(tmp_path / "out" / "s_normative.nii.gz")).dataobj)
+    mask = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly_mask.nii.gz")).dataobj)
+    assert np.array_equal(mask.astype(bool), normative > threshold)
+    assert "Scan score: intensity_normative" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_mask_map_the_calibration_lacks_is_refused_at_load(tiny_mri_model, tmp_path):
+    import shutil
+
+    import pytest
+    import yaml
+
+    from medflowad.config import ConfigError
+    from medflowad.mri.model import load_mri_model
+    from medflowad.storage import ModelFolderError, read_tensors, write_tensors
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_mri_model, model_dir)
+    config = yaml.safe_load((model_dir / "mri.yaml").read_text())
+    config.update(mask_map="intensity_normative")
+    (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
+    load_mri_model(model_dir, "cpu")  # calibrated: loads
+    tensors = read_tensors(model_dir / "calibration.safetensors")
+    del tensors["voxel/intensity_normative"]  # as a model calibrated before normative intensity maps
+    write_tensors(model_dir / "calibration.safetensors", tensors)
+    with pytest.raises(ModelFolderError, match="voxel/intensity_normative"):
+        load_mri_model(model_dir, "cpu")
+    config.update(mask_map="nonsense")
+    (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match="mask_map"):
+        load_mri_model(model_dir, "cpu")

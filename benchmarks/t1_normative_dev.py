@@ -1,0 +1,121 @@
+"""Development split of protocol D: choices for the normative intensity map, made without the test subjects.
+
+    MEDFLOWAD_DATA=/path/to/data python benchmarks/t1_normative_dev.py -o runs/t1_dev [--model runs/bench_t1/t1]
+
+Paints ``--copies`` copies of each IXI *training* subject of the fixed split (seeds 1000 + ..., never the
+test subjects' seeds), prepares everything in standard space (mri_demo preparation, cached) and, leaving
+one subject out at a time, fits the per-location healthy statistics of the intensity on the other subjects'
+unpainted scans and measures on the left-out subject's painted copies:
+
+- voxel AUPRC inside the brain (model grid, pooled) of the normative intensity map, signed and two-sided,
+  and of the plain intensity and its |z| against the scan's own brain;
+- scan AUROC of painted copies against the left-out subject's own unpainted scan, for slice scores that
+  are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices.
+
+With ``--model``, the model's llr and llr_normative maps on the same painted copies are measured too.
+Those subjects trained the model, so its figures here are in-sample (favourable to the model).
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medflowad.bench.mri import read_split
+from medflowad.data.painting import paint_scan_file
+from medflowad.mri.analysis import aggregate, intensity_abs_z
+from medflowad.mri.calibration import healthy_parts
+from medflowad.mri.config import load_mri_config
+from medflowad.mri.model import analyse, load_mri_model
+from medflowad.mri.normative import fit_normative, normative_map, slice_levels
+from medflowad.prep import prepare
+
+MASKS = ("_t1", "_t1_mask")
+
+
+def intensity(prepared) -> np.ndarray:
+    return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
+
+
+def top_mean(values: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
+    """(Z,) mean of the k highest values of each slice inside its region; NaN where the slice has none."""
+    out = np.full(len(values), np.nan)
+    for z in range(len(values)):
+        inside = values[z][region[z]]
+        if inside.size:
+            out[z] = np.sort(inside)[-k:].mean()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--top", type=int, nargs="+", default=[5, 10, 20, 40])
+    parser.add_argument("--model", type=Path, help="also measure this model's llr maps (in-sample)")
+    args = parser.parse_args()
+    ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
+    subjects = read_split(None, "ixi_t1_split.tsv")["train"]
+    config = load_mri_config("mri_demo").preprocessing
+    painted_dir = args.out / "painted"
+    healthy, painted = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, subject in enumerate(subjects):
+            source = Path(tmp) / f"{subject}_t1.nii.gz"
+            source.symlink_to(ixi / f"{subject}_T1.nii.gz")
+            if not (painted_dir / f"{subject}-painted{args.copies}_t1.nii.gz").exists():
+                paint_scan_file(source, ixi / f"{subject}_dlmuse.nii.gz", painted_dir, args.copies, 1000 + 100 * i)
+            healthy[subject] = prepare(source, config)
+            painted[subject] = [prepare(painted_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
+                                for k in range(1, args.copies + 1)]
+    model = load_mri_model(args.model, "cpu") if args.model else None
+
+    voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
+                                              "intensity", "intensity_abs_z", "llr", "llr_normative")}
+    truth = []
+    scan_scores: dict[str, dict[str, list]] = {}
+    for subject in subjects:
+        others = [healthy[s] for s in subjects if s != subject]
+        centre, spread = fit_normative([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
+                                       [slice_levels(p, True) for p in others], others[0].num_slices, True)
+        for label, scan in [(False, healthy[subject])] + [(True, p) for p in painted[subject]]:
+            region = scan.foreground & scan.keep[:, None, None]
+            signed = normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
+            maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
+                    "intensity": intensity(scan), "intensity_abs_z": intensity_abs_z(intensity(scan), region)}
+            if model is not None:
+                analysis = analyse(model, scan)
+                maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]
+            for side in ("signed", "two_sided"):
+                for k in args.top:
+                    name = f"{side}_top{k}"
+                    score = aggregate(top_mean(maps[f"intensity_normative_{side}"], region, k), 0.1)
+                    scan_scores.setdefault(name, {}).setdefault(subject, []).append((label, score))
+            if label:
+                truth.append(scan.lesion[region] > 0.5)
+                for name in voxel:
+                    if name in maps:
+                        voxel[name].append(maps[name][region])
+    labels = np.concatenate(truth)
+    result = {"subjects": subjects, "copies": args.copies, "voxels": int(labels.size),
+              "lesion_voxels": int(labels.sum()),
+              "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
+                              if v},
+              "scan_auroc": {}}
+    for name, per_subject in scan_scores.items():
+        pairs = [pair for rows in per_subject.values() for pair in rows]
+        result["scan_auroc"][name] = float(roc_auc_score([p[0] for p in pairs], [p[1] for p in pairs]))
+        # within subject: painted copies above their own unpainted scan
+        wins = [np.mean([s > rows[0][1] for lab, s in rows if lab]) for rows in per_subject.values()]
+        result["scan_auroc"][f"{name}_within_subject"] = float(np.mean(wins))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
