@@ -44,6 +44,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from medflowad.bench.overlays import lesion_overlays
+from medflowad.bench.stages import Stages
 from medflowad.data.scans import prepare_image_2d
 from medflowad.data.slice_sets import load_slice_set_manifest
 from medflowad.devices import resolve_device
@@ -108,36 +109,28 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     lgg = medical / "lgg_flair128"
     train_scans = [lgg / f"{p}_flair.nii.gz" for p in split["train"]]
     test_scans = [lgg / f"{p}_flair.nii.gz" for p in split["test"]]
-    timings: dict[str, float] = {}
-
-    def stage(name: str, done: bool, work: Callable[[], object]) -> None:
-        if done:
-            return
-        echo(name)
-        t0 = time.perf_counter()
-        work()
-        timings[name] = round(time.perf_counter() - t0, 1)
+    stages = Stages(echo)
 
     pool = out / "pool"
     # The calibration patients stay out of the pool, so that their healthy slices remain unseen by both models.
     pool_flair = (split_healthy_scans(train_scans, config, mask_replace=LESION_MASKS)[0]
                   if settings.pool_train_flair else [])
     ixi = sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz"))  # not their DLMUSE label maps
-    stage("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
+    stages.run("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
         [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *ixi, *pool_flair],
         pool, config.preprocessing))
     _check_pool_flair(pool, train_scans, pool_flair)
-    stage("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(), lambda: train_mri_model(
-        config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS, show_progress=show_progress,
-        echo=echo))
+    stages.run("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(),
+               lambda: train_mri_model(config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS,
+                                       show_progress=show_progress, echo=echo))
     models = {"": out / "flair"}
     if settings.outlier:
         outlier_config = dataclasses.replace(config, outlier=dataclasses.replace(config.outlier, enabled=True))
-        stage("training the FLAIR model with the outlier loss",
-              (out / "flair_outlier" / "calibration.safetensors").exists(), lambda: train_mri_model(
-                  outlier_config, train_scans, out / "flair_outlier", pool=pool,
-                  general_model=out / "flair" / "general", mask_replace=LESION_MASKS,
-                  show_progress=show_progress, echo=echo))
+        stages.run("training the FLAIR model with the outlier loss",
+                   (out / "flair_outlier" / "calibration.safetensors").exists(), lambda: train_mri_model(
+                       outlier_config, train_scans, out / "flair_outlier", pool=pool,
+                       general_model=out / "flair" / "general", mask_replace=LESION_MASKS,
+                       show_progress=show_progress, echo=echo))
         models["_outlier"] = out / "flair_outlier"
 
     evaluations = {}
@@ -157,7 +150,7 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
              if settings.tumor_2d else None)
 
     result = {"settings": vars(settings), "lesion": _merge(evaluations), "tumor_2d": tumor,
-              "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
+              "timings": {**stages.timings, "total_s": round(time.perf_counter() - started, 1)},
               "torch_threads": torch.get_num_threads()}
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", mri_markdown(result))

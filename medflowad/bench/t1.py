@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from medflowad.bench.mri import read_split
 from medflowad.bench.overlays import lesion_overlays
+from medflowad.bench.stages import Stages
 from medflowad.data.painting import paint_scan_file
 from medflowad.mri.analysis import SLICE_SCORES
 from medflowad.mri.config import load_mri_config
@@ -92,7 +93,7 @@ def brain_extraction_dice(ixi: Path, subjects: Sequence[str], config) -> dict[st
     for subject in subjects:
         prepared = prepare(ixi / f"{subject}_T1.nii.gz", config.preprocessing)
         labels = np.asarray(nib.load(str(ixi / f"{subject}_dlmuse.nii.gz")).dataobj) > 0
-        result[subject] = round(dice(np.asarray(prepared.brain[0]) > 0.5, labels), 4)
+        result[subject] = round(dice(np.asarray(prepared.brain) > 0.5, labels), 4)
     return result
 
 
@@ -113,26 +114,18 @@ def run_t1_bench(settings: T1BenchSettings, out: Path, show_progress: bool = Tru
     config.in_steps = settings.in_steps or config.in_steps
     split = read_split(settings.split, "ixi_t1_split.tsv")
     train_scans = [ixi / f"{s}_T1.nii.gz" for s in split["train"]]
-    timings: dict[str, float] = {}
-
-    def stage(name: str, done: bool, work: Callable[[], object]) -> None:
-        if done:
-            return
-        echo(name)
-        t0 = time.perf_counter()
-        work()
-        timings[name] = round(time.perf_counter() - t0, 1)
+    stages = Stages(echo)
 
     test = out / "test"
-    stage("painting lesions into the held-apart subjects", (test / "lesions.json").exists(),
+    stages.run("painting lesions into the held-apart subjects", (test / "lesions.json").exists(),
           lambda: make_test_set(ixi, split["test"], test, settings.copies, settings.lesions, settings.seed))
     brain_dice = brain_extraction_dice(ixi, split["train"] + split["test"], config)
     pool = out / "pool"
     sources = list(settings.pool) if settings.pool is not None else default_pool(medical)
-    stage("building the general pool", (pool / "manifest.json").exists(),
+    stages.run("building the general pool", (pool / "manifest.json").exists(),
           lambda: build_pool(sources, pool, config.preprocessing))
     model_dir = out / "t1"
-    stage("training the T1 models", (model_dir / "calibration.safetensors").exists(), lambda: train_mri_model(
+    stages.run("training the T1 models", (model_dir / "calibration.safetensors").exists(), lambda: train_mri_model(
         config, train_scans, model_dir, pool=pool, show_progress=show_progress, echo=echo))
 
     echo("evaluating the maps on the painted scans")
@@ -147,7 +140,7 @@ def run_t1_bench(settings: T1BenchSettings, out: Path, show_progress: bool = Tru
     result = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
               "split": split, "brain_extraction_dice": brain_dice,
               "calibration_scans": _calibration_scans(model_dir), "voxel": voxel, "scan": scan_level,
-              "timings": {**timings, "total_s": round(time.perf_counter() - started, 1)},
+              "timings": {**stages.timings, "total_s": round(time.perf_counter() - started, 1)},
               "torch_threads": torch.get_num_threads()}
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", t1_markdown(result))
