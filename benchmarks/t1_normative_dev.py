@@ -75,27 +75,22 @@ def main() -> None:
     model = load_mri_model(args.model, "cpu") if args.model else None
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
-                                              "intensity_normative_sided",
                                               "intensity", "intensity_abs_z", "llr", "llr_normative")}
     truth = []
     scan_scores: dict[str, dict[str, list]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
-        fit = ([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
-               [slice_levels(p, True) for p in others], others[0].num_slices, True)
-        centre, spread = fit_normative(*fit)
-        _, sided_spread = fit_normative(*fit, sided=True)
+        centre, spread = fit_normative([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
+                                       [slice_levels(p, True) for p in others], others[0].num_slices, True)
         for label, scan in [(False, healthy[subject])] + [(True, p) for p in painted[subject]]:
             region = scan.foreground & scan.keep[:, None, None]
             signed = normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
-            sided = normative_map(intensity(scan), region, slice_levels(scan, True), centre, sided_spread)
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
-                    "intensity_normative_sided": sided,
                     "intensity": intensity(scan), "intensity_abs_z": intensity_abs_z(intensity(scan), region)}
             if model is not None:
                 analysis = analyse(model, scan)
                 maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]
-            for side in ("signed", "two_sided", "sided"):
+            for side in ("signed", "two_sided"):
                 for k in args.top:
                     name = f"{side}_top{k}"
                     score = aggregate(top_mean(maps[f"intensity_normative_{side}"], region, k), 0.1)

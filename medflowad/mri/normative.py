@@ -58,10 +58,9 @@ def _robust(values: np.ndarray) -> tuple[float, float]:
 
 
 def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
-                  neighbour_levels: bool, sided: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  neighbour_levels: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-location (centre, spread), each (count, S, S), from calibration scans' maps (Z, S, S), their
-    healthy-voxel masks (Z, S, S) and slice levels (Z,). With ``sided``, spread is (2, count, S, S): the
-    spreads below and above the centre, each from the values on its side (half-MADs)."""
+    healthy-voxel masks (Z, S, S) and slice levels (Z,)."""
     size = maps[0].shape[-1]
     per_level: list[list[np.ndarray]] = [[] for _ in range(count)]
     for values, mask, level in zip(maps, healthy, levels, strict=True):
@@ -73,7 +72,7 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
     global_centre, global_spread = _robust(everything)
     floor = max(SPREAD_FLOOR * global_spread, 1e-6)
     centre = np.full((count, size, size), global_centre, dtype=np.float32)
-    spread = np.full(((2,) if sided else ()) + (count, size, size), max(global_spread, floor), dtype=np.float32)
+    spread = np.full((count, size, size), max(global_spread, floor), dtype=np.float32)
     for level in range(count):
         sources = [*per_level[level]]
         if neighbour_levels:
@@ -90,18 +89,9 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN locations are handled by `enough`
             median = np.nanmedian(shifted, axis=0)
-            deviation = shifted - median
-            if sided:
-                below = MAD_TO_SD * np.nanmedian(np.where(deviation <= 0, -deviation, np.nan), axis=0)
-                above = MAD_TO_SD * np.nanmedian(np.where(deviation >= 0, deviation, np.nan), axis=0)
-            else:
-                mad = MAD_TO_SD * np.nanmedian(np.abs(deviation), axis=0)
+            mad = MAD_TO_SD * np.nanmedian(np.abs(shifted - median), axis=0)
         centre[level][enough] = median[enough]
-        if sided:
-            spread[0, level][enough] = np.maximum(np.nan_to_num(below[enough], nan=floor), floor)
-            spread[1, level][enough] = np.maximum(np.nan_to_num(above[enough], nan=floor), floor)
-        else:
-            spread[level][enough] = np.maximum(mad[enough], floor)
+        spread[level][enough] = np.maximum(mad[enough], floor)
     return centre, spread
 
 
@@ -111,12 +101,7 @@ def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, cen
     out = np.zeros(values.shape, dtype=np.float32)
     for z in np.nonzero(level >= 0)[0]:
         level_z = min(level[z], len(centre) - 1)
-        deviation = values[z] - centre[level_z]
-        if spread.ndim == 4:  # sided: |z| against the spread on the deviation's side
-            scale = np.where(deviation < 0, spread[0, level_z], spread[1, level_z])
-            out[z] = np.where(region[z], np.abs(deviation) / scale, 0.0)
-        else:
-            out[z] = np.where(region[z], deviation / spread[level_z], 0.0)
+        out[z] = np.where(region[z], (values[z] - centre[level_z]) / spread[level_z], 0.0)
     return out
 
 
