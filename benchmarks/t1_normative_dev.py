@@ -9,6 +9,8 @@ unpainted scans and measures on the left-out subject's painted copies:
 
 - voxel AUPRC inside the brain (model grid, pooled) of the normative intensity map, signed and two-sided,
   and of the plain intensity and its |z| against the scan's own brain;
+- Dice of the signed map at thresholds that give voxel FPRs of 5 %, 1 %, 0.3 % and 0.1 % on the left-out
+  subjects' unpainted scans;
 - scan AUROC of painted copies against the left-out subject's own unpainted scan, for slice scores that
   are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices.
 
@@ -27,9 +29,10 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import paint_scan_file
-from medflowad.mri.analysis import aggregate, intensity_abs_z
+from medflowad.mri.analysis import aggregate, intensity_abs_z, threshold_at_fpr
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
+from medflowad.mri.evaluate import dice
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.normative import fit_normative, normative_map, slice_levels
 from medflowad.prep import prepare
@@ -76,7 +79,7 @@ def main() -> None:
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity", "intensity_abs_z", "llr", "llr_normative")}
-    truth = []
+    truth, healthy_values = [], []  # healthy: each subject's unpainted scan against the others' statistics
     scan_scores: dict[str, dict[str, list]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
@@ -95,6 +98,8 @@ def main() -> None:
                     name = f"{side}_top{k}"
                     score = aggregate(top_mean(maps[f"intensity_normative_{side}"], region, k), 0.1)
                     scan_scores.setdefault(name, {}).setdefault(subject, []).append((label, score))
+            if not label:
+                healthy_values.append(signed[region])
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 for name in voxel:
@@ -106,6 +111,13 @@ def main() -> None:
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
               "scan_auroc": {}}
+    # Dice of the signed normative intensity at thresholds giving these voxel FPRs on the healthy scans
+    signed_all = np.concatenate(voxel["intensity_normative_signed"])
+    healthy_all = np.concatenate(healthy_values)
+    result["dice_at_voxel_fpr"] = {}
+    for fpr in (0.05, 0.01, 0.003, 0.001):
+        threshold = threshold_at_fpr(healthy_all, fpr)
+        result["dice_at_voxel_fpr"][str(fpr)] = dice(signed_all > threshold, labels)
     for name, per_subject in scan_scores.items():
         pairs = [pair for rows in per_subject.values() for pair in rows]
         result["scan_auroc"][name] = float(roc_auc_score([p[0] for p in pairs], [p[1] for p in pairs]))

@@ -377,7 +377,7 @@ def score(
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, pattern=pattern,
                              resume=resume, on_start=lambda total: tasks.append(progress.add_task("", total=total)))
     table = Table(title=f"scan scores (flag: {result.scan_score} p <= {fpr or 'model FPR'})")
-    shown = list(dict.fromkeys((result.scan_score, "llr", "last_scale")))
+    shown = list(dict.fromkeys((result.scan_score, "llr", "last_scale")))[:2]  # the flagging score and one more
     columns = ["scan", "status", shown[0], "p", "flag"] + [c for name in shown[1:] for c in (name, "p")] + ["slices"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("scan", "status") else "right",

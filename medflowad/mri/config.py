@@ -48,6 +48,9 @@ class MriConfig:
     # (written as <id>_normative). None: llr_normative in standard space, llr on a scan's own grid.
     mask_map: str | None = None
     fpr: float = 0.05  # default false-positive rate for flags
+    # Voxel-level false-positive rate of the anomaly mask on healthy calibration voxels; None: fpr. At 5 %,
+    # a 2 mm brain gets about 10,000 false voxels: a lesion is lost among them.
+    voxel_fpr: float | None = None
     seed: int = 0
     calibration_seed: int | None = None  # draws the calibration scans; None: seed. Fix it to vary training alone
     device: str = "auto"
@@ -68,6 +71,8 @@ class MriConfig:
             raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:
             raise ConfigError("val_fraction, top_fraction and fpr must lie in (0, 1)")
+        if self.voxel_fpr is not None and not 0 < self.voxel_fpr < 1:
+            raise ConfigError(f"voxel_fpr must lie in (0, 1) (or be null), got {self.voxel_fpr}")
         if min(self.batch_size, self.general_steps, self.in_steps) < 1 or not min(self.general_lr, self.in_lr) >= 0:
             raise ConfigError("batch_size, general_steps and in_steps must be positive, general_lr and in_lr not "
                               "negative")

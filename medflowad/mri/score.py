@@ -274,7 +274,8 @@ def score_scans(
     mask_map = mask_map_of(model)
     normative = mask_map if mask_map != "llr" else ("llr_normative" if "voxel/llr_normative" in model.calibration
                                                      else None)  # the map written as <id>_normative
-    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], fpr)
+    voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
+    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
     mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
     headline = model.config.scan_score
     healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
@@ -391,6 +392,8 @@ def _write_tables(result: BatchResult, model: MriModel, fpr: float) -> None:
         "model": str(model.folder), "model_sha256": result.fingerprint, "modality": model.config.modality, "fpr": fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",
         "p_value": "conformal: (1 + healthy validation scans scoring at least as high) / (1 + their number)",
+        "scan_score": model.config.scan_score, "mask_map": mask_map_of(model),
+        "voxel_fpr": model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr,
         "warning": result.warning,
         "scans": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
                   for r in rows],

@@ -149,7 +149,8 @@ def test_intensity_abs_z_is_the_robust_z_of_the_region():
 
 def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_model, tmp_path):
     """A model whose config chooses the normative intensity: the mask is that map above its healthy
-    threshold, the map is written as <id>_normative, and flags, report and table head use its scan score."""
+    threshold at the config's voxel FPR, the map is written as <id>_normative, and flags, report and table
+    head use its scan score."""
     import shutil
 
     import yaml
@@ -162,7 +163,7 @@ def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_mri_model, model_dir)
     config = yaml.safe_load((model_dir / "mri.yaml").read_text())
-    config.update(mask_map="intensity_normative", scan_score="intensity_normative")
+    config.update(mask_map="intensity_normative", scan_score="intensity_normative", voxel_fpr=0.01)
     (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
     scan = save_nifti(tmp_path / "s.nii.gz", brain_like(seed=22, blob=(30, 20, 8)), oblique_lps_affine())
     model = load_mri_model(model_dir, "cpu")
@@ -171,7 +172,8 @@ def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_
     row = result.rows[0]
     healthy = model.calibration["scan/intensity_normative"]
     assert row["intensity_normative_p"] == (1 + np.sum(healthy >= row["intensity_normative"])) / (1 + len(healthy))
-    threshold = threshold_at_fpr(model.calibration["voxel/intensity_normative"], model.config.fpr)
+    threshold = threshold_at_fpr(model.calibration["voxel/intensity_normative"], 0.01)  # voxel_fpr, not fpr
+    assert threshold > threshold_at_fpr(model.calibration["voxel/intensity_normative"], model.config.fpr)
     normative = np.asarray(nib.load(str(tmp_path / "out" / "s_normative.nii.gz")).dataobj)
     mask = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly_mask.nii.gz")).dataobj)
     assert np.array_equal(mask.astype(bool), normative > threshold)
