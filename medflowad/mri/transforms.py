@@ -32,6 +32,7 @@ from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
 from medflowad.mri.analysis import map_names
 from medflowad.mri.model import MriModel, analyse, load_mri_model
+from medflowad.mri.normative import NORMATIVE_MAPS
 from medflowad.mri.score import scan_scores
 from medflowad.prep import prepare_volume
 
@@ -64,7 +65,9 @@ class AnomalyMap(Transform):
 
     ``maps`` are any of ``llr`` (log p_general - log p_in per location, nats), ``last_scale`` (-c_L per
     location), ``llr_c1``.. (each scale's share of ``llr``), ``intensity`` (the normalised image, the
-    baseline) and ``intensity_abs_z`` (its two-sided robust z against the scan's brain). The output's meta
+    baseline), ``intensity_abs_z`` (its two-sided robust z against the scan's brain) and, for models with
+    normative calibration, ``<map>_normative`` (llr, last_scale, intensity; the demo's map is
+    ``intensity_normative``). The output's meta
     holds ``anomaly_maps`` (their names) and ``anomaly_scores``: the scan scores, conformal p-values against
     the model's healthy calibration scans and flags at ``fpr`` (default: the model's), as in ``medflowad
     score``'s scores.csv. The scan needs a real affine: read it with :class:`LoadScan` or MONAI's
@@ -74,7 +77,8 @@ class AnomalyMap(Transform):
     def __init__(self, model: str | Path | MriModel, maps: Sequence[str] = ("llr",), fpr: float | None = None,
                  device: str = "auto", batch_size: int = 64) -> None:
         self.model = model if isinstance(model, MriModel) else load_mri_model(model, device)
-        known = map_names(self.model.config.model.levels)
+        known = map_names(self.model.config.model.levels) + tuple(
+            f"{name}_normative" for name in NORMATIVE_MAPS if f"normative/{name}/centre" in self.model.calibration)
         unknown = [name for name in maps if name not in known]
         if unknown or not maps:
             raise ValueError(f"unknown anomaly map {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")

@@ -63,3 +63,16 @@ def test_bad_inputs_are_named(tiny_mri_model):
         transform(torch.zeros(1, 8, 8, 8))
     with pytest.raises(ValueError, match=r"one 3D scan.*\(2, 8, 8, 8\)"):
         transform(MetaTensor(torch.zeros(2, 8, 8, 8)))
+
+
+def test_normative_maps_are_available_and_match_what_score_writes(tiny_mri_model, tmp_path):
+    """The tiny model (native space) writes the normative llr as <id>_normative; the transform gives the same."""
+    scan = save_nifti(tmp_path / "case.nii.gz", brain_like(seed=6, blob=(20, 30, 7)), oblique_lps_affine())
+    maps = AnomalyMap(tiny_mri_model, maps=("llr_normative", "intensity_normative"), device="cpu")(
+        LoadScan()(str(scan)))
+    assert maps.shape[0] == 2
+    score_scans([scan], tiny_mri_model, tmp_path / "out", device="cpu")
+    written = np.asarray(nib.load(str(tmp_path / "out" / "case_normative.nii.gz")).dataobj)
+    assert np.allclose(maps[0].numpy(), written, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown anomaly map"):
+        AnomalyMap(tiny_mri_model, maps=("intensity_normativ",), device="cpu")
