@@ -7,10 +7,11 @@ test subjects' seeds), prepares everything in standard space (mri_demo preparati
 one subject out at a time, fits the per-location healthy statistics of the intensity on the other subjects'
 unpainted scans and measures on the left-out subject's painted copies:
 
-- voxel AUPRC inside the brain (model grid, pooled) of the normative intensity map, signed and two-sided,
-  and of the plain intensity and its |z| against the scan's own brain;
-- Dice of the signed map at thresholds that give voxel FPRs of 5 %, 1 %, 0.3 % and 0.1 % on the left-out
-  subjects' unpainted scans;
+- voxel AUPRC inside the brain (model grid, pooled) of the normative intensity map: signed and two-sided
+  z, and the distance beyond the healthy range (medflowad.mri.normative); of the plain intensity and of
+  its |z| against the scan's own brain;
+- Dice of the signed z and the healthy-range map at thresholds that give voxel FPRs of 5 %, 1 %, 0.3 %
+  and 0.1 % on the left-out subjects' unpainted scans;
 - scan AUROC of painted copies against the left-out subject's own unpainted scan, for slice scores that
   are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices.
 
@@ -34,24 +35,22 @@ from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice
 from medflowad.mri.model import analyse, load_mri_model
-from medflowad.mri.normative import fit_normative, normative_map, slice_levels
+from medflowad.mri.normative import (
+    beyond_healthy_range,
+    fit_healthy_range,
+    fit_normative,
+    normative_map,
+    slice_levels,
+    slice_top_mean,
+)
 from medflowad.prep import prepare
 
 MASKS = ("_t1", "_t1_mask")
+DICE_MAPS = ("intensity_normative_signed", "intensity_beyond_healthy_range")
 
 
 def intensity(prepared) -> np.ndarray:
     return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
-
-
-def top_mean(values: np.ndarray, region: np.ndarray, k: int) -> np.ndarray:
-    """(Z,) mean of the k highest values of each slice inside its region; NaN where the slice has none."""
-    out = np.full(len(values), np.nan)
-    for z in range(len(values)):
-        inside = values[z][region[z]]
-        if inside.size:
-            out[z] = np.sort(inside)[-k:].mean()
-    return out
 
 
 def main() -> None:
@@ -78,28 +77,33 @@ def main() -> None:
     model = load_mri_model(args.model, "cpu") if args.model else None
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
+                                              "intensity_beyond_healthy_range",
                                               "intensity", "intensity_abs_z", "llr", "llr_normative")}
     truth, healthy_values = [], []  # healthy: each subject's unpainted scan against the others' statistics
     scan_scores: dict[str, dict[str, list]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
-        centre, spread = fit_normative([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
-                                       [slice_levels(p, True) for p in others], others[0].num_slices, True)
+        fit = ([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
+               [slice_levels(p, True) for p in others], others[0].num_slices, True)
+        centre, spread = fit_normative(*fit)
+        low, high = fit_healthy_range(*fit)
         for label, scan in [(False, healthy[subject])] + [(True, p) for p in painted[subject]]:
             region = scan.foreground & scan.keep[:, None, None]
             signed = normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
+            beyond = beyond_healthy_range(intensity(scan), region, slice_levels(scan, True), low, high, spread)
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
+                    "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": intensity_abs_z(intensity(scan), region)}
             if model is not None:
                 analysis = analyse(model, scan)
                 maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]
-            for side in ("signed", "two_sided"):
+            for side in ("normative_signed", "normative_two_sided", "beyond_healthy_range"):
                 for k in args.top:
                     name = f"{side}_top{k}"
-                    score = aggregate(top_mean(maps[f"intensity_normative_{side}"], region, k), 0.1)
+                    score = aggregate(slice_top_mean(maps[f"intensity_{side}"], region, k), 0.1)
                     scan_scores.setdefault(name, {}).setdefault(subject, []).append((label, score))
             if not label:
-                healthy_values.append(signed[region])
+                healthy_values.append({n: maps[n][region] for n in DICE_MAPS})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 for name in voxel:
@@ -111,13 +115,13 @@ def main() -> None:
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
               "scan_auroc": {}}
-    # Dice of the signed normative intensity at thresholds giving these voxel FPRs on the healthy scans
-    signed_all = np.concatenate(voxel["intensity_normative_signed"])
-    healthy_all = np.concatenate(healthy_values)
+    # Dice at thresholds giving these voxel FPRs on the healthy scans
     result["dice_at_voxel_fpr"] = {}
-    for fpr in (0.05, 0.01, 0.003, 0.001):
-        threshold = threshold_at_fpr(healthy_all, fpr)
-        result["dice_at_voxel_fpr"][str(fpr)] = dice(signed_all > threshold, labels)
+    for name in DICE_MAPS:
+        values = np.concatenate(voxel[name])
+        healthy_all = np.concatenate([h[name] for h in healthy_values])
+        result["dice_at_voxel_fpr"][name] = {
+            str(fpr): dice(values > threshold_at_fpr(healthy_all, fpr), labels) for fpr in (0.05, 0.01, 0.003, 0.001)}
     for name, per_subject in scan_scores.items():
         pairs = [pair for rows in per_subject.values() for pair in rows]
         result["scan_auroc"][name] = float(roc_auc_score([p[0] for p in pairs], [p[1] for p in pairs]))

@@ -21,6 +21,8 @@ from medflowad.mri.analysis import (
 from medflowad.mri.normative import (
     MODEL_FREE,
     NORMATIVE_MAPS,
+    beyond_healthy_range,
+    fit_healthy_range,
     fit_normative,
     level_count,
     normative_map,
@@ -120,9 +122,10 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
 
 def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
                             top_fraction: float) -> dict:
-    """Normative intensity statistics from every healthy scan, and its leave-one-subject-out calibration:
-    slice and scan scores, and healthy voxel values (under "voxel", a list per scan). Empty with fewer than
-    two subjects: there is no one to leave out against."""
+    """Normative intensity statistics (centre, spread and healthy range) from every healthy scan, and its
+    leave-one-subject-out calibration: slice and scan scores, and healthy voxel values (under "voxel", a
+    list per scan) of :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two
+    subjects: there is no one to leave out against."""
     subjects = list(subjects) if subjects is not None else [str(i) for i in range(len(scans))]
     if len(subjects) != len(scans):
         raise ValueError(f"{len(subjects)} subject keys for {len(scans)} healthy scans")
@@ -132,19 +135,22 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     parts = [healthy_parts(p) for p in scans]
     levels = [slice_levels(p, standard) for p in scans]
     count = level_count(scans[0], standard)
-    centre, spread = fit_normative(maps, [v for _, v in parts], levels, count, neighbour_levels=standard)
+    healthy = [v for _, v in parts]
+    centre, spread = fit_normative(maps, healthy, levels, count, neighbour_levels=standard)
+    low, high = fit_healthy_range(maps, healthy, levels, count, neighbour_levels=standard)
     name = f"{MODEL_FREE}_normative"
     result: dict = {f"normative/{MODEL_FREE}/centre": centre, f"normative/{MODEL_FREE}/spread": spread,
-                    "voxel": []}
+                    f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high, "voxel": []}
     slices, scan_scores = [], []
     for subject in dict.fromkeys(subjects):
         out = [i for i, s in enumerate(subjects) if s != subject]
-        left_centre, left_spread = fit_normative([maps[i] for i in out], [parts[i][1] for i in out],
-                                                 [levels[i] for i in out], count, neighbour_levels=standard)
+        others = ([maps[i] for i in out], [healthy[i] for i in out], [levels[i] for i in out], count, standard)
+        _, left_spread = fit_normative(*others)
+        left_low, left_high = fit_healthy_range(*others)
         for i in (i for i, s in enumerate(subjects) if s == subject):
             healthy_slices, healthy_voxels = parts[i]
             region = scans[i].foreground & scans[i].keep[:, None, None]
-            values = normative_map(maps[i], region, levels[i], left_centre, left_spread)
+            values = beyond_healthy_range(maps[i], region, levels[i], left_low, left_high, left_spread)
             result["voxel"].append(values[healthy_voxels])
             per_slice = np.where(healthy_slices, slice_top_mean(values, region & healthy_voxels), np.nan)
             slices.append(per_slice[np.isfinite(per_slice)])

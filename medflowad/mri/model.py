@@ -46,7 +46,14 @@ from medflowad.mri.analysis import (
 )
 from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone
 from medflowad.mri.config import MriConfig, mri_config_from_dict
-from medflowad.mri.normative import MODEL_FREE, NORMATIVE_MAPS, normative_map, slice_levels, slice_top_mean
+from medflowad.mri.normative import (
+    MODEL_FREE,
+    NORMATIVE_MAPS,
+    beyond_healthy_range,
+    normative_map,
+    slice_levels,
+    slice_top_mean,
+)
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
@@ -381,9 +388,14 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     region = prepared.foreground & prepared.keep[:, None, None]
     for name in NORMATIVE_MAPS:
         centre = model.calibration.get(f"normative/{name}/centre")
-        if centre is not None:
-            analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre,
-                                                               model.calibration[f"normative/{name}/spread"])
+        if centre is None:
+            continue
+        spread, low = model.calibration[f"normative/{name}/spread"], model.calibration.get(f"normative/{name}/low")
+        if low is not None:  # the intensity's healthy range (older calibrations have its z-score only)
+            analysis.maps[f"{name}_normative"] = beyond_healthy_range(
+                analysis.maps[name], region, level, low, model.calibration[f"normative/{name}/high"], spread)
+        else:
+            analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre, spread)
     if f"{MODEL_FREE}_normative" in analysis.maps:
         analysis.slice_scores[f"{MODEL_FREE}_normative"] = slice_top_mean(analysis.maps[f"{MODEL_FREE}_normative"],
                                                                           region)

@@ -7,7 +7,19 @@ scans give every location l a robust centre and spread of a map's values,
 .. math:: m_l = \operatorname{median}\{v\},\qquad s_l = 1.4826\,\operatorname{median}|v - m_l|,
 
 over the healthy voxels v at l and its in-plane 3x3 neighbourhood (and the neighbouring levels), since
-calibration scans are few. The normative map is the robust z-score :math:`(\text{map}_l - m_l) / s_l`.
+calibration scans are few. The normative map of a model map is the robust z-score
+:math:`(\text{map}_l - m_l) / s_l` (higher: less likely than healthy tissue there).
+
+The intensity can deviate either way (lesions darker or brighter than the tissue at their place), but dark
+values are ordinary where CSF may lie (sulci and ventricles, which affine registration does not align), so
+a two-sided z flags anatomy. Its normative map is instead the distance beyond the healthy range at the
+location, in units of its spread,
+
+.. math:: d_l = \max(x - h_l,\; \ell_l - x,\; 0) / s_l,
+
+with :math:`\ell_l, h_l` the ``RANGE_QUANTILE`` and 100 - ``RANGE_QUANTILE`` percentiles of the healthy
+values in a wider neighbourhood (in-plane radius ``RANGE_RADIUS``, and the neighbouring levels): a dark
+voxel counts only where no healthy scan is that dark nearby.
 
 A location is (level, row, column) on the model grid. In standard space the level is the slice itself (a
 slice index is a brain level in every scan); on a scan's own grid it is the slice's relative position
@@ -30,6 +42,8 @@ NORMATIVE_MAPS = ("llr", "last_scale", "intensity")  # each gets "<name>_normati
 # and its calibration from leaving one subject out at a time (medflowad.mri.calibration).
 MODEL_FREE = "intensity"
 TOP_PIXELS = 20  # slice score: mean of the slice's highest normative values (20 pixels: about 1.8 cm^2 at 3 mm)
+RANGE_QUANTILE = 1.0  # the healthy range of the intensity: its 1st to 99th percentile at the location
+RANGE_RADIUS = 2  # in-plane neighbourhood of the range: 5x5 pixels (15 mm at 3 mm pixels)
 NATIVE_LEVELS = 16
 MIN_VALUES = 10
 SPREAD_FLOOR = 0.01
@@ -57,42 +71,99 @@ def _robust(values: np.ndarray) -> tuple[float, float]:
     return centre, float(MAD_TO_SD * np.median(np.abs(values - centre)))
 
 
+def _per_level(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray],
+               count: int) -> list[list[np.ndarray]]:
+    """Each level's healthy slices (NaN elsewhere), over all scans."""
+    per_level: list[list[np.ndarray]] = [[] for _ in range(count)]
+    for values, mask, level in zip(maps, healthy, levels, strict=True):
+        for z in np.nonzero(level >= 0)[0]:
+            per_level[level[z]].append(np.where(mask[z], values[z], np.nan).astype(np.float32))
+    return per_level
+
+
+def _pooled(per_level: list[list[np.ndarray]], level: int, neighbour_levels: bool, radius: int) -> np.ndarray | None:
+    """(values, S, S): every healthy value of a location's neighbourhood (in-plane radius, and the
+    neighbouring levels), NaN-padded; None when the level has no slice."""
+    sources = [*per_level[level]]
+    if neighbour_levels:
+        sources += [s for near in (level - 1, level + 1) if 0 <= near < len(per_level) for s in per_level[near]]
+    if not sources:
+        return None
+    stack = np.stack(sources)
+    size = stack.shape[-1]
+    padded = np.pad(stack, ((0, 0), (radius, radius), (radius, radius)), constant_values=np.nan)
+    offsets = range(-radius, radius + 1)
+    return np.concatenate([padded[:, radius + dr: radius + dr + size, radius + dc: radius + dc + size]
+                           for dr in offsets for dc in offsets])
+
+
+def _everything(maps: list[np.ndarray], healthy: list[np.ndarray]) -> np.ndarray:
+    everything = np.concatenate([v[m & np.isfinite(v)] for v, m in zip(maps, healthy, strict=True)])
+    if everything.size == 0:
+        raise ValueError("no healthy calibration voxels for the normative maps")
+    return everything
+
+
 def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
                   neighbour_levels: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-location (centre, spread), each (count, S, S), from calibration scans' maps (Z, S, S), their
     healthy-voxel masks (Z, S, S) and slice levels (Z,)."""
     size = maps[0].shape[-1]
-    per_level: list[list[np.ndarray]] = [[] for _ in range(count)]
-    for values, mask, level in zip(maps, healthy, levels, strict=True):
-        for z in np.nonzero(level >= 0)[0]:
-            per_level[level[z]].append(np.where(mask[z], values[z], np.nan).astype(np.float32))
-    everything = np.concatenate([v[m & np.isfinite(v)] for v, m in zip(maps, healthy, strict=True)])
-    if everything.size == 0:
-        raise ValueError("no healthy calibration voxels for the normative maps")
-    global_centre, global_spread = _robust(everything)
+    per_level = _per_level(maps, healthy, levels, count)
+    global_centre, global_spread = _robust(_everything(maps, healthy))
     floor = max(SPREAD_FLOOR * global_spread, 1e-6)
     centre = np.full((count, size, size), global_centre, dtype=np.float32)
     spread = np.full((count, size, size), max(global_spread, floor), dtype=np.float32)
     for level in range(count):
-        sources = [*per_level[level]]
-        if neighbour_levels:
-            sources += [s for near in (level - 1, level + 1) if 0 <= near < count for s in per_level[near]]
-        if not sources:
+        pooled = _pooled(per_level, level, neighbour_levels, radius=1)
+        if pooled is None:
             continue
-        stack = np.stack(sources)
-        padded = np.pad(stack, ((0, 0), (1, 1), (1, 1)), constant_values=np.nan)
-        shifted = np.concatenate([padded[:, 1 + dr: 1 + dr + size, 1 + dc: 1 + dc + size]
-                                  for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
-        enough = np.isfinite(shifted).sum(axis=0) >= MIN_VALUES
+        enough = np.isfinite(pooled).sum(axis=0) >= MIN_VALUES
         if not enough.any():
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN locations are handled by `enough`
-            median = np.nanmedian(shifted, axis=0)
-            mad = MAD_TO_SD * np.nanmedian(np.abs(shifted - median), axis=0)
+            median = np.nanmedian(pooled, axis=0)
+            mad = MAD_TO_SD * np.nanmedian(np.abs(pooled - median), axis=0)
         centre[level][enough] = median[enough]
         spread[level][enough] = np.maximum(mad[enough], floor)
     return centre, spread
+
+
+def fit_healthy_range(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
+                      neighbour_levels: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-location (low, high), each (count, S, S): the ``RANGE_QUANTILE`` and 100 - ``RANGE_QUANTILE``
+    percentiles of the healthy values within ``RANGE_RADIUS`` pixels (and the neighbouring levels);
+    locations with fewer than ``MIN_VALUES`` values take the global percentiles."""
+    size = maps[0].shape[-1]
+    per_level = _per_level(maps, healthy, levels, count)
+    global_low, global_high = np.percentile(_everything(maps, healthy), [RANGE_QUANTILE, 100 - RANGE_QUANTILE])
+    low = np.full((count, size, size), global_low, dtype=np.float32)
+    high = np.full((count, size, size), global_high, dtype=np.float32)
+    for level in range(count):
+        pooled = _pooled(per_level, level, neighbour_levels, radius=RANGE_RADIUS)
+        if pooled is None:
+            continue
+        enough = np.isfinite(pooled).sum(axis=0) >= MIN_VALUES
+        if not enough.any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bounds = np.nanpercentile(pooled, [RANGE_QUANTILE, 100 - RANGE_QUANTILE], axis=0)
+        low[level][enough], high[level][enough] = bounds[0][enough], bounds[1][enough]
+    return low, high
+
+
+def beyond_healthy_range(values: np.ndarray, region: np.ndarray, level: np.ndarray, low: np.ndarray,
+                         high: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """(Z, S, S) distance beyond the location's healthy range in units of its spread, either way, inside
+    ``region`` (zero there within the range, and elsewhere)."""
+    out = np.zeros(values.shape, dtype=np.float32)
+    for z in np.nonzero(level >= 0)[0]:
+        lz = min(level[z], len(low) - 1)
+        beyond = np.maximum(np.maximum(values[z] - high[lz], low[lz] - values[z]), 0.0)
+        out[z] = np.where(region[z], beyond / spread[lz], 0.0)
+    return out
 
 
 def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, centre: np.ndarray,

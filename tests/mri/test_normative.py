@@ -205,3 +205,29 @@ def test_a_mask_map_the_calibration_lacks_is_refused_at_load(tiny_mri_model, tmp
     (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="mask_map"):
         load_mri_model(model_dir, "cpu")
+
+
+def test_healthy_range_is_the_percentiles_of_each_wider_neighbourhood():
+    from medflowad.mri.normative import RANGE_QUANTILE, RANGE_RADIUS, fit_healthy_range
+
+    maps, healthy, levels, _, _ = _healthy_population(n_scans=12, size=10)
+    low, high = fit_healthy_range(maps, healthy, levels, count=6, neighbour_levels=False)
+    stack = np.stack(maps)
+    r = RANGE_RADIUS
+    for z, row, col in [(0, 0, 0), (3, 5, 4), (5, 9, 9)]:
+        values = stack[:, z, max(row - r, 0):row + r + 1, max(col - r, 0):col + r + 1].ravel()
+        assert np.isclose(low[z, row, col], np.percentile(values, RANGE_QUANTILE), atol=1e-4)
+        assert np.isclose(high[z, row, col], np.percentile(values, 100 - RANGE_QUANTILE), atol=1e-4)
+
+
+def test_beyond_the_healthy_range_counts_either_way_and_is_zero_inside():
+    from medflowad.mri.normative import beyond_healthy_range
+
+    low, high = np.full((1, 2, 2), 0.3), np.full((1, 2, 2), 0.6)
+    spread = np.array([[[0.1, 0.1], [0.2, 0.2]]])
+    values = np.array([[[0.45, 0.8], [0.1, 0.6]]])
+    region = np.ones((1, 2, 2), dtype=bool)
+    got = beyond_healthy_range(values, region, np.array([0]), low, high, spread)
+    np.testing.assert_allclose(got, [[[0.0, 2.0], [1.0, 0.0]]], atol=1e-6)
+    region[0, 0, 1] = False
+    assert beyond_healthy_range(values, region, np.array([0]), low, high, spread)[0, 0, 1] == 0
