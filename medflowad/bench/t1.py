@@ -44,7 +44,8 @@ from medflowad.storage import write_json, write_text
 LESION_MASKS = ("_t1", "_t1_mask")
 IXI = "ixi_t1_2mm"
 OVERLAY_MAPS = (("llr", "llr"), ("llr, normative z", "llr_normative"), ("llr_c1", "llr_c1"),
-                ("intensity, normative z", "intensity_normative"), ("|z| intensity baseline", "intensity_abs_z"))
+                ("intensity beyond healthy range", "intensity_normative"),
+                ("|z| intensity baseline", "intensity_abs_z"))
 
 
 @dataclass

@@ -31,12 +31,13 @@ MONTAGE_SLICES = 12
 SCORE_MEANINGS = {
     "llr": "the mean of the top 10% of slice log-likelihood ratios (in-distribution minus general model), nats",
     "intensity_normative": "the mean over the top 10% of slices of each slice's 20 highest normative intensity "
-                           "z-scores (intensity against healthy scans at the same place)",
+                           "values (how far the intensity lies outside the healthy range at that place, in "
+                           "healthy spreads)",
 }
 MAP_LABELS = {"llr": "llr above healthy voxel threshold (nats/pixel)",
               "llr_normative": "normative llr z above healthy voxel threshold",
               "last_scale_normative": "normative last-scale z above healthy voxel threshold",
-              "intensity_normative": "normative intensity z above healthy voxel threshold"}
+              "intensity_normative": "beyond the healthy intensity range (spreads), above the voxel threshold"}
 
 
 @dataclass

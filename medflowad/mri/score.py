@@ -57,6 +57,7 @@ from medflowad.mri.model import (
     model_fingerprint,
     select_scans,
 )
+from medflowad.mri.normative import MODEL_FREE
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.prep import prepare
 from medflowad.storage import atomic_write, write_json, write_text
@@ -117,7 +118,8 @@ def source_header(reference: PreparedScan) -> nib.Nifti1Header | None:
 
 
 def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
-                header: nib.Nifti1Header | None = None, zscore_window: tuple[float, float] | None = None) -> None:
+                header: nib.Nifti1Header | None = None, display_window: tuple[float, float] | None = None,
+                zscore: bool = False) -> None:
     """Write ``data`` (native shape) with the scan's affine in both sform and qform, atomically.
 
     NIfTI inputs lend their own header (codes, units, orientation), so viewers overlay the map exactly;
@@ -138,9 +140,10 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
         sform_code = qform_code = 1
     image.set_sform(affine, code=sform_code)
     image.set_qform(affine, code=qform_code)
-    if zscore_window is not None:  # viewers then label the values and open them in this display range
+    if zscore:  # viewers then label the values as z-scores
         image.header.set_intent("z score")
-        image.header["cal_min"], image.header["cal_max"] = zscore_window
+    if display_window is not None:  # and open them in this display range
+        image.header["cal_min"], image.header["cal_max"] = display_window
     payload = gzip.compress(image.to_bytes(), compresslevel=6)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
@@ -276,6 +279,9 @@ def score_scans(
                                                      else None)  # the map written as <id>_normative
     voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
     mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
+    # the intensity's normative map is a distance beyond the healthy range, not a z-score (older: z-score)
+    normative_is_zscore = not (normative == f"{MODEL_FREE}_normative"
+                               and f"normative/{MODEL_FREE}/low" in model.calibration)
     mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
     headline = model.config.scan_score
     healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
@@ -316,7 +322,7 @@ def score_scans(
                     write_nifti(out / f"{sid}{suffix}", data, prepared, header)
                 if native_normative is not None:
                     write_nifti(out / f"{sid}{NORMATIVE_SUFFIX}", native_normative, prepared, header,
-                                zscore_window=(0.0, 5.0))
+                                display_window=(0.0, 5.0), zscore=normative_is_zscore)
                 row["flagged_voxels"] = int(flagged.sum())
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:

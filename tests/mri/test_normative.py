@@ -174,7 +174,11 @@ def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_
     assert row["intensity_normative_p"] == (1 + np.sum(healthy >= row["intensity_normative"])) / (1 + len(healthy))
     threshold = threshold_at_fpr(model.calibration["voxel/intensity_normative"], 0.01)  # voxel_fpr, not fpr
     assert threshold > threshold_at_fpr(model.calibration["voxel/intensity_normative"], model.config.fpr)
-    normative = np.asarray(nib.load(str(tmp_path / "out" / "s_normative.nii.gz")).dataobj)
+    written = nib.load(str(tmp_path / "out" / "s_normative.nii.gz"))
+    assert written.header.get_intent()[0] != "z score"  # a distance beyond the healthy range, not a z-score
+    assert float(written.header["cal_max"]) == 5.0
+    normative = np.asarray(written.dataobj)
+    assert normative.min() >= 0  # zero inside the healthy range, positive outside it, either way
     mask = np.asarray(nib.load(str(tmp_path / "out" / "s_anomaly_mask.nii.gz")).dataobj)
     assert np.array_equal(mask.astype(bool), normative > threshold)
     assert "Scan score: intensity_normative" in (tmp_path / "out" / "report.html").read_text()
