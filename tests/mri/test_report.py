@@ -133,3 +133,39 @@ def test_bundled_demo_model_scores_a_sample_scan_onto_its_grid(tmp_path):
     assert written.shape == source.shape
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
     np.testing.assert_allclose(written.header.get_qform(), source.header.get_qform(), atol=1e-5)
+
+
+def test_the_demo_map_peaks_on_bright_blobs_planted_in_a_real_healthy_head(tmp_path):
+    """12 mm blobs at 2.5 times the brain's maximum (as in the issue that asked for this check), painted one
+    at a time at six seeded places into a healthy sample head the demo never trained on: the written map's
+    peak lies within 4 mm of the blob in at least 5 of 6. Measured (benchmarks/t1_blob_peaks.py
+    --times-max 2.5): 5 of 6 here, 11 of 12 over both healthy heads; the miss (seed 3, frontal base) sits
+    where the healthy heads' own intensities reach the normalisation's ceiling, so nothing can exceed them."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from medflowad.data.painting import paint_lesions
+    from medflowad.mri.model import load_mri_model
+    from medflowad.prep import prepare
+
+    healthy = Path(__file__).resolve().parents[2] / "sample_data" / "mri" / "IXI048-HH-1326_t1.nii.gz"
+    source = nib.load(str(healthy))
+    image = source.get_fdata(dtype=np.float32)
+    brain = prepare(healthy, load_mri_model("demo", "cpu").config.preprocessing).brain > 0.5  # deepbet's mask
+    spacing = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))
+    masks = {}
+    for seed in range(6):
+        _, mask, _ = paint_lesions(image, source.affine, brain, seed=seed, count=1, kinds=("hyper",),
+                                   diameter_mm=(12.0, 12.0))
+        blob = image.copy()
+        blob[mask > 0] = 2.5 * image[brain].max()
+        nib.save(nib.Nifti1Image(blob, source.affine, source.header), str(tmp_path / f"blob{seed}_t1.nii.gz"))
+        masks[seed] = mask.astype(bool)
+    result = score_scans([tmp_path], "demo", tmp_path / "out", device="cpu", pattern="blob*")
+    assert result.all_ok and len(result.rows) == 6, result.rows
+    found = 0
+    for seed, mask in masks.items():
+        anomaly = np.asarray(nib.load(str(tmp_path / "out" / f"blob{seed}_t1_normative.nii.gz")).dataobj)
+        peak = np.unravel_index(np.argmax(anomaly), anomaly.shape)
+        found += ndimage.distance_transform_edt(~mask, sampling=spacing)[peak] <= 4.0
+    assert found >= 5
