@@ -32,6 +32,7 @@ global spread so that a near-constant location cannot blow a z-score up.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -97,6 +98,19 @@ def _pooled(per_level: list[list[np.ndarray]], level: int, neighbour_levels: boo
                            for dr in offsets for dc in offsets])
 
 
+def _neighbourhoods(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
+                    neighbour_levels: bool, radius: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(level, pooled values (n, S, S), locations with at least MIN_VALUES of them) for every level that has some."""
+    per_level = _per_level(maps, healthy, levels, count)
+    for level in range(count):
+        pooled = _pooled(per_level, level, neighbour_levels, radius)
+        if pooled is None:
+            continue
+        enough = np.isfinite(pooled).sum(axis=0) >= MIN_VALUES
+        if enough.any():
+            yield level, pooled, enough
+
+
 def _everything(maps: list[np.ndarray], healthy: list[np.ndarray]) -> np.ndarray:
     everything = np.concatenate([v[m & np.isfinite(v)] for v, m in zip(maps, healthy, strict=True)])
     if everything.size == 0:
@@ -109,18 +123,11 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
     """Per-location (centre, spread), each (count, S, S), from calibration scans' maps (Z, S, S), their
     healthy-voxel masks (Z, S, S) and slice levels (Z,)."""
     size = maps[0].shape[-1]
-    per_level = _per_level(maps, healthy, levels, count)
     global_centre, global_spread = _robust(_everything(maps, healthy))
     floor = max(SPREAD_FLOOR * global_spread, 1e-6)
     centre = np.full((count, size, size), global_centre, dtype=np.float32)
     spread = np.full((count, size, size), max(global_spread, floor), dtype=np.float32)
-    for level in range(count):
-        pooled = _pooled(per_level, level, neighbour_levels, radius=1)
-        if pooled is None:
-            continue
-        enough = np.isfinite(pooled).sum(axis=0) >= MIN_VALUES
-        if not enough.any():
-            continue
+    for level, pooled, enough in _neighbourhoods(maps, healthy, levels, count, neighbour_levels, radius=1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN locations are handled by `enough`
             median = np.nanmedian(pooled, axis=0)
@@ -136,17 +143,10 @@ def fit_healthy_range(maps: list[np.ndarray], healthy: list[np.ndarray], levels:
     percentiles of the healthy values within ``RANGE_RADIUS`` pixels (and the neighbouring levels);
     locations with fewer than ``MIN_VALUES`` values take the global percentiles."""
     size = maps[0].shape[-1]
-    per_level = _per_level(maps, healthy, levels, count)
     global_low, global_high = np.percentile(_everything(maps, healthy), [RANGE_QUANTILE, 100 - RANGE_QUANTILE])
     low = np.full((count, size, size), global_low, dtype=np.float32)
     high = np.full((count, size, size), global_high, dtype=np.float32)
-    for level in range(count):
-        pooled = _pooled(per_level, level, neighbour_levels, radius=RANGE_RADIUS)
-        if pooled is None:
-            continue
-        enough = np.isfinite(pooled).sum(axis=0) >= MIN_VALUES
-        if not enough.any():
-            continue
+    for level, pooled, enough in _neighbourhoods(maps, healthy, levels, count, neighbour_levels, RANGE_RADIUS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             bounds = np.nanpercentile(pooled, [RANGE_QUANTILE, 100 - RANGE_QUANTILE], axis=0)
