@@ -19,6 +19,7 @@ from medflowad.mri.analysis import (
     threshold_at_fpr,
 )
 from medflowad.mri.normative import (
+    CALIBRATION_FOLDS,
     MODEL_FREE,
     NORMATIVE_MAPS,
     beyond_healthy_range,
@@ -69,8 +70,9 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     The model maps' normative statistics come from ``healthy_val`` alone (the models were fit to the training
     scans, whose maps are too healthy). The intensity's come from ``healthy_train`` and ``healthy_val``
     together, since no model was fit to it; its normative map, slice and scan scores are then calibrated by
-    leaving one subject out (``subjects``: one key per scan, training scans first; default: one per scan):
-    each scan is measured against statistics of the other subjects only.
+    leaving subjects out (``subjects``: one key per scan, training scans first; default: one per scan): each
+    scan is measured against statistics of other subjects only (one subject at a time up to five, then
+    five folds).
     """
     slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
     scan_values: dict[str, list] = {n: [] for n in slice_values}
@@ -120,12 +122,22 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     return calibration
 
 
+def subject_folds(subjects: Sequence[str]) -> list[set[str]]:
+    """The distinct subjects in at most CALIBRATION_FOLDS folds (one subject each when there are no more),
+    dealt out in a fixed seeded order, so that every fold is measured against statistics of the others."""
+    distinct = list(dict.fromkeys(subjects))
+    order = np.random.default_rng(0).permutation(len(distinct))
+    folds = min(CALIBRATION_FOLDS, len(distinct))
+    return [{distinct[j] for j in order[k::folds]} for k in range(folds)]
+
+
 def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
                             top_fraction: float) -> dict:
     """Normative intensity statistics (centre, spread and healthy range) from every healthy scan, and its
-    leave-one-subject-out calibration: slice and scan scores, and healthy voxel values (under "voxel", a
-    list per scan) of :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two
-    subjects: there is no one to leave out against."""
+    calibration with subjects left out (:func:`subject_folds`: one at a time up to five subjects, then five
+    folds): slice and scan scores, and healthy voxel values (under "voxel", a list per scan) of
+    :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two subjects: there is no
+    one to leave out against."""
     subjects = list(subjects) if subjects is not None else [str(i) for i in range(len(scans))]
     if len(subjects) != len(scans):
         raise ValueError(f"{len(subjects)} subject keys for {len(scans)} healthy scans")
@@ -142,12 +154,12 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     result: dict = {f"normative/{MODEL_FREE}/centre": centre, f"normative/{MODEL_FREE}/spread": spread,
                     f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high, "voxel": []}
     slices, scan_scores = [], []
-    for subject in dict.fromkeys(subjects):
-        out = [i for i, s in enumerate(subjects) if s != subject]
-        others = ([maps[i] for i in out], [healthy[i] for i in out], [levels[i] for i in out], count, standard)
+    for fold in subject_folds(subjects):
+        rest = [i for i, s in enumerate(subjects) if s not in fold]
+        others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, standard)
         _, left_spread = fit_normative(*others)
         left_low, left_high = fit_healthy_range(*others)
-        for i in (i for i, s in enumerate(subjects) if s == subject):
+        for i in (i for i, s in enumerate(subjects) if s in fold):
             healthy_slices, healthy_voxels = parts[i]
             region = scans[i].foreground & scans[i].keep[:, None, None]
             values = beyond_healthy_range(maps[i], region, levels[i], left_low, left_high, left_spread)

@@ -40,11 +40,13 @@ from medflowad.data.scans import PreparedScan
 
 NORMATIVE_MAPS = ("llr", "last_scale", "intensity")  # each gets "<name>_normative"
 # No model is fit to the intensity, so its statistics come from every healthy scan, training ones included,
-# and its calibration from leaving one subject out at a time (medflowad.mri.calibration).
+# and its calibration from leaving subjects out (medflowad.mri.calibration.subject_folds).
 MODEL_FREE = "intensity"
 TOP_PIXELS = 20  # slice score: mean of the slice's highest normative values (20 pixels: about 1.8 cm^2 at 3 mm)
 RANGE_QUANTILE = 1.0  # the healthy range of the intensity: its 1st to 99th percentile at the location
 RANGE_RADIUS = 2  # in-plane neighbourhood of the range: 5x5 pixels (15 mm at 3 mm pixels)
+MAX_SOURCES = 64  # slices pooled per level at most (64 x 25 neighbours = 1,600 values per location)
+CALIBRATION_FOLDS = 5  # the intensity's calibration: subjects in at most 5 folds, each against the others
 NATIVE_LEVELS = 16
 MIN_VALUES = 10
 SPREAD_FLOOR = 0.01
@@ -84,12 +86,16 @@ def _per_level(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[n
 
 def _pooled(per_level: list[list[np.ndarray]], level: int, neighbour_levels: bool, radius: int) -> np.ndarray | None:
     """(values, S, S): every healthy value of a location's neighbourhood (in-plane radius, and the
-    neighbouring levels), NaN-padded; None when the level has no slice."""
+    neighbouring levels), NaN-padded; None when the level has no slice. At most MAX_SOURCES slices, an even
+    seeded draw, so that large calibration sets stay fast (the statistics are quantiles)."""
     sources = [*per_level[level]]
     if neighbour_levels:
         sources += [s for near in (level - 1, level + 1) if 0 <= near < len(per_level) for s in per_level[near]]
     if not sources:
         return None
+    if len(sources) > MAX_SOURCES:
+        keep = np.random.default_rng(level).choice(len(sources), MAX_SOURCES, replace=False)
+        sources = [sources[i] for i in sorted(keep)]
     stack = np.stack(sources)
     size = stack.shape[-1]
     padded = np.pad(stack, ((0, 0), (radius, radius), (radius, radius)), constant_values=np.nan)

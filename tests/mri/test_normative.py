@@ -235,3 +235,13 @@ def test_beyond_the_healthy_range_counts_either_way_and_is_zero_inside():
     np.testing.assert_allclose(got, [[[0.0, 2.0], [1.0, 0.0]]], atol=1e-6)
     region[0, 0, 1] = False
     assert beyond_healthy_range(values, region, np.array([0]), low, high, spread)[0, 0, 1] == 0
+
+
+def test_subject_folds_leave_one_out_for_few_subjects_and_five_folds_for_many():
+    from medflowad.mri.calibration import subject_folds
+
+    few = subject_folds(["a", "a", "b", "c"])
+    assert sorted(map(sorted, few)) == [["a"], ["b"], ["c"]]
+    many = subject_folds([f"s{i}" for i in range(23)] + ["s0"])
+    assert len(many) == 5 and set().union(*many) == {f"s{i}" for i in range(23)}
+    assert sum(len(f) for f in many) == 23 and max(map(len, many)) - min(map(len, many)) <= 1
