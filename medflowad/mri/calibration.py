@@ -152,8 +152,8 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     low, high = fit_healthy_range(maps, healthy, levels, count, neighbour_levels=standard)
     name = f"{MODEL_FREE}_normative"
     result: dict = {f"normative/{MODEL_FREE}/centre": centre, f"normative/{MODEL_FREE}/spread": spread,
-                    f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high, "voxel": []}
-    slices, scan_scores = [], []
+                    f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high}
+    per_scan: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # voxel values, slice scores, scan score
     for fold in subject_folds(subjects):
         rest = [i for i, s in enumerate(subjects) if s not in fold]
         others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, standard)
@@ -163,12 +163,14 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
             healthy_slices, healthy_voxels = parts[i]
             region = scans[i].foreground & scans[i].keep[:, None, None]
             values = beyond_healthy_range(maps[i], region, levels[i], left_low, left_high, left_spread)
-            result["voxel"].append(values[healthy_voxels])
             per_slice = np.where(healthy_slices, slice_top_mean(values, region & healthy_voxels), np.nan)
-            slices.append(per_slice[np.isfinite(per_slice)])
-            scan_scores.append(aggregate(per_slice, top_fraction))
-    scan = np.asarray(scan_scores, dtype=np.float64)
-    result[f"slice/{name}"], result[f"scan/{name}"] = np.concatenate(slices), scan[np.isfinite(scan)]
+            per_scan[i] = (values[healthy_voxels], per_slice[np.isfinite(per_slice)],
+                           aggregate(per_slice, top_fraction))
+    in_order = [per_scan[i] for i in range(len(scans))]  # as the scans were given, whatever the folds
+    result["voxel"] = [voxels for voxels, _, _ in in_order]
+    scan = np.array([score for _, _, score in in_order], dtype=np.float64)
+    result[f"slice/{name}"] = np.concatenate([per_slice for _, per_slice, _ in in_order])
+    result[f"scan/{name}"] = scan[np.isfinite(scan)]
     return result
 
 
