@@ -31,6 +31,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import paint_scan_file
 from medflowad.mri.analysis import aggregate, intensity_abs_z, threshold_at_fpr
+from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice
@@ -47,10 +48,6 @@ from medflowad.prep import prepare
 
 MASKS = ("_t1", "_t1_mask")
 DICE_MAPS = ("intensity_normative_signed", "intensity_beyond_healthy_range")
-
-
-def intensity(prepared) -> np.ndarray:
-    return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
 
 
 def main() -> None:

@@ -16,12 +16,13 @@ import torch
 
 from medflowad.data.scans import PreparedScan
 from medflowad.flows.glow import Glow
+from medflowad.mri.normative import robust_centre_spread
 from medflowad.scores import likelihoods, scores_from_likelihoods
 
 # *_fg: the map's mean over the slice's foreground (nats per pixel). Unlike the whole-slice sums, they do
 # not grow with the share of predictable background, which varies from slice to slice.
-# intensity_normative: the slice's highest normative intensity z-scores (medflowad.mri.normative); models
-# calibrated before it have none (NaN, no p-value).
+# intensity_normative: the mean of the slice's highest normative intensity values (medflowad.mri.normative);
+# models calibrated before it have none (NaN, no p-value).
 SLICE_SCORES = ("llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity_normative")
 OPTIONAL_SCORES = ("intensity_normative",)
 WHOLE_SLICE_SCORES = ("llr", "last_scale", "nll")
@@ -117,9 +118,8 @@ def intensity_abs_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     values = image[region]
     if values.size == 0:
         return out
-    centre = np.median(values)
-    spread = max(1.4826 * float(np.median(np.abs(values - centre))), 1e-6)
-    out[region] = np.abs(values - centre) / spread
+    centre, spread = robust_centre_spread(values)
+    out[region] = np.abs(values - centre) / max(spread, 1e-6)
     return out
 
 

@@ -77,7 +77,8 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
     scan_values: dict[str, list] = {n: [] for n in slice_values}
     voxel_values: dict[str, list] = {}
-    kept_maps: dict[str, list] = {name: [] for name in NORMATIVE_MAPS}  # for the per-location statistics
+    # the model maps' per-location statistics; the intensity's come from _model_free_calibration
+    kept_maps: dict[str, list] = {name: [] for name in NORMATIVE_MAPS if name != MODEL_FREE}
     healthy_masks, levels = [], []
     standard = model.config.preprocessing.space == "standard"
     for prepared in healthy_val:
@@ -89,16 +90,14 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
             scan_values[name].append(aggregate(kept, model.config.top_fraction))
         for name, values in analysis.maps.items():  # every map of map_names()
             voxel_values.setdefault(name, []).append(values[healthy_voxels])
-        for name in NORMATIVE_MAPS:
+        for name in kept_maps:
             kept_maps[name].append(analysis.maps[name])
         healthy_masks.append(healthy_voxels)
         levels.append(slice_levels(prepared, standard))
     rng = np.random.default_rng(model.config.seed)
     calibration = {}
     count = level_count(healthy_val[0], standard)
-    for name in NORMATIVE_MAPS:
-        if name == MODEL_FREE:
-            continue
+    for name in kept_maps:
         centre, spread = fit_normative(kept_maps[name], healthy_masks, levels, count, neighbour_levels=standard)
         calibration[f"normative/{name}/centre"], calibration[f"normative/{name}/spread"] = centre, spread
         # In-sample: each calibration voxel is one of hundreds of values at its location (neighbourhood pooling).
@@ -115,7 +114,7 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
         scan = np.asarray(scan_values[name], dtype=np.float64)
         calibration[f"scan/{name}"] = scan[np.isfinite(scan)]  # a scan without healthy slice has no score
     for name, parts in voxel_values.items():
-        values = np.concatenate(parts).astype(np.float64)
+        values = np.concatenate(parts).astype(np.float32)  # the maps are float32: nothing is lost
         if len(values) > VOXEL_SAMPLE:
             values = rng.choice(values, VOXEL_SAMPLE, replace=False)
         calibration[f"voxel/{name}"] = values

@@ -28,7 +28,7 @@ from medflowad.data.scans import to_native
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
 from medflowad.mri.model import analyse, load_mri_model, select_scans
-from medflowad.mri.normative import NORMATIVE_MAPS
+from medflowad.mri.normative import calibrated_normative_maps
 from medflowad.mri.score import csv_text, scans_the_model_saw
 from medflowad.prep import companion_path, prepare_volume
 from medflowad.prep.stage import mask_on_scan
@@ -91,7 +91,7 @@ def evaluate_scans(
     slice_scores: dict[str, list] = {n: [] for n in (*SLICE_SCORES, *SLICE_BASELINES)}
     slice_labels: list[np.ndarray] = []
     slice_rows: list[dict] = []
-    normative = [f"{n}_normative" for n in NORMATIVE_MAPS if f"normative/{n}/centre" in model.calibration]
+    normative = calibrated_normative_maps(model.calibration)
     voxel_scores: dict[str, list] = {n: [] for n in (*map_names(model.config.model.levels), *normative)}
     voxel_labels: list[np.ndarray] = []
     failed = []

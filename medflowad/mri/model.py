@@ -50,6 +50,7 @@ from medflowad.mri.normative import (
     MODEL_FREE,
     NORMATIVE_MAPS,
     beyond_healthy_range,
+    is_healthy_range,
     normative_map,
     slice_levels,
     slice_top_mean,
@@ -390,10 +391,11 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
         centre = model.calibration.get(f"normative/{name}/centre")
         if centre is None:
             continue
-        spread, low = model.calibration[f"normative/{name}/spread"], model.calibration.get(f"normative/{name}/low")
-        if low is not None:  # the intensity's healthy range (older calibrations have its z-score only)
+        spread = model.calibration[f"normative/{name}/spread"]
+        if is_healthy_range(model.calibration, name):  # the intensity (older calibrations: its z-score only)
             analysis.maps[f"{name}_normative"] = beyond_healthy_range(
-                analysis.maps[name], region, level, low, model.calibration[f"normative/{name}/high"], spread)
+                analysis.maps[name], region, level, model.calibration[f"normative/{name}/low"],
+                model.calibration[f"normative/{name}/high"], spread)
         else:
             analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre, spread)
     if f"{MODEL_FREE}_normative" in analysis.maps:

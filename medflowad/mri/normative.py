@@ -53,6 +53,17 @@ SPREAD_FLOOR = 0.01
 MAD_TO_SD = 1.4826
 
 
+def calibrated_normative_maps(calibration: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """Names of the normative maps (``<map>_normative``) a model's calibration has statistics for."""
+    return tuple(f"{name}_normative" for name in NORMATIVE_MAPS if f"normative/{name}/centre" in calibration)
+
+
+def is_healthy_range(calibration: dict[str, np.ndarray], name: str) -> bool:
+    """Whether map ``name``'s normative version is a distance beyond the healthy range (the intensity, in
+    calibrations that hold its range) rather than a z-score."""
+    return f"normative/{name}/low" in calibration
+
+
 def slice_levels(prepared: PreparedScan, standard: bool) -> np.ndarray:
     """(Z,) location level of each slice; -1 for slices that are not scored."""
     levels = np.full(prepared.num_slices, -1)
@@ -69,7 +80,8 @@ def level_count(prepared: PreparedScan, standard: bool) -> int:
     return prepared.num_slices if standard else NATIVE_LEVELS
 
 
-def _robust(values: np.ndarray) -> tuple[float, float]:
+def robust_centre_spread(values: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826 * median absolute deviation): a robust mean and standard deviation."""
     centre = float(np.median(values))
     return centre, float(MAD_TO_SD * np.median(np.abs(values - centre)))
 
@@ -129,7 +141,7 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
     """Per-location (centre, spread), each (count, S, S), from calibration scans' maps (Z, S, S), their
     healthy-voxel masks (Z, S, S) and slice levels (Z,)."""
     size = maps[0].shape[-1]
-    global_centre, global_spread = _robust(_everything(maps, healthy))
+    global_centre, global_spread = robust_centre_spread(_everything(maps, healthy))
     floor = max(SPREAD_FLOOR * global_spread, 1e-6)
     centre = np.full((count, size, size), global_centre, dtype=np.float32)
     spread = np.full((count, size, size), max(global_spread, floor), dtype=np.float32)

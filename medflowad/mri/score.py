@@ -57,7 +57,7 @@ from medflowad.mri.model import (
     model_fingerprint,
     select_scans,
 )
-from medflowad.mri.normative import MODEL_FREE
+from medflowad.mri.normative import is_healthy_range
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.prep import prepare
 from medflowad.storage import atomic_write, write_json, write_text
@@ -279,9 +279,8 @@ def score_scans(
                                                      else None)  # the map written as <id>_normative
     voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
     mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
-    # the intensity's normative map is a distance beyond the healthy range, not a z-score (older: z-score)
-    normative_is_zscore = not (normative == f"{MODEL_FREE}_normative"
-                               and f"normative/{MODEL_FREE}/low" in model.calibration)
+    normative_is_zscore = normative is not None and not is_healthy_range(
+        model.calibration, normative.removesuffix("_normative"))
     mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
     headline = model.config.scan_score
     healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there

@@ -32,7 +32,7 @@ from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
 from medflowad.mri.analysis import map_names
 from medflowad.mri.model import MriModel, analyse, load_mri_model
-from medflowad.mri.normative import NORMATIVE_MAPS
+from medflowad.mri.normative import calibrated_normative_maps
 from medflowad.mri.score import scan_scores
 from medflowad.prep import prepare_volume
 
@@ -77,8 +77,7 @@ class AnomalyMap(Transform):
     def __init__(self, model: str | Path | MriModel, maps: Sequence[str] = ("llr",), fpr: float | None = None,
                  device: str = "auto", batch_size: int = 64) -> None:
         self.model = model if isinstance(model, MriModel) else load_mri_model(model, device)
-        known = map_names(self.model.config.model.levels) + tuple(
-            f"{name}_normative" for name in NORMATIVE_MAPS if f"normative/{name}/centre" in self.model.calibration)
+        known = map_names(self.model.config.model.levels) + calibrated_normative_maps(self.model.calibration)
         unknown = [name for name in maps if name not in known]
         if unknown or not maps:
             raise ValueError(f"unknown anomaly map {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
