@@ -10,7 +10,9 @@
 =================  ==================================================================
 
 For a class-conditional model, log p_in is the class mixture log((1/K) sum_c p(x|c)); its
-per-scale contributions are taken under the most likely class.
+per-scale contributions are taken under the most likely class. When each image's class is known (an MRI
+slice's brain level, :mod:`medflowad.mri.position`), ``likelihoods(..., labels=...)`` gives log p(x | c)
+under that class instead.
 """
 
 from __future__ import annotations
@@ -39,21 +41,28 @@ class Likelihoods:
 @torch.no_grad()
 def likelihoods(
     model: Glow, images: torch.Tensor, batch_size: int = 256, keep_maps: bool = False,
-    progress=None,
+    progress=None, labels: torch.Tensor | None = None,
 ) -> Likelihoods:
     """Evaluate ``model`` on uint8 images (N, C, H, W) with bin-centre dequantisation, in batches.
 
+    ``labels`` (N,): each image's class under a class-conditional model (else the class mixture).
     ``progress`` is an optional callable taking the number of images just processed.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if labels is not None:
+        if not model.config.num_classes:
+            raise ValueError("labels given for an unconditional model")
+        if len(labels) != len(images) or (labels < 0).any() or (labels >= model.config.num_classes).any():
+            raise ValueError(f"need one label in 0..{model.config.num_classes - 1} per image")
     device = next(model.parameters()).device
     model.eval()
     log_probs, contribs, maps = [], [], []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start : start + batch_size].to(device))  # move uint8: 4x less traffic
-        out = model(x)
-        if model.config.num_classes:
+        batch_labels = None if labels is None else labels[start : start + batch_size].to(device)
+        out = model(x, batch_labels)
+        if model.config.num_classes and batch_labels is None:
             per_class = out.log_prob  # (B, K)
             best = per_class.argmax(dim=1)
             rows = torch.arange(len(best), device=device)

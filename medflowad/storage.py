@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -96,10 +97,23 @@ def read_model_config(folder: Path) -> RunConfig:
         raise ModelFolderError(f"{path}: {exc}") from exc
 
 
-def load_weights(model: Glow, path: Path) -> None:
-    """Load a state dict saved by :func:`save_model` into ``model``; mismatches are clear errors."""
+PRIOR_PARAMETER = re.compile(r"priors\.\d+\.(mean|log_std)")
+
+
+def load_weights(model: Glow, path: Path, classes_from_unconditional: bool = False) -> None:
+    """Load a state dict saved by :func:`save_model` into ``model``; mismatches are clear errors.
+
+    ``classes_from_unconditional``: an unconditional model's priors start every class's prior of a
+    class-conditional ``model`` (fine-tuning a position-aware model from the general one).
+    """
     state = read_tensors(path)
     expected = model.state_dict()
+    if classes_from_unconditional:
+        for key, value in state.items():
+            target = expected.get(key)
+            if (PRIOR_PARAMETER.fullmatch(key) and target is not None and value.shape[0] == 1
+                    and value.shape[1:] == target.shape[1:]):
+                state[key] = value.expand_as(target).clone()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medflowad.data.slice_sets import is_slice_set, load_slice_masks, load_slice_set
+from medflowad.data.slice_sets import is_slice_set, load_slice_tensors
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("medflowad.data")
@@ -104,8 +104,10 @@ def load_image_set(spec: str, channels: int | None = None, size: tuple[int, int]
     elif name.endswith(".zip"):
         data = _load_zip_folder(path, subdir, size)
     elif is_slice_set(path):
-        images, _, _ = load_slice_set(path)
-        data = ImageSet(images, torch.full((len(images),), -1, dtype=torch.long), masks=load_slice_masks(path))
+        tensors = load_slice_tensors(path)
+        images = tensors["images"]
+        labels = tensors.get("labels", torch.full((len(images),), -1, dtype=torch.long))
+        data = ImageSet(images, labels, masks=tensors.get("masks"))
     elif path.is_dir() and _is_cifar_dir(path):
         data = _load_cifar_dir(path, subdir or "train")
     elif path.is_file() and _looks_like_cifar_batch(path):

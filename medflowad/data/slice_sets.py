@@ -22,25 +22,28 @@ def is_slice_set(path: Path) -> bool:
 
 
 def save_slice_set(folder: Path, images: torch.Tensor, source_index: torch.Tensor, manifest: dict,
-                   masks: torch.Tensor | None = None) -> None:
+                   masks: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
     """images uint8 (N, 1, S, S); source_index (N,) into manifest['sources']; masks uint8 (N, 1, S, S), 1 where
-    a pixel's likelihood counts in training (0: left out, e.g. a lesion)."""
+    a pixel's likelihood counts in training (0: left out, e.g. a lesion); labels (N,) the slices' classes
+    (position classes of a position-aware model)."""
     folder = Path(folder)
     tensors = {"images": images.contiguous(), "source_index": source_index.to(torch.int64)}
     if masks is not None:
         tensors["masks"] = masks.to(torch.uint8).contiguous()
+    if labels is not None:
+        tensors["labels"] = labels.to(torch.int64).contiguous()
     write_tensors(folder / SLICES_FILE, tensors)
     write_json(folder / MANIFEST_FILE, manifest)
 
 
 def load_slice_set(folder: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    tensors = read_tensors(Path(folder) / SLICES_FILE)
+    tensors = load_slice_tensors(folder)
     return tensors["images"], tensors["source_index"], load_slice_set_manifest(folder)
 
 
-def load_slice_masks(folder: Path) -> torch.Tensor | None:
-    """The set's likelihood masks, or None when every pixel counts."""
-    return read_tensors(Path(folder) / SLICES_FILE).get("masks")
+def load_slice_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The set's tensors: ``images``, ``source_index``, and ``masks`` and ``labels`` where it has them."""
+    return read_tensors(Path(folder) / SLICES_FILE)
 
 
 def load_slice_set_manifest(folder: Path) -> dict:

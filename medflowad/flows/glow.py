@@ -92,14 +92,15 @@ class GlowOutput:
 
         with :math:`d_i` the latent channels of scale i (so :math:`\tilde D = D` without masked pixels and
         the sum is ``log_prob``). Masked locations' terms are left out of the sum, so no gradient flows
-        from them. Unconditional models only. Returns ((B,) nats, (B,) dimensions).
+        from them. Needs one map per scale: an unconditional model, or a class-conditional one evaluated with
+        labels. Returns ((B,) nats, (B,) dimensions).
         """
         kept_log_prob = 0.0
         kept_dims = 0.0
         outside = 1.0 - pixel_mask.float()
         for contribution, latent in zip(self.contribution_maps, self.latents, strict=True):
             if contribution.dim() != 3:
-                raise ValueError("masked likelihood needs an unconditional model (one map per scale)")
+                raise ValueError("masked likelihood needs one map per scale (an unconditional model, or labels)")
             factor = pixel_mask.shape[-1] // contribution.shape[-1]
             keep = 1.0 - torch.nn.functional.max_pool2d(outside, factor)[:, 0]  # (B, H_i, W_i)
             kept_log_prob = kept_log_prob + (keep * contribution).sum(dim=(-2, -1))

@@ -71,10 +71,15 @@ def _spread(maps: list[np.ndarray], size: int) -> np.ndarray:
 
 def analyse_slices(
     slices: torch.Tensor, in_model: Glow, general_model: Glow, batch_size: int = 64,
+    classes: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Scores (N,) and maps (N, S, S) for uint8 slices (N, 1, S, S); one pass of each model."""
+    """Scores (N,) and maps (N, S, S) for uint8 slices (N, 1, S, S); one pass of each model.
+
+    ``classes`` (N,): each slice's position class for a position-aware in-distribution model
+    (:mod:`medflowad.mri.position`); None: the class mixture (slices of unknown level)."""
     size = slices.shape[-1]
-    p_in = likelihoods(in_model, slices, batch_size, keep_maps=True)
+    labels = None if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
+    p_in = likelihoods(in_model, slices, batch_size, keep_maps=True, labels=labels)
     p_g = likelihoods(general_model, slices, batch_size, keep_maps=True)
     scores = scores_from_likelihoods(math.prod(slices.shape[1:]), p_in, p_g)
     per_scale = [g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)]
@@ -86,13 +91,16 @@ def analyse_slices(
     return {k: scores[k] for k in WHOLE_SLICE_SCORES}, maps
 
 
-def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, batch_size: int = 64) -> ScanAnalysis:
+def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, batch_size: int = 64,
+                 classes: np.ndarray | None = None) -> ScanAnalysis:
+    """Slice scores and maps of every slice; ``classes`` (Z,): position classes (see :func:`analyse_slices`)."""
     z, size = prepared.num_slices, prepared.slices.shape[-1]
     keep = np.nonzero(prepared.keep)[0]
     slice_scores = {name: np.full(z, np.nan) for name in SLICE_SCORES}
     maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in map_names(in_model.config.levels)}
     if len(keep):
-        scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size)
+        scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size,
+                                           None if classes is None else classes[keep])
         for name in WHOLE_SLICE_SCORES:
             slice_scores[name][keep] = scores[name]
         foreground = prepared.foreground[keep]

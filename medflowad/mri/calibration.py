@@ -30,6 +30,7 @@ from medflowad.mri.normative import (
     slice_levels,
     slice_top_mean,
 )
+from medflowad.mri.position import scan_position_classes
 
 if TYPE_CHECKING:
     from medflowad.mri.model import MriModel
@@ -82,7 +83,8 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     healthy_masks, levels = [], []
     standard = model.config.preprocessing.space == "standard"
     for prepared in healthy_val:
-        analysis = analyse_scan(prepared, model.in_model, model.general_model)
+        analysis = analyse_scan(prepared, model.in_model, model.general_model,
+                                classes=scan_position_classes(model.config, prepared))
         healthy_slices, healthy_voxels = healthy_parts(prepared)
         for name in slice_values:
             kept = np.where(healthy_slices, analysis.slice_scores[name], np.nan)

@@ -40,6 +40,9 @@ class MriConfig:
     translate: float = 0.05
     hflip: bool = True  # brains are roughly left-right symmetric
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    # Position-aware in-distribution model (medflowad.mri.position): class-conditional priors, one class per
+    # brain-level bin; 0: unconditional. The general model (``model``) stays unconditional.
+    position_bins: int = 0
     val_fraction: float = 0.2  # healthy subjects held apart for calibration (see split_healthy_scans)
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
     # The scan score that flags scans, heads the report and is printed first (analysis.SLICE_SCORES).
@@ -67,6 +70,13 @@ class MriConfig:
             raise ConfigError(f"scan_score must be one of {', '.join(SLICE_SCORES)}, got {self.scan_score!r}")
         if self.mask_map not in (None, *MASK_MAPS):
             raise ConfigError(f"mask_map must be one of {', '.join(MASK_MAPS)} (or null), got {self.mask_map!r}")
+        if self.model.num_classes:
+            raise ConfigError("model.num_classes must be 0 (the general model is unconditional); "
+                              "set position_bins for a position-aware in-distribution model")
+        if self.position_bins < 0 or self.position_bins == 1:
+            raise ConfigError(f"position_bins must be 0 (unconditional) or at least 2, got {self.position_bins}")
+        if self.position_bins and self.outlier.enabled:
+            raise ConfigError("position_bins and the outlier loss do not go together yet (not measured)")
         if self.lesions not in ("mask", "drop_slices"):
             raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:
@@ -76,6 +86,11 @@ class MriConfig:
         if min(self.batch_size, self.general_steps, self.in_steps) < 1 or not min(self.general_lr, self.in_lr) >= 0:
             raise ConfigError("batch_size, general_steps and in_steps must be positive, general_lr and in_lr not "
                               "negative")
+
+    @property
+    def in_model(self) -> GlowConfig:
+        """The in-distribution Glow: the general model's architecture, with one prior per position class."""
+        return dataclasses.replace(self.model, num_classes=self.position_bins)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

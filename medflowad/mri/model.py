@@ -55,6 +55,7 @@ from medflowad.mri.normative import (
     slice_levels,
     slice_top_mean,
 )
+from medflowad.mri.position import scan_position_classes
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
 from medflowad.training import train
@@ -110,20 +111,32 @@ def select_scans(inputs: Sequence[str | Path], pattern: str | None, mask_replace
     return scans
 
 
-def _healthy_slices(prepared: list[PreparedScan], lesions: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                          torch.Tensor | None]:
-    """(slices, source index, likelihood masks or None) of the healthy tissue in ``prepared``.
+@dataclass
+class HealthySlices:
+    """The healthy tissue of some prepared scans, as the in-distribution model trains on it."""
+
+    images: torch.Tensor  # uint8 (N, 1, S, S)
+    source_index: torch.Tensor  # (N,) which scan each slice comes from
+    masks: torch.Tensor | None  # uint8 (N, 1, S, S), 0 where a pixel is left out of the likelihood; None: none is
+    labels: torch.Tensor | None  # (N,) position classes (medflowad.mri.position); None: unconditional model
+
+
+def _healthy_slices(prepared: list[PreparedScan], lesions: str, config: MriConfig | None = None) -> HealthySlices:
+    """The healthy tissue in ``prepared``, with position classes when ``config`` has ``position_bins``.
 
     ``lesions="drop_slices"``: the scored slices without lesion. ``"mask"``: every scored slice, with a mask
     that is 0 within LESION_MARGIN pixels of a lesion (the model learns healthy tissue at every brain level);
     masks are None when no scan has a lesion.
     """
-    images, index, masks = [], [], []
+    images, index, masks, labels = [], [], [], []
     for i, p in enumerate(prepared):
         keep = p.keep & ~p.lesion_slices if (lesions == "drop_slices" and p.lesion_slices is not None) else p.keep
         picked = np.nonzero(keep)[0]
         images.append(p.slices[picked])
         index += [i] * len(picked)
+        classes = scan_position_classes(config, p) if config is not None else None
+        if classes is not None:
+            labels.append(torch.from_numpy(classes[picked]).to(torch.int64))
         if lesions == "mask" and p.lesion is not None:
             masks.append(torch.from_numpy(~lesion_zone(p)[picked])[:, None].to(torch.uint8))
         else:
@@ -131,7 +144,8 @@ def _healthy_slices(prepared: list[PreparedScan], lesions: str) -> tuple[torch.T
     if not index:
         raise ValueError("no usable healthy slices (all slices lack foreground or contain lesions)")
     mask = torch.cat(masks)
-    return torch.cat(images), torch.tensor(index), (None if bool(mask.all()) else mask)
+    return HealthySlices(torch.cat(images), torch.tensor(index), None if bool(mask.all()) else mask,
+                         torch.cat(labels) if labels else None)
 
 
 def subject_of(scan: Path) -> str:
@@ -232,14 +246,15 @@ def train_mri_model(
     for split in ("train", "val"):
         # Calibration scans give the validation bits/dim on lesion-free slices; calibrate() takes their healthy parts.
         lesions = config.lesions if split == "train" else "drop_slices"
-        images, index, masks = _healthy_slices([p for _, p in prepared[split]], lesions)
-        healthy_slices[split] = len(index)
-        save_slice_set(out / "data" / f"healthy_{split}", images, index, {
+        healthy = _healthy_slices([p for _, p in prepared[split]], lesions, config)
+        healthy_slices[split] = len(healthy.source_index)
+        save_slice_set(out / "data" / f"healthy_{split}", healthy.images, healthy.source_index, {
             "kind": f"healthy-{split}", "modality": config.modality, "lesions": lesions,
-            "masked_pixels": int((masks == 0).sum()) if masks is not None else 0,
-            "sources": [{"path": str(path), "slices": int((index == i).sum())}
+            "masked_pixels": int((healthy.masks == 0).sum()) if healthy.masks is not None else 0,
+            "position_bins": config.position_bins,
+            "sources": [{"path": str(path), "slices": int((healthy.source_index == i).sum())}
                         for i, (path, _) in enumerate(prepared[split])],
-        }, masks=masks)
+        }, masks=healthy.masks, labels=healthy.labels)
     write_yaml(out / MRI_CONFIG, config.to_dict())
 
     general_dir = out / "general"
@@ -255,7 +270,8 @@ def train_mri_model(
 
     echo("fine-tuning the in-distribution model on healthy slices")
     in_run = mri_run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
-                         lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir))
+                            lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir),
+                            position_aware=True)
     if config.outlier.enabled:
         if pool is None:
             raise ValueError("the outlier loss needs --pool (general samples)")
@@ -306,10 +322,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def mri_run_config(config: MriConfig, train_spec: str, steps: int, lr: float, test_spec: str | None = None,
-                   init_from: str | None = None) -> RunConfig:
-    """The training run of one of an MRI model's Glows (or of a 2D model trained like them)."""
+                   init_from: str | None = None, position_aware: bool = False) -> RunConfig:
+    """The training run of one of an MRI model's Glows (or of a 2D model trained like them);
+    ``position_aware``: the in-distribution model, class-conditional when the config has ``position_bins``."""
+    conditional = position_aware and config.position_bins > 0
     return RunConfig(
-        model=config.model,
+        model=config.in_model if conditional else config.model, supervised=conditional,
         data=DataConfig(train=train_spec, test=test_spec, hflip=config.hflip, translate=config.translate,
                         test_limit=0),
         optim=OptimConfig(lr=lr, steps=steps, batch_size=config.batch_size,
@@ -383,7 +401,8 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
 def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> ScanAnalysis:
     """Scores and maps of a prepared scan, with the normative maps (``<map>_normative``) when the model's
     calibration holds per-location statistics (models calibrated before normative maps have none)."""
-    analysis = analyse_scan(prepared, model.in_model, model.general_model, batch_size)
+    analysis = analyse_scan(prepared, model.in_model, model.general_model, batch_size,
+                            scan_position_classes(model.config, prepared))
     standard = model.config.preprocessing.space == "standard"
     level = slice_levels(prepared, standard)
     region = prepared.foreground & prepared.keep[:, None, None]

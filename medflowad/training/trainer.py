@@ -204,14 +204,14 @@ class _Objective:
                  mask: torch.Tensor | None = None):
         cfg, out_cfg = self.config, self.config.outlier
         parts: dict[str, float] = {}
-        if cfg.supervised:
+        if mask is not None:  # healthy tissue of patients' slices: masked locations leave the likelihood
+            log_p_in, dims = self.model(x, labels).masked_log_prob(mask)  # under each image's own class
+            counted = dims > 0  # an image masked everywhere has no dimension to count
+            nll_bpd = bits_per_dim(log_p_in[counted], dims[counted]).mean()
+        elif cfg.supervised:
             per_class = self.model(x).log_prob  # (B, K)
             log_p_in = per_class.gather(1, labels[:, None]).squeeze(1)
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
-        elif mask is not None:  # healthy tissue of patients' slices: masked locations leave the likelihood
-            log_p_in, dims = self.model(x).masked_log_prob(mask)
-            counted = dims > 0  # an image masked everywhere has no dimension to count
-            nll_bpd = bits_per_dim(log_p_in[counted], dims[counted]).mean()
         else:
             log_p_in = self.model(x).log_prob
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
@@ -262,7 +262,7 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     torch.manual_seed(config.seed)
     model = Glow(config.model)
     if config.init_from:
-        load_weights(model, Path(config.init_from) / "model.safetensors")
+        load_weights(model, Path(config.init_from) / "model.safetensors", classes_from_unconditional=True)
         log.info("initialised from %s", config.init_from)
     model.to(device).train()
     if config.channels_last:
@@ -420,8 +420,9 @@ def _test_bpd(model: Glow, test: ImageSet, config: RunConfig) -> float:
 
 
 def _check_data(data: TrainData, config: RunConfig) -> None:
-    if config.supervised and data.train.masks is not None:
-        raise TrainingError(f"{data.train.source}: likelihood masks need an unconditional model (num_classes 0)")
+    if config.supervised and data.train.masks is not None and config.general_model:
+        raise TrainingError(f"{data.train.source}: likelihood masks and the supervised class loss (a general "
+                            "model) do not go together: the class loss needs every location's likelihood")
     if config.supervised:
         labels = data.train.labels
         if (labels < 0).any() or (labels >= config.model.num_classes).any():

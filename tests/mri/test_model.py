@@ -192,8 +192,9 @@ def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_pat
                               mri_config_from_dict(TINY_MRI).preprocessing,
                               lesion_mask=load_scan(save_nifti(tmp_path / "p_mask.nii.gz",
                                                                (volume == 300).astype(np.uint8), affine)))
-    images, _, masks = _healthy_slices([prepared], "mask")
-    assert len(images) == prepared.keep.sum() and masks is not None
+    healthy = _healthy_slices([prepared], "mask")
+    images, masks = healthy.images, healthy.masks
+    assert len(images) == prepared.keep.sum() and masks is not None and healthy.labels is None
     lesion = prepared.lesion > 0
     for i, z in enumerate(np.nonzero(prepared.keep)[0]):
         rows, cols = np.nonzero(lesion[z])
@@ -201,5 +202,5 @@ def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_pat
             for c in range(lesion.shape[2]):
                 near = bool(len(rows)) and bool((np.abs(rows - r) + np.abs(cols - c) <= LESION_MARGIN).any())
                 assert masks[i, 0, r, c] == (0 if near else 1)
-    dropped, _, no_masks = _healthy_slices([prepared], "drop_slices")
-    assert no_masks is None and len(dropped) == (prepared.keep & ~prepared.lesion_slices).sum()
+    dropped = _healthy_slices([prepared], "drop_slices")
+    assert dropped.masks is None and len(dropped.images) == (prepared.keep & ~prepared.lesion_slices).sum()
