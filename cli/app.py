@@ -131,7 +131,8 @@ def train(
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (MRI mode: of the in-distribution model).")
                      ] = None,
     general_steps: Annotated[int | None, typer.Option(min=1, help="MRI mode: steps of the general model.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per step.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per step (MRI mode: of both models).")
+                          ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (2e-4 is safe for fine-tuning).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
@@ -145,9 +146,15 @@ def train(
 ) -> None:
     """Train a Glow from a preset or YAML config (natural images), or, with --modality, an MRI model folder."""
     if modality is not None:
+        image_only = {"--train-data": train_data, "--test-data": test_data, "--general-data": general_data,
+                      "--init-from": init_from}
+        given = [name for name, value in image_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used with --modality (healthy scans: --data; general "
+                             "samples: --pool; a trained general model to start from: --general-model)")
         default = "ct_cpu" if modality == "ct" else "mri_cpu"
         _train_mri(modality, config or default, data, out, pool, general_model, pattern, lesion_masks,
-                   outlier_loss, steps, general_steps, lr, device, seed, calibration_seed, quiet,
+                   outlier_loss, steps, general_steps, batch_size, lr, device, seed, calibration_seed, quiet,
                    {"space": space, "brain": brain, "n4": n4})
         return
     mri_only = {"--data": data, "--pool": pool, "--pattern": pattern, "--lesion-masks": lesion_masks,
@@ -184,7 +191,7 @@ def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[s
 
 
 def _train_mri(modality, config_name, data, out, pool, general_model, pattern, lesion_masks, outlier_loss,
-               steps, general_steps, lr, device, seed, calibration_seed, quiet, preparation) -> None:
+               steps, general_steps, batch_size, lr, device, seed, calibration_seed, quiet, preparation) -> None:
     from medflowad.mri.config import load_mri_config
     from medflowad.mri.model import train_mri_model
 
@@ -199,6 +206,8 @@ def _train_mri(modality, config_name, data, out, pool, general_model, pattern, l
         config.in_steps = steps
     if general_steps is not None:
         config.general_steps = general_steps
+    if batch_size is not None:
+        config.batch_size = batch_size
     if lr is not None:
         config.in_lr = lr
     if device is not None:

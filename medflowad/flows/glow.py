@@ -127,7 +127,7 @@ class Glow(nn.Module):
     .. math:: \log p(x) = \sum_{i=1}^{L} c_i(x),\qquad
               c_i(x) = \log p_i(z_i) + \sum_{\text{steps of scale } i} \log|\det J|.
 
-    Inputs are continuous images in [-0.5, 0.5) (see :mod:`medflowad.data.preprocess`).
+    Inputs are continuous images in [-0.5, 0.5) (see :func:`medflowad.units.to_model_input`).
     """
 
     def __init__(self, config: GlowConfig) -> None:

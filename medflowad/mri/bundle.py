@@ -13,11 +13,11 @@ Run it with::
     python -m monai.bundle run --config_file BUNDLE/configs/inference.json \\
         --bundle_root BUNDLE --input_dir SCANS --output_dir OUT
 
-The workflow calls the same functions as ``medflowad score`` (``network_def`` and ``general_def``
-describe the two Glows for MONAI tooling; ``model`` loads them with their weights), so the maps are the
-same as ``score`` writes. medflowad must be installed where the bundle runs; MONAI's runner also needs
-``fire``. Configs are JSON and weights safetensors: loading the bundle unpickles nothing, but like any
-MONAI bundle its config runs Python expressions, so run bundles only from people you trust.
+The workflow calls the same functions as ``medflowad score`` (``model`` loads both Glows with their
+weights and calibration), so the maps are the same as ``score`` writes. medflowad must be installed where
+the bundle runs; MONAI's runner also needs ``fire``. Configs are JSON and weights safetensors: loading the
+bundle unpickles nothing, but like any MONAI bundle its config runs Python expressions, so run bundles only
+from people you trust.
 """
 
 from __future__ import annotations
@@ -58,12 +58,7 @@ format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
 
-def _glow_def(config: dict) -> dict:
-    return {"_target_": "medflowad.flows.glow.Glow",
-            "config": {"_target_": "medflowad.flows.glow.GlowConfig", **config}}
-
-
-def inference_config(model_config: dict, fpr: float) -> dict:
+def inference_config(fpr: float) -> dict:
     """The bundle's inference.json: ``run`` scores ``input_dir`` into ``output_dir`` like ``medflowad score``."""
     return {
         "imports": ["$import torch", "$from medflowad.mri.model import load_mri_model",
@@ -76,8 +71,6 @@ def inference_config(model_config: dict, fpr: float) -> dict:
         "fpr": fpr,
         "batch_size": 64,
         "report": True,
-        "network_def": _glow_def(model_config),
-        "general_def": _glow_def(model_config),
         "model": "$load_mri_model(@model_dir, @device)",
         "scores": "$score_scans([@input_dir], @model_dir, @output_dir, device=@device, "
                   "batch_size=@batch_size, fpr=@fpr, model=@model, report=@report)",
@@ -85,8 +78,11 @@ def inference_config(model_config: dict, fpr: float) -> dict:
     }
 
 
-def metadata(model_dir: Path, config: dict, model_config: dict) -> dict:
-    size = model_config["image_size"]
+def metadata(model_dir: Path, config: dict) -> dict:
+    """MONAI bundle metadata. The workflow's input is a whole scan on its own grid (any size and value range:
+    medflowad prepares it) and its output maps lie on that grid, so neither has a fixed shape ("*")."""
+    size = config["model"]["image_size"]
+    scanner = "CT" if config["modality"] == "ct" else "MR"
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
                   "meta_schema_20220324.json",
@@ -98,25 +94,28 @@ def metadata(model_dir: Path, config: dict, model_config: dict) -> dict:
         "required_packages_version": {"medflowad": __version__, "fire": ">=0.5"},
         "optional_packages_version": {},
         "name": f"medflowad {config['modality']} anomaly detection",
-        "task": f"Unsupervised anomaly detection in {config['modality'].upper()} brain MRI: scan scores, "
-                "p-values and voxel anomaly maps from the likelihood ratio of two Glow models",
-        "description": "Axial slices are scored by log p_in(x) - log p_general(x) (an in-distribution Glow trained "
-                       "on healthy scans against a general-distribution Glow trained on a pool of many kinds of "
-                       "scans); per-pixel contributions give the anomaly map, written as NIfTI on each scan's grid.",
+        "task": f"Unsupervised anomaly detection in {config['modality'].upper()} brain {scanner} scans: scan "
+                "scores, p-values and voxel anomaly maps from the likelihood ratio of two Glow models",
+        "description": "Axial slices, prepared to {s}x{s} pixels with values in [-0.5, 0.5), are scored by the "
+                       "log-likelihood ratio llr = log p_general(x) - log p_in(x) (higher: less like the healthy "
+                       "scans; an in-distribution Glow trained on healthy scans against a general-distribution Glow "
+                       "trained on a pool of many kinds of scans); per-pixel contributions give the anomaly map, "
+                       "written as NIfTI on each scan's own grid.".format(s=size[0]),
         "authors": "medflowad developers",
         "copyright": "MIT licence (code); see the model folder's own notes for the training data",
         "data_type": "nifti, dicom, nrrd, mha",
         "intended_use": "Research only; not for clinical use.",
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": "magnitude", "modality": "MR", "num_channels": 1,
-                "spatial_shape": list(size), "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
-                "channel_def": {"0": "axial slice, percentile-normalised inside the brain, 8-bit dequantised"},
+                "type": "image", "format": "magnitude", "modality": scanner, "num_channels": 1,
+                "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [], "is_patch_data": False,
+                "channel_def": {"0": "a whole scan on its own grid (NIfTI, NRRD, MHA or a DICOM series), as the "
+                                     "scanner wrote it"},
             }},
             "outputs": {"pred": {
                 "type": "image", "format": "log-likelihood ratio map", "num_channels": 1,
-                "spatial_shape": list(size), "dtype": "float32", "value_range": [], "is_patch_data": False,
-                "channel_def": {"0": "per-pixel llr contribution (nats)"},
+                "spatial_shape": ["*", "*", "*"], "dtype": "float32", "value_range": [], "is_patch_data": False,
+                "channel_def": {"0": "per-voxel llr contribution (nats), on the input scan's grid"},
             }},
         },
     }
@@ -135,16 +134,14 @@ def export_monai_bundle(model: str | Path, out: Path, overwrite: bool = False) -
         raise FileExistsError(f"{out}: exists and is not empty (choose another --out or pass --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     config = loaded.config.to_dict()
-    model_config = dict(config["model"])
-    model_config["image_size"] = list(model_config["image_size"])
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name in SCORING_FILES:
             target = staging / "models" / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(model_dir / name, target)
-        write_json(staging / "configs" / "metadata.json", metadata(model_dir, config, model_config))
-        write_json(staging / "configs" / "inference.json", inference_config(model_config, config["fpr"]))
+        write_json(staging / "configs" / "metadata.json", metadata(model_dir, config))
+        write_json(staging / "configs" / "inference.json", inference_config(config["fpr"]))
         write_text(staging / "configs" / "logging.conf", _LOGGING_CONF)
         write_text(staging / "docs" / "README.md", _readme(config))
         if out.exists():

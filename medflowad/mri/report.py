@@ -27,10 +27,11 @@ from medflowad.mri.analysis import flag_resolution_problem
 from medflowad.storage import write_text
 
 MONTAGE_SLICES = 12
-# What each scan score and mask map is, in the report's words.
+# What each scan score and mask map is, in the report's words ({top}: the model's top_fraction in percent).
 SCORE_MEANINGS = {
-    "llr": "the mean of the top 10% of slice log-likelihood ratios (in-distribution minus general model), nats",
-    "intensity_normative": "the mean over the top 10% of slices of each slice's 20 highest normative intensity "
+    "llr": "the mean of the top {top} of slice log-likelihood ratios (log p of the general model minus log p of "
+           "the in-distribution model: higher is less like the healthy scans), nats",
+    "intensity_normative": "the mean over the top {top} of slices of each slice's 20 highest normative intensity "
                            "values (how far the intensity lies outside the healthy range at that place, in "
                            "healthy spreads)",
 }
@@ -141,9 +142,10 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 
 
 def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], model_name: str, modality: str,
-                 fpr: float, n_healthy: int, score: str = "llr") -> None:
+                 fpr: float, n_healthy: int, score: str = "llr", top_fraction: float = 0.1) -> None:
     """Write report.html atomically from the score rows and each scored scan's figures, about scan score
-    ``score``."""
+    ``score`` (the mean of a scan's top ``top_fraction`` of slice scores)."""
+    top = f"{100 * top_fraction:g}%"
     e = html.escape
     problem = flag_resolution_problem(n_healthy, fpr)
     problem = f' <b class="flag">Note: {e(problem)}.</b>' if problem else ""
@@ -155,7 +157,7 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
         "<h1>medflowad anomaly report</h1>",
         f'<p class="note">Model <code>{e(model_name)}</code> ({e(modality)}); written '
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Scan score: {score}, "
-        f"{SCORE_MEANINGS.get(score, 'aggregated over the top 10% of slices')}. p-value (conformal): "
+        f"{SCORE_MEANINGS.get(score, 'aggregated over the top {top} of slices').format(top=top)}. p-value (conformal): "
         f"(1 + healthy calibration scans scoring at least as high) / (1 + {n_healthy}). A scan is flagged "
         f"when p &le; {fpr:g}.{problem}</p>",
         f"<p><b>{len(rows)}</b> scans: <b>{flagged}</b> flagged, <b>{failed}</b> failed.</p>",

@@ -367,7 +367,7 @@ def score_scans(
             tables.save(force=True)  # scores.json carries the warnings too
         result.report = out / "report.html"
         write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
-                     model.config.modality, fpr, len(healthy_scores), headline)
+                     model.config.modality, fpr, len(healthy_scores), headline, model.config.top_fraction)
     return result
 
 

@@ -27,7 +27,13 @@ def test_monai_bundle_runner_gives_the_maps_of_score(tiny_mri_model, tmp_path):
         assert (bundle / name).is_file(), name
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     assert metadata["required_packages_version"]["medflowad"]
-    assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    image = metadata["network_data_format"]["inputs"]["image"]
+    # the workflow reads whole scans of any grid and writes maps on each scan's grid: no fixed shape
+    assert image["modality"] == "MR" and image["spatial_shape"] == ["*", "*", "*"]
+    assert metadata["network_data_format"]["outputs"]["pred"]["spatial_shape"] == ["*", "*", "*"]
+    assert "log p_general(x) - log p_in(x)" in metadata["description"]
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert "network_def" not in inference and "general_def" not in inference
 
     out = tmp_path / "bundle_out"
     run = subprocess.run(
@@ -63,3 +69,13 @@ def test_export_refuses_to_overwrite_and_unknown_formats(tiny_mri_model, tmp_pat
     assert result.exit_code == 2 and "monai-bundle" in result.output
     result = runner.invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "bundled" in result.output
+
+
+def test_bundle_metadata_names_the_scanner_of_the_modality(tmp_path):
+    from medflowad.mri.bundle import metadata
+
+    model = {"image_size": [64, 64]}
+    for modality, scanner in (("ct", "CT"), ("t1", "MR"), ("flair", "MR")):
+        described = metadata(tmp_path, {"modality": modality, "model": model})
+        assert described["network_data_format"]["inputs"]["image"]["modality"] == scanner
+        assert f"brain {scanner} scans" in described["task"]

@@ -4,13 +4,19 @@ import csv
 import json
 import shutil
 import time
+from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
+import torch
 import yaml
 from medflowad.cli.app import app
 from typer.testing import CliRunner
 
+from medflowad.data.slice_sets import load_slice_tensors
+from medflowad.mri.config import mri_config_from_dict
+from medflowad.prep import prepare
 from tests.conftest import data_root
 from tests.mri.conftest import TINY_MRI
 
@@ -40,17 +46,14 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
 
     result = runner.invoke(app, ["train", "--modality", "flair", "--data", str(healthy), "--lesion-masks",
                                  "_flair=_mask", "--pool", str(tmp_path / "pool"), "-o", str(tmp_path / "model"),
-                                 "-c", str(config), "-q"])
+                                 "-c", str(config), "--batch-size", "8", "-q"])
     assert result.exit_code == 0, result.output
     for name in ("mri.yaml", "calibration.safetensors", "calibration.json", "metrics.json",
                  "in/model.safetensors", "general/model.safetensors"):
         assert (tmp_path / "model" / name).exists(), name
-    # Every LGG patient has lesion slices, so counting all kept slices instead of the lesion-free ones
-    # trained on would show here.
-    trained = json.loads((tmp_path / "model" / "metrics.json").read_text())
-    for split in ("train", "val"):
-        manifest = json.loads((tmp_path / "model" / "data" / f"healthy_{split}" / "manifest.json").read_text())
-        assert trained[f"{split}_slices"] == sum(source["slices"] for source in manifest["sources"])
+    assert yaml.safe_load((tmp_path / "model" / "in" / "config.yaml").read_text())["optim"]["batch_size"] == 8
+    assert yaml.safe_load((tmp_path / "model" / "general" / "config.yaml").read_text())["optim"]["batch_size"] == 8
+    _no_lesion_reaches_training(tmp_path / "model", tmp_path / "healthy")
 
     targets = [lgg[10], medical / "nifti_samples" / "brainix" / "FLAIR.nii.gz"]
     result = runner.invoke(app, ["score", *map(str, targets), "-m", str(tmp_path / "model"),
@@ -73,5 +76,30 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
     assert len(slice_rows) == metrics["slices"]
     assert sum(int(r["lesion"]) for r in slice_rows) == metrics["lesion_slices"]
     assert all(0 <= float(r["position"]) <= 1 for r in slice_rows)
-    assert 0 <= metrics["voxel"]["llr"]["auprc"] <= 1
+    # slice AUROC by counting pairs (lesion slice scored above a lesion-free one; ties count half)
+    positives = [float(r["llr"]) for r in slice_rows if r["lesion"] == "1"]
+    negatives = [float(r["llr"]) for r in slice_rows if r["lesion"] == "0"]
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    assert metrics["slice"]["llr"]["auroc"] == pytest.approx(wins / (len(positives) * len(negatives)), abs=1e-9)
     assert time.perf_counter() - started < 60
+
+
+def _no_lesion_reaches_training(model: Path, scans: Path) -> None:
+    """Every stored training slice is a slice z of its source whose lesion mask (read with nibabel) is empty at z,
+    and every scored lesion-free z trains. LGG volumes are axial and RAS with the slices along the third axis, so
+    prepared slice z is volume slice z."""
+    config = mri_config_from_dict(yaml.safe_load((model / "mri.yaml").read_text()))
+    tensors = load_slice_tensors(model / "data" / "healthy_train")
+    manifest = json.loads((model / "data" / "healthy_train" / "manifest.json").read_text())
+    for i, source in enumerate(manifest["sources"]):
+        scan = Path(source["path"])
+        lesion = np.asarray(nib.load(str(scans / scan.name.replace("_flair", "_mask"))).dataobj) > 0
+        lesion_z = lesion.any(axis=(0, 1))
+        assert lesion_z.any()  # a patient: there are lesion slices to leave out
+        prepared = prepare(scan, config.preprocessing)  # without the mask: the slices alone
+        assert prepared.num_slices == lesion.shape[2]
+        stored = tensors["images"][tensors["source_index"] == i]
+        trained_z = sorted(next(z for z in range(prepared.num_slices) if torch.equal(prepared.slices[z], image))
+                           for image in stored)
+        assert not lesion_z[trained_z].any()
+        assert trained_z == [z for z in range(prepared.num_slices) if prepared.keep[z] and not lesion_z[z]]

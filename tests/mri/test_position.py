@@ -75,7 +75,7 @@ def test_likelihood_under_a_known_class_matches_a_hand_computation():
                 assert np.allclose(result.maps[i][n], location.numpy(), atol=1e-4)
             assert np.allclose(result.contributions[n], per_scale, atol=1e-3)
             assert math.isclose(result.log_prob[n], sum(per_scale), abs_tol=1e-3)
-    with pytest.raises(ValueError, match="one label in 0..2"):
+    with pytest.raises(ValueError, match=r"one label in 0\.\.2"):
         likelihoods(model, images, labels=torch.tensor([0, 1, 2, 3, 0]))
 
 

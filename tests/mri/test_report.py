@@ -169,3 +169,17 @@ def test_the_demo_map_peaks_on_bright_blobs_planted_in_a_real_healthy_head(tmp_p
         peak = np.unravel_index(np.argmax(anomaly), anomaly.shape)
         found += ndimage.distance_transform_edt(~mask, sampling=spacing)[peak] <= 4.0
     assert found >= 5
+
+
+def test_report_states_the_models_top_fraction_and_the_llr_direction(tmp_path):
+    from medflowad.mri.report import write_report
+
+    rows = [{"scan_id": "a", "status": "ok", "flagged_voxels": 0, "scored_slices": 3, "slices": 4,
+             **{f"{name}{part}": value for name in ("llr", "last_scale")
+                for part, value in (("", 1.0), ("_p", 0.5), ("_flag", False))}}]
+    for top_fraction, words in ((0.25, "top 25%"), (0.1, "top 10%")):
+        write_report(tmp_path / "r.html", rows, {}, "m", "flair", 0.05, 20, "llr", top_fraction)
+        text = (tmp_path / "r.html").read_text()
+        assert words in text and "log p of the general model minus log p of the in-distribution model" in text
+    write_report(tmp_path / "r.html", rows, {}, "m", "flair", 0.05, 20, "last_scale", 0.2)
+    assert "aggregated over the top 20% of slices" in (tmp_path / "r.html").read_text()
