@@ -308,6 +308,10 @@ def score_scans(
             row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
             try:
                 prepared = prepare(path, model.config.preprocessing, brain_replace=brain_masks)
+                if not prepared.keep.any():  # no score, p-value or map could mean anything: say why instead
+                    raise ScanError(f"{path}: no slice has enough foreground to score (at least "
+                                    f"{model.config.preprocessing.min_foreground:.0%} of the slice, min_foreground); "
+                                    "is it a brain scan, and is its brain mask empty?")
                 analysis = analyse(model, prepared, batch_size)
                 row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))
                 row.update(scan_scores(model, analysis, fpr))
