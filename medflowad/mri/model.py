@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import yaml
 
-from medflowad.config import DataConfig, OptimConfig, RunConfig
+from medflowad.config import ConfigError, DataConfig, OptimConfig, RunConfig
 from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, scan_id, split_series
 from medflowad.data.scans import PreparedScan, ScanPreprocessing
 from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
@@ -377,7 +377,12 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
     path = folder / MRI_CONFIG
     if not path.exists():
         raise ModelFolderError(f"{folder}: not an MRI model folder (no {MRI_CONFIG}; train with --modality)")
-    config = mri_config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    try:
+        config = mri_config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load refuses it without running anything
+        raise ModelFolderError(f"{path}: not valid medflowad YAML ({' '.join(str(exc).split())})") from exc
+    except ConfigError as exc:
+        raise ModelFolderError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from exc
     dev = resolve_device(device)
     in_model, _ = load_model(folder / "in", dev)
     general_model, _ = load_model(folder / "general", dev)
