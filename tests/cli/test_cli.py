@@ -61,7 +61,12 @@ def test_train_then_evaluate_round_trip(tmp_path, blobs_npz, blobs_test_npz, str
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     scores = {row["score"] for row in metrics["rows"]}
     assert {"nll", "llr", "last_scale", "c_1", "c_2", "input_complexity", "nll_general"} <= scores
-    assert all(0.0 <= row["auroc"] <= 1.0 for row in metrics["rows"])
+    # AUROC of every score by counting pairs in the written per-image scores (OOD above in-distribution)
+    inliers, outliers = np.load(tmp_path / "eval" / "scores_in.npz"), np.load(tmp_path / "eval" / "scores_stripes.npz")
+    for row in metrics["rows"]:
+        a, b = inliers[row["score"]], outliers[row["score"]]
+        pairs = (b[:, None] > a[None, :]).sum() + 0.5 * (b[:, None] == a[None, :]).sum()
+        assert row["auroc"] == pytest.approx(pairs / (len(a) * len(b)), abs=1e-12), row["score"]
     assert set(metrics["spearman"]) == {"in", "stripes"}
     table = (tmp_path / "eval" / "table.md").read_text()
     assert "| stripes (n=128) |" in table

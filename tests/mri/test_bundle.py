@@ -1,4 +1,5 @@
-"""MONAI bundle export: MONAI's own runner executes the bundle and reproduces `medflowad score`."""
+"""MONAI bundle export: MONAI's own runner executes the bundle and reproduces `medflowad score` (a wiring test:
+the decisions are checked independently in tests/mri/test_decisions.py), and the metadata states the facts."""
 
 import csv
 import json

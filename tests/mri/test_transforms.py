@@ -1,5 +1,6 @@
 """MONAI transforms give the maps and scores that `score` writes, on the input's grid, through MONAI's own
-loader and writer too."""
+loader and writer too. Wiring tests: they compare with `score`, which runs the same path; the decisions
+themselves are checked against independent computations in tests/mri/test_decisions.py."""
 
 import csv
 
