@@ -36,6 +36,10 @@ MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 NORMATIVE_SUFFIX = "_normative.nii.gz"  # written for models with normative calibration
 OUTPUT_SUFFIXES = (*MAP_SUFFIXES, NORMATIVE_SUFFIX)
 SERIES_SEPARATOR = "::"
+# Largest scan read, in voxels: 2^29 (2 GiB as float32; a 1 mm head holds 2^24). Preparation keeps a few
+# float32 copies, so a scan beyond this could not be processed on a typical machine; it is refused from its
+# header, before any voxel is allocated.
+MAX_SCAN_VOXELS = 2**29
 
 
 class ScanError(ValueError):
@@ -249,6 +253,7 @@ class SimpleITKReader(ImageReader):
         path = Path(data if isinstance(data, (str, Path)) else data[0])
         if path.is_dir():
             return self._read_series(path)
+        check_size(path, _itk_size(str(path)))
         return sitk.ReadImage(str(path))
 
     def _read_series(self, folder: Path) -> sitk.Image:
@@ -266,6 +271,7 @@ class SimpleITKReader(ImageReader):
                               f"({series_description(str(folder), uid)[1] or 'no description'})" for uid in series)
             raise ScanError(f"{folder}: holds {len(series)} DICOM series; name one as FOLDER::UID: {names}")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen)
+        check_size(folder, [*_itk_size(files[0])[:2], len(files)])
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         reader.MetaDataDictionaryArrayUpdateOn()
@@ -287,6 +293,39 @@ class SimpleITKReader(ImageReader):
         return array, meta
 
 
+def _last_line(exc: Exception, most: int = 240) -> str:
+    """The last non-empty line of an error (ITK's errors run over many lines, the reason last), shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
+def check_size(path: str | Path, shape: Sequence[int]) -> None:
+    """Refuse a scan of more than MAX_SCAN_VOXELS voxels (or a shape that is not one) from its header."""
+    if any(int(n) < 0 for n in shape):
+        raise ScanError(f"{path}: the header gives a negative size {tuple(int(n) for n in shape)}")
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    if voxels > MAX_SCAN_VOXELS:
+        raise ScanError(f"{path}: {' x '.join(str(int(n)) for n in shape)} = {voxels:,} voxels, more than the "
+                        f"{MAX_SCAN_VOXELS:,} medflowad reads ({MAX_SCAN_VOXELS * 4 / 2**30:.0f} GiB as float32); "
+                        "a damaged header, or crop/downsample the scan first")
+
+
+def _itk_size(filename: str) -> list[int]:
+    """Size (and components) of an ITK-readable file from its header alone."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(filename)
+    info.ReadImageInformation()
+    components = info.GetNumberOfComponents()
+    return [*info.GetSize(), *([components] if components > 1 else [])]
+
+
+def _nifti_size(path: Path) -> list[int]:
+    import nibabel as nib
+
+    return list(nib.load(str(path)).header.get_data_shape())
+
+
 def load_scan(path: str | Path) -> MetaTensor:
     """Read a 3D scan as a float32 MetaTensor of shape (1, X, Y, Z) with its RAS affine.
 
@@ -300,6 +339,7 @@ def load_scan(path: str | Path) -> MetaTensor:
     suffix = _suffix(source)
     try:
         if suffix in NIFTI_SUFFIXES:
+            check_size(path, _nifti_size(source))
             reader: ImageReader = NibabelReader()
         elif suffix in ITK_SUFFIXES or source.is_dir() or is_dicom_file(source):
             reader = SimpleITKReader(series_uid)
@@ -314,7 +354,7 @@ def load_scan(path: str | Path) -> MetaTensor:
         message = str(exc)
         raise ScanError(message if message.startswith(str(path)) else f"{path}: {message}") from exc
     except Exception as exc:  # readers raise many unrelated types on damaged files
-        raise ScanError(f"{path}: cannot read scan ({type(exc).__name__}: {exc})") from exc
+        raise ScanError(f"{path}: cannot read scan ({type(exc).__name__}: {_last_line(exc)})") from exc
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[..., None]

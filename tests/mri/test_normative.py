@@ -190,7 +190,6 @@ def test_a_mask_map_the_calibration_lacks_is_refused_at_load(tiny_mri_model, tmp
     import pytest
     import yaml
 
-    from medflowad.config import ConfigError
     from medflowad.mri.model import load_mri_model
     from medflowad.storage import ModelFolderError, read_tensors, write_tensors
 
@@ -207,7 +206,7 @@ def test_a_mask_map_the_calibration_lacks_is_refused_at_load(tiny_mri_model, tmp
         load_mri_model(model_dir, "cpu")
     config.update(mask_map="nonsense")
     (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ConfigError, match="mask_map"):
+    with pytest.raises(ModelFolderError, match=r"mri\.yaml: mask_map must be one of"):
         load_mri_model(model_dir, "cpu")
 
 
