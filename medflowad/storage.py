@@ -81,6 +81,24 @@ def save_model(model: Glow, config: RunConfig, folder: Path) -> None:
     write_tensors(folder / MODEL_WEIGHTS, model.state_dict(), metadata={"format": "medflowad-glow"})
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file of a model or run folder as a mapping (empty file: empty mapping), parsed as data only
+    (``safe_load``: no tag can run code); anything else is a ModelFolderError naming the file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelFolderError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from exc
+    except yaml.YAMLError as exc:  # e.g. a python/object tag: refused without running anything
+        raise ModelFolderError(f"{path}: not valid medflowad YAML ({' '.join(str(exc).split())})") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ModelFolderError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
 def read_model_config(folder: Path) -> RunConfig:
     folder = Path(folder)
     path = folder / MODEL_CONFIG
@@ -91,10 +109,11 @@ def read_model_config(folder: Path) -> RunConfig:
             raise ModelFolderError(f"{folder}: an MRI model folder; evaluate it with --scans, or name one of its "
                                    f"Glows ({folder / 'in'}, {folder / 'general'})")
         raise ModelFolderError(f"{folder}: not a model folder (no {MODEL_CONFIG})")
+    values = read_yaml_mapping(path)
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise ModelFolderError(f"{path}: {exc}") from exc
+        return config_from_dict(values, str(path))
+    except ConfigError as exc:
+        raise ModelFolderError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from exc
 
 
 PRIOR_PARAMETER = re.compile(r"priors\.\d+\.(mean|log_std)")
@@ -116,13 +135,20 @@ def load_weights(model: Glow, path: Path, classes_from_unconditional: bool = Fal
                 state[key] = value.expand_as(target).clone()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
+    common = sorted(set(state) & set(expected))
+    wrong = [k for k in common if state[k].shape != expected[k].shape]
+    wrong_dtype = [k for k in common if state[k].dtype != expected[k].dtype]
+    if missing or unexpected or wrong or wrong_dtype:
         detail = "; ".join(
             f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                                ("wrong dtype", wrong_dtype)) if keys
         )
         raise ModelFolderError(f"{path}: weights do not fit the configured architecture ({detail})")
+    non_finite = [k for k in common if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if non_finite:
+        raise ModelFolderError(f"{path}: non-finite weights in {', '.join(non_finite[:5])} (a diverged or damaged "
+                               "model)")
     model.load_state_dict(state)
 
 

@@ -175,6 +175,31 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     return result
 
 
+def validate_calibration(calibration: dict[str, np.ndarray], image_size: int, path: str) -> None:
+    """Refuse a calibration file that is not one medflowad wrote for this model: unknown entries, healthy
+    score samples that are not 1-D floating-point arrays, per-location statistics that are not finite
+    (levels, S, S) arrays on the model's grid, one shape per map."""
+    shapes: dict[str, tuple] = {}
+    for key, values in calibration.items():
+        kind, _, name = key.partition("/")
+        if kind not in ("slice", "scan", "voxel", "normative") or not name:
+            raise ValueError(f"{path}: unknown entry {key!r} (a calibration holds slice/, scan/, voxel/ and "
+                             "normative/ entries)")
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ValueError(f"{path}: {key} holds {values.dtype} values, not floating point")
+        if kind != "normative":
+            if values.ndim != 1:
+                raise ValueError(f"{path}: {key} has shape {values.shape}, expected one value per healthy sample")
+            continue
+        map_name = name.split("/")[0]
+        if values.ndim != 3 or values.shape[1:] != (image_size, image_size) or not np.isfinite(values).all():
+            raise ValueError(f"{path}: {key} has shape {values.shape} or non-finite values, expected finite "
+                             f"(levels, {image_size}, {image_size}) statistics on the model grid")
+        if shapes.setdefault(map_name, values.shape) != values.shape:
+            raise ValueError(f"{path}: {key} has shape {values.shape}, other statistics of {map_name} "
+                             f"{shapes[map_name]}")
+
+
 def calibration_summary(calibration: dict[str, np.ndarray], fpr: float) -> dict:
     return {
         "fpr": fpr,

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from medflowad.config import ConfigError, DataConfig, OptimConfig, RunConfig
 from medflowad.data.readers import ScanError, absolute_scan_path, find_scans, scan_id, split_series
@@ -44,7 +43,7 @@ from medflowad.mri.analysis import (
     ScanAnalysis,
     analyse_scan,
 )
-from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone
+from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone, validate_calibration
 from medflowad.mri.config import MriConfig, mri_config_from_dict
 from medflowad.mri.normative import (
     MODEL_FREE,
@@ -57,7 +56,15 @@ from medflowad.mri.normative import (
 )
 from medflowad.mri.position import scan_position_classes
 from medflowad.prep import prepare
-from medflowad.storage import ModelFolderError, load_model, read_tensors, write_json, write_tensors, write_yaml
+from medflowad.storage import (
+    ModelFolderError,
+    load_model,
+    read_tensors,
+    read_yaml_mapping,
+    write_json,
+    write_tensors,
+    write_yaml,
+)
 from medflowad.training import train
 from medflowad.training.trainer import CHECKPOINT
 
@@ -209,7 +216,7 @@ def train_mri_model(
     if pool is not None:
         check_preprocessing(Path(pool), load_slice_set_manifest(Path(pool)).get("preprocessing"), config)
     if general_model is not None and (Path(general_model).parent / MRI_CONFIG).is_file():
-        stored = yaml.safe_load((Path(general_model).parent / MRI_CONFIG).read_text()) or {}
+        stored = read_yaml_mapping(Path(general_model).parent / MRI_CONFIG)
         check_preprocessing(Path(general_model), stored.get("preprocessing"), config)
     train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
     healthy_scans = train_scans + val_scans
@@ -377,10 +384,9 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
     path = folder / MRI_CONFIG
     if not path.exists():
         raise ModelFolderError(f"{folder}: not an MRI model folder (no {MRI_CONFIG}; train with --modality)")
+    values = read_yaml_mapping(path)
     try:
-        config = mri_config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
-    except yaml.YAMLError as exc:  # e.g. a python/object tag: safe_load refuses it without running anything
-        raise ModelFolderError(f"{path}: not valid medflowad YAML ({' '.join(str(exc).split())})") from exc
+        config = mri_config_from_dict(values, str(path))
     except ConfigError as exc:
         raise ModelFolderError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from exc
     dev = resolve_device(device)
@@ -391,6 +397,10 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
         if not (folder / "calibration.safetensors").exists():
             raise ModelFolderError(f"{folder}: no calibration.safetensors (training did not finish)")
         calibration = {k: v.numpy() for k, v in read_tensors(folder / "calibration.safetensors").items()}
+        try:
+            validate_calibration(calibration, config.preprocessing.image_size, str(folder / "calibration.safetensors"))
+        except ValueError as exc:
+            raise ModelFolderError(str(exc)) from exc
         expected = {f"{level}/{n}" for level in ("slice", "scan") for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
         expected |= {f"voxel/{n}" for n in MAP_TYPES}
         expected.add(f"scan/{config.scan_score}")

@@ -60,7 +60,7 @@ from medflowad.mri.model import (
 from medflowad.mri.normative import is_healthy_range
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.prep import prepare
-from medflowad.storage import atomic_write, write_json, write_text
+from medflowad.storage import ModelFolderError, atomic_write, write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
 
@@ -180,8 +180,11 @@ def scans_the_model_saw(folder: Path) -> dict[str, str]:
     for role, part in (("trained", "healthy_train"), ("calibrated", "healthy_val")):
         manifest = Path(folder) / "data" / part / "manifest.json"
         if manifest.is_file():
-            for source in json.loads(manifest.read_text()).get("sources", []):
-                seen[absolute_scan_path(source["path"])] = role
+            try:
+                for source in json.loads(manifest.read_text()).get("sources", []):
+                    seen[absolute_scan_path(source["path"])] = role
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelFolderError(f"{manifest}: not a medflowad slice-set manifest ({exc})") from exc
     return seen
 
 

@@ -30,6 +30,7 @@ from medflowad.storage import (
     load_model,
     load_weights,
     read_tensors,
+    read_yaml_mapping,
     save_model,
     write_json,
     write_tensors,
@@ -139,27 +140,32 @@ def _save_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer, 
 def _load_checkpoint(path: Path, model: Glow, optimizer: torch.optim.Optimizer) -> dict:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("medflowad", "{}"))
-    if "state" not in meta:
-        raise TrainingError(f"{path}: not a medflowad checkpoint")
-    tensors = read_tensors(path)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    for index, entries in meta["optim_scalars"].items():
-        opt_state.setdefault(int(index), {}).update(entries)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    tensors = read_tensors(path)  # a truncated or damaged file: a ModelFolderError naming it
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("medflowad", "{}"))
+        if not isinstance(meta, dict) or "state" not in meta:
+            raise TrainingError(f"{path}: not a medflowad checkpoint")
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                opt_state.setdefault(int(index), {})[name] = value
+        for index, entries in meta["optim_scalars"].items():
+            opt_state.setdefault(int(index), {}).update(entries)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    except TrainingError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise TrainingError(f"{path}: does not fit this run ({reason[:300]}); delete it to start the run "
+                            "again") from exc
     return meta["state"]
 
 
 def _check_resumable(out_dir: Path, config: RunConfig) -> None:
-    import yaml
-
-    stored = yaml.safe_load((out_dir / MODEL_CONFIG).read_text())
+    stored = read_yaml_mapping(out_dir / MODEL_CONFIG)
     current = config_to_dict(config)
     differences = []
     for section, values in current.items():

@@ -11,6 +11,8 @@ from medflowad.cli.app import app
 from PIL import Image
 from typer.testing import CliRunner
 
+from medflowad.config import load_config
+
 runner = CliRunner()
 
 
@@ -140,3 +142,35 @@ def test_cli_reference_is_current(tmp_path):
                    check=True, capture_output=True)
     committed = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
     assert out.read_text() == committed.read_text()
+
+
+def test_damaged_glow_folders_and_checkpoints_are_named(tmp_path, blobs_npz, blobs_test_npz):
+    """train --init-from, evaluate and a resumed train meet a damaged folder: exit 2, the file, no traceback."""
+    config = _tiny_config(tmp_path, blobs_npz, blobs_test_npz)
+    assert runner.invoke(app, ["train", "-c", str(config), "-o", str(tmp_path / "g"), "-q"]).exit_code == 0
+    weights = tmp_path / "g" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for args in (["train", "-c", str(config), "-o", str(tmp_path / "m"), "-q", "--init-from", str(tmp_path / "g")],
+                 ["evaluate", "-m", str(tmp_path / "g"), "--in", str(blobs_test_npz), "--ood", f"b={blobs_npz}"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "g/model.safetensors: cannot read safetensors file" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+
+    from medflowad.training import train as run_training
+    from medflowad.training.trainer import CHECKPOINT
+
+    interrupted = tmp_path / "interrupted"
+    run_training(load_config(config), interrupted, show_progress=False, stop_after=3)
+    other = yaml.safe_load(config.read_text())
+    other["model"]["hidden"] = 4
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+    run_training(load_config(tmp_path / "other.yaml"), tmp_path / "other", show_progress=False, stop_after=3)
+    checkpoint = interrupted / CHECKPOINT
+    for damage, message in ((lambda: shutil.copyfile(tmp_path / "other" / CHECKPOINT, checkpoint),
+                             "checkpoint.safetensors: does not fit this run"),
+                            (lambda: checkpoint.write_bytes(b"\0" * 40), "checkpoint.safetensors: cannot read")):
+        damage()
+        result = runner.invoke(app, ["train", "-c", str(config), "-o", str(interrupted), "-q"])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()) and "Traceback" not in result.output
