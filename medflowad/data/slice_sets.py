@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from medflowad.storage import read_tensors, write_json, write_tensors
+from medflowad.storage import ModelFolderError, read_tensors, write_json, write_tensors
 
 SLICES_FILE = "slices.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
 def is_slice_set(path: Path) -> bool:
+    """A folder holding slices (possibly an incomplete set: see :func:`load_slice_tensors`)."""
     return (Path(path) / SLICES_FILE).is_file()
 
 
@@ -27,6 +28,9 @@ def save_slice_set(folder: Path, images: torch.Tensor, source_index: torch.Tenso
     a pixel's likelihood counts in training (0: left out, e.g. a lesion); labels (N,) the slices' classes
     (position classes of a position-aware model)."""
     folder = Path(folder)
+    # The manifest goes last, so a set whose writing was interrupted has none and is never taken for complete
+    # (replacing a set: its old manifest goes first).
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)
     tensors = {"images": images.contiguous(), "source_index": source_index.to(torch.int64)}
     if masks is not None:
         tensors["masks"] = masks.to(torch.uint8).contiguous()
@@ -43,7 +47,11 @@ def load_slice_set(folder: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 def load_slice_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The set's tensors: ``images``, ``source_index``, and ``masks`` and ``labels`` where it has them."""
-    return read_tensors(Path(folder) / SLICES_FILE)
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).is_file():
+        raise ModelFolderError(f"{folder}: an incomplete slice set (no {MANIFEST_FILE}: its writing was "
+                               "interrupted?); build it again")
+    return read_tensors(folder / SLICES_FILE)
 
 
 def load_slice_set_manifest(folder: Path) -> dict:

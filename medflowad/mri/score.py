@@ -324,6 +324,9 @@ def score_scans(
                 mask_source = native_llr if mask_map == "llr" else native_normative
                 flagged = (mask_source > mask_threshold).astype(np.uint8)
                 header = source_header(prepared)
+                for suffix in OUTPUT_SUFFIXES:  # temporary files of this scan's writes in a killed run
+                    for stale in out.glob(f".{sid}{suffix}.*.tmp"):
+                        stale.unlink(missing_ok=True)
                 for suffix, data in zip(MAP_SUFFIXES, (native_llr, native_last, flagged), strict=True):
                     write_nifti(out / f"{sid}{suffix}", data, prepared, header)
                 if native_normative is not None:

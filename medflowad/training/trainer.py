@@ -254,6 +254,8 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT
+    for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed run (atomic writes never finished)
+        stale.unlink(missing_ok=True)
     if checkpoint_path.exists():
         _check_resumable(out_dir, config)
     write_yaml(out_dir / MODEL_CONFIG, config_to_dict(config))
