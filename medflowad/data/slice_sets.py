@@ -57,4 +57,12 @@ def load_slice_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def load_slice_set_manifest(folder: Path) -> dict:
     """The set's manifest without its slices; empty when the set has none."""
     manifest_path = Path(folder) / MANIFEST_FILE
-    return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if not manifest_path.exists():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{manifest_path}: not a readable manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ModelFolderError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest

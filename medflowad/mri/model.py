@@ -312,7 +312,12 @@ def _refuse_other_data(out: Path, healthy: dict[str, list[str]], pool: Path | No
            "pool_slices_sha256": _file_sha256(Path(pool) / SLICES_FILE) if pool is not None else None}
     if record.is_file() and any((out / part / "model.safetensors").exists() or (out / part / CHECKPOINT).exists()
                                 for part in ("general", "in")):
-        before = json.loads(record.read_text())
+        try:
+            before = json.loads(record.read_text())
+            before.get("healthy_train")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelFolderError(f"{record}: not a readable record of the training data ({exc}); delete {out} "
+                                   "to start again") from exc
         changed = [key for key, value in now.items() if before.get(key) != value]
         if changed:
             raise ValueError(f"{out} holds models trained on other data (changed: {', '.join(changed)}); "

@@ -395,9 +395,14 @@ def _finished_result(out_dir: Path, checkpoint_path: Path, config: RunConfig) ->
 
     if not (checkpoint_path.exists() and (out_dir / "model.safetensors").exists()):
         return None
-    with safe_open(str(checkpoint_path), framework="pt") as fh:
-        state = json.loads((fh.metadata() or {}).get("medflowad", "{}")).get("state", {})
-    if state.get("step", 0) < config.optim.steps:
+    try:
+        with safe_open(str(checkpoint_path), framework="pt") as fh:
+            state = json.loads((fh.metadata() or {}).get("medflowad", "{}")).get("state", {})
+        step = int(state.get("step", 0))
+    except Exception as exc:  # safetensors' own error type, JSON errors, a state of the wrong shape
+        raise TrainingError(f"{checkpoint_path}: cannot read checkpoint ({' '.join(str(exc).split())[:200]}); "
+                            "delete it to start the run again") from exc
+    if step < config.optim.steps:
         return None
     history = state.get("history", [])
     last = history[-1] if history else {}

@@ -174,3 +174,9 @@ def test_damaged_glow_folders_and_checkpoints_are_named(tmp_path, blobs_npz, blo
         result = runner.invoke(app, ["train", "-c", str(config), "-o", str(interrupted), "-q"])
         assert result.exit_code == 2, result.output
         assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    finished = tmp_path / "finished"
+    assert runner.invoke(app, ["train", "-c", str(config), "-o", str(finished), "-q"]).exit_code == 0
+    (finished / CHECKPOINT).write_bytes(b"{}" * 10)
+    result = runner.invoke(app, ["train", "-c", str(config), "-o", str(finished), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "checkpoint.safetensors: cannot read checkpoint" in " ".join(result.output.split())

@@ -126,3 +126,27 @@ def test_a_damaged_manifest_is_named(tiny_mri_model, tmp_path):
     result = CliRunner().invoke(app, ["score", str(scan), "-m", str(folder), "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "healthy_train/manifest.json: not a medflowad slice-set manifest" in " ".join(result.output.split())
+
+
+def test_damaged_pool_manifest_and_training_record_are_named(tiny_mri_model, tmp_path):
+    from medflowad.mri.config import mri_config_from_dict
+    from medflowad.mri.pool import build_pool
+
+    healthy = [save_nifti(tmp_path / f"h{i}.nii.gz", brain_like(seed=i), np.eye(4)) for i in range(2)]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_MRI))
+    pool = tmp_path / "pool"
+    build_pool([healthy[0]], pool, mri_config_from_dict(TINY_MRI).preprocessing)
+    (pool / "manifest.json").write_text("[1, 2")
+    train = ["train", "--modality", "flair", "--data", str(healthy[0]), "--data", str(healthy[1]),
+             "-c", str(config), "-q", "-o"]
+    result = CliRunner().invoke(app, [*train, str(tmp_path / "a"), "--pool", str(pool)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "pool/manifest.json: not a readable manifest" in " ".join(result.output.split())
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_mri_model, folder)
+    (folder / "data" / "trained_on.json").write_text("not json")
+    result = CliRunner().invoke(app, [*train, str(folder), "--general-model", str(folder / "general")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "trained_on.json: not a readable record of the training data" in " ".join(result.output.split())
