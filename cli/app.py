@@ -174,11 +174,20 @@ def train(
         "optim.steps": steps, "optim.batch_size": batch_size, "optim.lr": lr, "device": device, "seed": seed,
     })
     result = run_training(run_config, out, show_progress=not quiet)
+    if not _main_process():
+        return
     summary = f"trained {result.steps} steps ({result.skipped_steps} skipped), {result.images_per_second:.0f} img/s"
     if result.test_bpd is not None:
         summary += f", test bits/dim {result.test_bpd:.3f}"
     console.print(summary)
     console.print(f"model folder: [bold]{out}[/]")
+
+
+def _main_process() -> bool:
+    """False in the other ranks of a torchrun launch: rank 0 alone reports."""
+    from medflowad.training.distributed import from_environment
+
+    return from_environment().is_main
 
 
 def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[str, str] | None:
@@ -219,6 +228,8 @@ def _train_mri(modality, config_name, data, out, pool, general_model, pattern, l
     metrics = train_mri_model(config, data, out, pool=pool, general_model=general_model, pattern=pattern,
                               mask_replace=_parse_replace(lesion_masks), show_progress=not quiet,
                               echo=lambda m: console.print(m, highlight=False))
+    if not _main_process():
+        return
     console.print(f"{metrics['train_scans']} training and {metrics['val_scans']} calibration scans; "
                   f"in-distribution test bits/dim {metrics['in_model_test_bpd']:.3f}")
     for skipped in metrics["skipped_scans"]:

@@ -64,7 +64,7 @@ def _cli(args: list[str], kill_name: str | None = None, kill_at: int = 1) -> sub
     plain = "import sys; from medflowad.cli.app import main; sys.argv[0] = 'medflowad'; main()"
     code = KILLING_CLI if kill_name else plain
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, encoding="utf-8", errors="replace")
 
 
 def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:

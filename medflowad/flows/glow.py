@@ -61,6 +61,11 @@ class GlowOutput:
     logdet_maps: list[torch.Tensor]
     log_prior_maps: list[torch.Tensor]
 
+    def rows(self, which: slice) -> GlowOutput:
+        """The outputs of some of the batch's images (one forward pass of several batches, split again)."""
+        return GlowOutput([z[which] for z in self.latents], [m[which] for m in self.logdet_maps],
+                          [m[which] for m in self.log_prior_maps])
+
     @property
     def contribution_maps(self) -> list[torch.Tensor]:
         """c_i per location: log-dets plus log-prior, summed over channels only."""

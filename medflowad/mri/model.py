@@ -65,7 +65,7 @@ from medflowad.storage import (
     write_tensors,
     write_yaml,
 )
-from medflowad.training import train
+from medflowad.training import distributed, train
 from medflowad.training.trainer import CHECKPOINT
 
 log = logging.getLogger("medflowad.mri")
@@ -207,10 +207,15 @@ def train_mri_model(
     general_model: Path | None = None, pattern: str | None = None, mask_replace: tuple[str, str] | None = None,
     show_progress: bool = True, echo: Callable[[str], None] = print,
 ) -> dict:
-    """Train (or resume) the general and in-distribution models and calibrate; returns metrics."""
+    """Train (or resume) the general and in-distribution models and calibrate; returns metrics.
+
+    Under torchrun (``torchrun ... -m medflowad train --modality ...``) rank 0 prepares the scans, writes the
+    slice sets and calibrates; every rank trains both models (:mod:`medflowad.training.distributed`)."""
     config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    group = distributed.init(resolve_device(config.device))
+    say = echo if group.is_main else (lambda message: None)
     if general_model is None and pool is None:
         raise ValueError("give --pool (to train the general model) or --general-model (a trained one)")
     if pool is not None:
@@ -228,10 +233,63 @@ def train_mri_model(
     }
     for what, scans in mixed.items():
         if scans:
-            echo(f"note: {len(scans)} of {len(healthy_scans)} healthy scans {what} "
-                 f"({listed([scan_id(s) for s in scans])}); all train the {config.modality} model. To keep only "
-                 f"{config.modality} scans, pass a pattern (e.g. --pattern '*{config.modality}*').")
+            say(f"note: {len(scans)} of {len(healthy_scans)} healthy scans {what} "
+                f"({listed([scan_id(s) for s in scans])}); all train the {config.modality} model. To keep only "
+                f"{config.modality} scans, pass a pattern (e.g. --pattern '*{config.modality}*').")
+    general_dir = out / "general"
+    if group.is_main:  # under torchrun, rank 0 prepares the scans; every rank trains on the slice sets it writes
+        prepared, skipped, healthy_slices = _prepare_healthy_slices(config, train_scans, val_scans, out, pool,
+                                                                    mask_replace, say)
+        write_yaml(out / MRI_CONFIG, config.to_dict())
+        if general_model is not None:
+            _copy_model(Path(general_model), general_dir)
+    distributed.barrier(group)
+    if general_model is None:
+        say(f"training the general model on {pool}")
+        train(mri_run_config(config, train_spec=str(pool), steps=config.general_steps, lr=config.general_lr),
+              general_dir, show_progress=show_progress)
+    general_cfg = load_model(general_dir)[1]
+    if general_cfg.model != config.model:
+        raise ModelFolderError(f"{general_dir}: general model architecture differs from the MRI config's model")
 
+    say("fine-tuning the in-distribution model on healthy slices")
+    in_run = mri_run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
+                            lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir),
+                            position_aware=True)
+    if config.outlier.enabled:
+        if pool is None:
+            raise ValueError("the outlier loss needs --pool (general samples)")
+        in_run.outlier = config.outlier
+        in_run.general_model = str(general_dir)
+        in_run.data.general = str(pool)
+    result = train(in_run, out / "in", show_progress=show_progress)
+    if not group.is_main:
+        distributed.barrier(group)  # rank 0 calibrates
+        return json.loads((out / "metrics.json").read_text())
+
+    model = load_mri_model(out, calibrated=False)
+    calibration = calibrate(model, [p for _, p in prepared["val"]], [p for _, p in prepared["train"]],
+                            [subject_of(path) for split in ("train", "val") for path, _ in prepared[split]])
+    write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
+    summary = calibration_summary(calibration, config.fpr)
+    write_json(out / "calibration.json", summary)
+    metrics = {
+        "modality": config.modality, "train_scans": len(prepared["train"]), "val_scans": len(prepared["val"]),
+        "skipped_scans": skipped, "in_model_test_bpd": result.test_bpd,
+        "train_slices": healthy_slices["train"], "val_slices": healthy_slices["val"],
+        "calibration": summary,
+    }
+    write_json(out / "metrics.json", metrics)
+    distributed.barrier(group)
+    return metrics
+
+
+def _prepare_healthy_slices(
+    config: MriConfig, train_scans: list[Path], val_scans: list[Path], out: Path, pool: Path | None,
+    mask_replace: tuple[str, str] | None, say: Callable[[str], None],
+) -> tuple[dict[str, list], list[dict], dict[str, int]]:
+    """Prepare the healthy scans and write the slice sets both models train and validate on: returns the
+    prepared scans by split (for calibration), the scans skipped with their reasons, and slice counts."""
     prepared: dict[str, list] = {"train": [], "val": []}
     skipped = []
     for split, paths in (("train", train_scans), ("val", val_scans)):
@@ -243,7 +301,7 @@ def train_mri_model(
                 prepared[split].append((path, dataclasses.replace(scan, native=None, brain=None)))
             except ScanError as exc:
                 skipped.append({"scan": str(path), "error": str(exc)})
-                echo(f"skipped {path}: {exc}")
+                say(f"skipped {path}: {exc}")
     for split in ("train", "val"):
         if not prepared[split]:
             raise ValueError(f"no readable {split} scans")
@@ -262,45 +320,7 @@ def train_mri_model(
             "sources": [{"path": str(path), "slices": int((healthy.source_index == i).sum())}
                         for i, (path, _) in enumerate(prepared[split])],
         }, masks=healthy.masks, labels=healthy.labels)
-    write_yaml(out / MRI_CONFIG, config.to_dict())
-
-    general_dir = out / "general"
-    if general_model is not None:
-        _copy_model(Path(general_model), general_dir)
-    else:
-        echo(f"training the general model on {pool}")
-        train(mri_run_config(config, train_spec=str(pool), steps=config.general_steps, lr=config.general_lr),
-              general_dir, show_progress=show_progress)
-    general_cfg = load_model(general_dir)[1]
-    if general_cfg.model != config.model:
-        raise ModelFolderError(f"{general_dir}: general model architecture differs from the MRI config's model")
-
-    echo("fine-tuning the in-distribution model on healthy slices")
-    in_run = mri_run_config(config, train_spec=str(out / "data" / "healthy_train"), steps=config.in_steps,
-                            lr=config.in_lr, test_spec=str(out / "data" / "healthy_val"), init_from=str(general_dir),
-                            position_aware=True)
-    if config.outlier.enabled:
-        if pool is None:
-            raise ValueError("the outlier loss needs --pool (general samples)")
-        in_run.outlier = config.outlier
-        in_run.general_model = str(general_dir)
-        in_run.data.general = str(pool)
-    result = train(in_run, out / "in", show_progress=show_progress)
-
-    model = load_mri_model(out, calibrated=False)
-    calibration = calibrate(model, [p for _, p in prepared["val"]], [p for _, p in prepared["train"]],
-                            [subject_of(path) for split in ("train", "val") for path, _ in prepared[split]])
-    write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
-    summary = calibration_summary(calibration, config.fpr)
-    write_json(out / "calibration.json", summary)
-    metrics = {
-        "modality": config.modality, "train_scans": len(prepared["train"]), "val_scans": len(prepared["val"]),
-        "skipped_scans": skipped, "in_model_test_bpd": result.test_bpd,
-        "train_slices": healthy_slices["train"], "val_slices": healthy_slices["val"],
-        "calibration": summary,
-    }
-    write_json(out / "metrics.json", metrics)
-    return metrics
+    return prepared, skipped, healthy_slices
 
 
 def _refuse_other_data(out: Path, healthy: dict[str, list[str]], pool: Path | None) -> None:

@@ -22,6 +22,7 @@ from medflowad.config import ConfigError, RunConfig, config_to_dict
 from medflowad.data.augment import random_hflip, random_translate
 from medflowad.data.natural import DataError, ImageSet, load_image_set, split_spec
 from medflowad.devices import resolve_device
+from medflowad.flows.actnorm import ActNorm
 from medflowad.flows.glow import Glow, class_mixture_log_prob
 from medflowad.scores import likelihoods
 from medflowad.storage import (
@@ -36,6 +37,7 @@ from medflowad.storage import (
     write_tensors,
     write_yaml,
 )
+from medflowad.training import distributed
 from medflowad.training.losses import outlier_bce, outlier_margin, wrong_class_bce
 from medflowad.units import bits_per_dim, to_model_input
 
@@ -210,16 +212,24 @@ class _Objective:
                  mask: torch.Tensor | None = None):
         cfg, out_cfg = self.config, self.config.outlier
         parts: dict[str, float] = {}
+        # One forward pass per step (the general samples ride along with the in-distribution batch): DDP
+        # reduces the gradients of exactly one forward pass.
+        if mask is not None and labels is not None:
+            out, out_g = self.model(x, labels), None  # masked, under each image's own class: no general batch
+        else:
+            joint = self.model(x if x_general is None else torch.cat([x, x_general]))
+            out = joint.rows(slice(0, len(x)))
+            out_g = joint.rows(slice(len(x), None)) if x_general is not None else None
         if mask is not None:  # healthy tissue of patients' slices: masked locations leave the likelihood
-            log_p_in, dims = self.model(x, labels).masked_log_prob(mask)  # under each image's own class
+            log_p_in, dims = out.masked_log_prob(mask)
             counted = dims > 0  # an image masked everywhere has no dimension to count
             nll_bpd = bits_per_dim(log_p_in[counted], dims[counted]).mean()
         elif cfg.supervised:
-            per_class = self.model(x).log_prob  # (B, K)
+            per_class = out.log_prob  # (B, K)
             log_p_in = per_class.gather(1, labels[:, None]).squeeze(1)
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
         else:
-            log_p_in = self.model(x).log_prob
+            log_p_in = out.log_prob
             nll_bpd = bits_per_dim(log_p_in, self.num_dims).mean()
         loss = nll_bpd
         parts["bpd"] = nll_bpd.item()
@@ -229,8 +239,7 @@ class _Objective:
             negatives = wrong_class_bce(per_class, log_p_g_in, labels, out_cfg.temperature)
             loss = loss + out_cfg.weight * negatives * self.nats_to_bpd
             parts["class_bce"] = negatives.item()
-        if x_general is not None:
-            out_g = self.model(x_general)
+        if out_g is not None:
             log_p_in_g = class_mixture_log_prob(out_g.log_prob) if cfg.supervised else out_g.log_prob
             if out_cfg.kind == "bce":
                 with torch.no_grad():
@@ -252,18 +261,23 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     """
     config.validate()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    group = distributed.init(device)  # under torchrun: this process's rank; otherwise a group of one
+    device = distributed.device_for(group, device)
     checkpoint_path = out_dir / CHECKPOINT
-    for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed run (atomic writes never finished)
-        stale.unlink(missing_ok=True)
     if checkpoint_path.exists():
         _check_resumable(out_dir, config)
-    write_yaml(out_dir / MODEL_CONFIG, config_to_dict(config))
-    _attach_log_file(out_dir)
+    distributed.barrier(group)  # every rank has read the old config before rank 0 writes the new one
+    if group.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed run (atomic writes never finished)
+            stale.unlink(missing_ok=True)
+        write_yaml(out_dir / MODEL_CONFIG, config_to_dict(config))
+        _attach_log_file(out_dir)
+    distributed.barrier(group)
     finished = _finished_result(out_dir, checkpoint_path, config)
     if finished is not None:  # nothing to do: no data to load, no model to rebuild
         return finished
-    device = resolve_device(config.device)
     data = data or load_train_data(config)
     _check_data(data, config)
 
@@ -290,10 +304,21 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         state = _load_checkpoint(checkpoint_path, model, optimizer)
         log.info("resumed from %s at step %d", checkpoint_path, state["step"])
 
-    objective = _Objective(model, general, config)
     sampler = _BatchSampler(len(data.train), config.optim.batch_size, config.seed, stream=0)
     general_sampler = (_BatchSampler(len(data.general), config.outlier.batch_size, config.seed, stream=1)
                        if data.general is not None else None)
+    for batch_size in (sampler.batch_size, general_sampler.batch_size if general_sampler else 0):
+        distributed.shard(group, torch.empty(batch_size))  # a batch the ranks cannot split: say so now
+    if state["step"] == 0 and not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
+        # ActNorm's data-dependent initialisation, on the whole first global batch (on every rank alike)
+        with torch.no_grad():
+            model(_global_batch(data, sampler, None, config, 0, device)[0])
+    trained = model
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    objective = _Objective(trained, general, config)
     total_steps = config.optim.steps
     last_step = min(total_steps, stop_after) if stop_after is not None else total_steps
     consecutive_skips = 0
@@ -303,31 +328,19 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not show_progress,
+        disable=not (show_progress and group.is_main),
     )
     with progress:
         task = progress.add_task("train", total=total_steps, completed=state["step"], status="")
         while state["step"] < last_step:
             step = state["step"]
             started = time.perf_counter()
-            gen = torch.Generator().manual_seed(_mix(config.seed, 2, step))
-            idx = sampler.indices(step)
-            mask = None
-            if data.train.masks is None:
-                x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
-            else:  # masks shift and flip with their images
-                both = _augment(torch.cat([data.train.images[idx], data.train.masks[idx]], dim=1), config, gen)
-                x = _dequantize(both[:, :-1], gen).to(device)
-                mask = both[:, -1:].to(device)
-            labels = data.train.labels[idx].to(device) if config.supervised else None
-            x_general = None
-            if general_sampler is not None:
-                g_idx = general_sampler.indices(step)
-                x_general = _augment_and_dequantize(data.general.images[g_idx], config, gen).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config)
+            x, mask, labels, x_general = (None if t is None else distributed.shard(group, t)
+                                          for t in _global_batch(data, sampler, general_sampler, config, step, device))
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = _lr_at(step, config)
             loss, parts = objective(x, labels, x_general, mask)
-            skipped = not torch.isfinite(loss)
+            skipped = not distributed.all_finite(group, loss)  # every rank skips, or none
             if not skipped:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -347,16 +360,17 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
                                         f"non-finite loss or gradients at step {step}; lower optim.lr")
             else:
                 consecutive_skips = 0
+                parts = distributed.mean_over_ranks(group, parts, device)
                 running_bpd = parts["bpd"] if running_bpd is None else 0.98 * running_bpd + 0.02 * parts["bpd"]
             state["step"] = step + 1
             state["train_seconds"] += time.perf_counter() - started
-            state["images_seen"] += len(x) + (len(x_general) if x_general is not None else 0)
+            state["images_seen"] += group.world * (len(x) + (len(x_general) if x_general is not None else 0))
             ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
             status = f"loss {loss.item():.3f}  bpd {running_bpd or float('nan'):.3f}  {ips:.0f} img/s"
             progress.update(task, completed=state["step"], status=status)
 
             finished = state["step"] == total_steps
-            if state["step"] % config.eval_every == 0 or finished:
+            if (state["step"] % config.eval_every == 0 or finished) and group.is_main:
                 if data.test is not None:
                     test_bpd = _test_bpd(model, data.test, config)
                     model.train()
@@ -365,13 +379,15 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
                 state["history"].append(entry)
                 log.info("step %d: train bpd %.4f, test bpd %s, %.1f img/s", state["step"],
                          running_bpd or float("nan"), "-" if test_bpd is None else f"{test_bpd:.4f}", ips)
-            if state["step"] % config.checkpoint_every == 0 or finished or state["step"] == last_step:
+            if (state["step"] % config.checkpoint_every == 0 or finished or state["step"] == last_step) \
+                    and group.is_main:
                 _save_checkpoint(checkpoint_path, model, optimizer, state)
 
     ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
     result = TrainResult(out_dir, state["step"], state["skipped_steps"], running_bpd or float("nan"),
                          test_bpd, ips, state["history"])
-    if state["step"] == total_steps:
+    distributed.barrier(group)  # the last checkpoint is written before any rank goes on
+    if state["step"] == total_steps and group.is_main:
         save_model(model.eval(), config, out_dir)
         write_json(out_dir / "metrics.json", {
             "steps": state["step"],
@@ -386,6 +402,7 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
             "history": state["history"],
         })
         log.info("finished: %d steps, %d skipped, model in %s", state["step"], state["skipped_steps"], out_dir)
+    distributed.barrier(group)  # the model is saved before any rank reads it
     return result
 
 
@@ -409,6 +426,27 @@ def _finished_result(out_dir: Path, checkpoint_path: Path, config: RunConfig) ->
     ips = state["images_seen"] / max(state["train_seconds"], 1e-9)
     return TrainResult(out_dir, state["step"], state["skipped_steps"], last.get("train_bpd") or float("nan"),
                        last.get("test_bpd"), ips, history)
+
+
+def _global_batch(data: TrainData, sampler: _BatchSampler, general_sampler: _BatchSampler | None,
+                  config: RunConfig, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(x, masks, labels, x_general) of step ``step``'s whole batch, all randomness seeded by (seed, step), so
+    every process of a distributed run draws the same batch as a single process would (None: not used)."""
+    gen = torch.Generator().manual_seed(_mix(config.seed, 2, step))
+    idx = sampler.indices(step)
+    mask = None
+    if data.train.masks is None:
+        x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
+    else:  # masks shift and flip with their images
+        both = _augment(torch.cat([data.train.images[idx], data.train.masks[idx]], dim=1), config, gen)
+        x = _dequantize(both[:, :-1], gen).to(device)
+        mask = both[:, -1:].to(device)
+    labels = data.train.labels[idx].to(device) if config.supervised else None
+    x_general = None
+    if general_sampler is not None:
+        g_idx = general_sampler.indices(step)
+        x_general = _augment_and_dequantize(data.general.images[g_idx], config, gen).to(device)
+    return x, mask, labels, x_general
 
 
 def _augment(images: torch.Tensor, config: RunConfig, gen: torch.Generator) -> torch.Tensor:
