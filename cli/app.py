@@ -372,16 +372,40 @@ def score(
                                          "model, e.g. after an interruption.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    num_parts: Annotated[int | None, typer.Option(
+        min=1, help="Split the scans into this many parts (one job each; then `medflowad score-merge OUT`).")
+    ] = None,
+    part_id: Annotated[int | None, typer.Option(min=0, help="Which part this job scores: 0 .. num-parts - 1.")
+                       ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid.
 
     A DICOM folder holding several series is scored series by series. Scoring into a folder of earlier
-    results of the same model adds to its tables (a scan scored again replaces its own rows and maps).
+    results of the same model adds to its tables (a scan scored again replaces its own rows and maps);
+    processes scoring into one folder at once keep each other's rows. With --num-parts/--part-id (or under
+    torchrun, one part per process, merged by rank 0) each part writes its maps into OUT and its tables into
+    OUT/parts/; `medflowad score-merge OUT` joins them.
     """
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from medflowad.mri.score import score_scans
+    from medflowad.mri.score import merge_parts, score_scans
+    from medflowad.training import distributed
+
+    if (num_parts is None) != (part_id is None):
+        raise ValueError("--num-parts and --part-id go together (e.g. --num-parts 4 --part-id 0)")
+    group = distributed.from_environment()
+    if num_parts is None and group.active:  # under torchrun: one part per process, rank 0 merges
+        num_parts, part_id = group.world, group.rank
+        if device in ("auto", "cuda") and torch.cuda.is_available():  # one GPU per process
+            device = f"cuda:{group.local_rank % torch.cuda.device_count()}"
+    part = (part_id, num_parts) if num_parts is not None and num_parts > 1 else None
+    if part is not None and num_parts is not None and part_id is not None and part_id >= num_parts:
+        raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    merge_here = part is not None and group.active
+    if report and part is not None and not merge_here:
+        raise ValueError("a part writes no report: run `medflowad score-merge OUT --report` after all parts")
 
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                         console=console, disable=quiet)
@@ -394,8 +418,18 @@ def score(
                 progress.console.print(f"[red]failed[/] {row['error']}", highlight=False)
 
         result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
-                             brain_masks=_parse_replace(brain_masks, "--brain-masks"), report=report, pattern=pattern,
-                             resume=resume, on_start=lambda total: tasks.append(progress.add_task("", total=total)))
+                             brain_masks=_parse_replace(brain_masks, "--brain-masks"),
+                             report=report and part is None, pattern=pattern, resume=resume,
+                             on_start=lambda total: tasks.append(progress.add_task("", total=total)), part=part)
+    if merge_here:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # only to wait for every part; scoring needs no communication
+        dist.barrier()
+        if group.is_main:
+            merged = merge_parts(out, model, device, report, _parse_replace(brain_masks, "--brain-masks"))
+            console.print(f"merged {num_parts} parts: {len(merged.rows)} scans in {out / 'scores.csv'}")
     table = Table(title=f"scan scores (flag: {result.scan_score} p <= {fpr or 'model FPR'})")
     shown = list(dict.fromkeys((result.scan_score, "llr", "last_scale")))[:2]  # the flagging score and one more
     columns = ["scan", "status", shown[0], "p", "flag"] + [c for name in shown[1:] for c in (name, "p")] + ["slices"]
@@ -424,6 +458,28 @@ def score(
     if failed:
         err_console.print(f"[red]{failed} of {len(result.rows)} scans failed[/] (reasons in scores.csv)")
         raise typer.Exit(1)
+
+
+@app.command("score-merge")
+@_friendly_errors
+def score_merge(
+    out: Annotated[Path, typer.Argument(help="The OUT folder the parts scored into.")],
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html for every scan.")] = False,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="The model folder (default: the one the parts name); needed for --report.")] = None,
+    brain_masks: Annotated[str | None, typer.Option(help="As given to score, for the report's figures.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (report figures only).")] = "auto",
+) -> None:
+    """Join the tables of `score --num-parts N --part-id K` jobs into OUT's scores.csv, slices.csv and
+    scores.json (and report.html), row for row as one process would have written them."""
+    from medflowad.mri.score import PARTS_FOLDER, merge_parts
+
+    merged = merge_parts(out, model, device, report, _parse_replace(brain_masks, "--brain-masks"))
+    failed = sum(r["status"] != "ok" for r in merged.rows)
+    console.print(f"merged {len(list((out / PARTS_FOLDER).glob('part-*')))} parts: {len(merged.rows)} scans "
+                  f"({failed} failed) into [bold]{out}[/] (scores.csv, slices.csv, scores.json)")
+    if merged.report is not None:
+        console.print(f"report: [bold]{merged.report}[/]")
 
 
 @app.command()

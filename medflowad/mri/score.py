@@ -17,14 +17,11 @@ are never mixed in (an error says so). With ``resume``, scans already scored int
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -59,54 +56,17 @@ from medflowad.mri.model import (
 )
 from medflowad.mri.normative import is_healthy_range
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
+from medflowad.mri.tables import (
+    BatchResult,
+    TableWriter,
+    earlier_results,
+    read_tables,
+    write_tables,
+)
 from medflowad.prep import prepare
-from medflowad.storage import ModelFolderError, atomic_write, write_json, write_text
+from medflowad.storage import ModelFolderError, atomic_write
 
-SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
-
-
-@dataclass
-class BatchResult:
-    rows: list[dict] = field(default_factory=list)  # this run's scans, in order (skipped ones included)
-    slice_rows: list[dict] = field(default_factory=list)
-    kept_rows: list[dict] = field(default_factory=list)  # earlier runs' scans that this run has not replaced
-    kept_slice_rows: list[dict] = field(default_factory=list)
-    resumed: list[str] = field(default_factory=list)  # ids of scans skipped as already scored
-    fingerprint: str = ""
-    out: Path | None = None
-    report: Path | None = None
-    warning: str | None = None  # e.g. a calibration set too small for any flag at this FPR
-    scan_score: str = "llr"  # the score that flags scans (the model's scan_score)
-
-    @property
-    def all_ok(self) -> bool:
-        return all(r["status"] == "ok" for r in self.rows)
-
-    def warn(self, message: str) -> None:
-        self.warning = f"{self.warning}; {message}" if self.warning else message
-
-
-TABLE_INTERVAL_S = 10.0
-
-
-@dataclass
-class _Tables:
-    """Rewrites a batch's tables as it goes: at most every TABLE_INTERVAL_S seconds, or ten times the last
-    rewrite's duration when that is longer. A rewrite grows with the batch (3.7 s for 200,000 slice rows), so
-    rewriting after every scan would make a large batch's time grow with the square of its size."""
-
-    result: BatchResult
-    model: MriModel
-    fpr: float
-    last: float = -math.inf
-    cost: float = 0.0
-
-    def save(self, force: bool = False) -> None:
-        started = time.perf_counter()
-        if force or started - self.last >= max(TABLE_INTERVAL_S, 10 * self.cost):
-            _write_tables(self.result, self.model, self.fpr)
-            self.last = time.perf_counter()
-            self.cost = self.last - started
+PARTS_FOLDER = "parts"
 
 
 def source_header(reference: PreparedScan) -> nib.Nifti1Header | None:
@@ -146,31 +106,6 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
         image.header["cal_min"], image.header["cal_max"] = display_window
     payload = gzip.compress(image.to_bytes(), compresslevel=6)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
-
-
-def _earlier_results(out: Path, fingerprint: str, fpr: float) -> tuple[list[dict], list[dict]]:
-    """Scan rows (scores.json) and slice rows (slices.csv, as written) of earlier runs into ``out``.
-
-    Refuses results of another model or FPR: the tables would then describe maps they did not produce.
-    """
-    path = out / "scores.json"
-    if not path.is_file():
-        return [], []
-    try:
-        earlier = json.loads(path.read_text())
-        rows = [{k: float("nan") if v is None else v for k, v in r.items()} for r in earlier["scans"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not readable as medflowad scores ({exc}); score into another folder") from exc
-    if earlier.get("model_sha256") != fingerprint or earlier.get("fpr") != fpr:
-        which = ("an older medflowad's scores, which do not say which model made them" if "model_sha256" not in earlier
-                 else f"scores of another model or false-positive rate (model {earlier.get('model')}, "
-                 f"fpr {earlier.get('fpr')})")
-        raise ValueError(f"{out} holds {which}; score into another folder, or delete this one to start again")
-    slice_rows: list[dict] = []
-    if (out / "slices.csv").is_file():
-        with (out / "slices.csv").open(newline="") as f:
-            slice_rows = list(csv.DictReader(f))
-    return rows, slice_rows
 
 
 def scans_the_model_saw(folder: Path) -> dict[str, str]:
@@ -256,7 +191,7 @@ def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
     brain_masks: tuple[str, str] | None = None, report: bool = False, pattern: str | None = None,
-    resume: bool = False, on_start: Callable[[int], None] | None = None,
+    resume: bool = False, on_start: Callable[[int], None] | None = None, part: tuple[int, int] | None = None,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
@@ -264,19 +199,29 @@ def score_scans(
     ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`). Earlier results in OUT are
     kept (see the module's description); ``resume`` skips the scans they hold with all three maps.
     ``on_start`` hears how many scans were found, ``on_scan`` each one's id and row as it is done.
+    ``part=(k, n)`` scores the k-th of n shares of the scans (scans k, k+n, k+2n, ... of the sorted list),
+    its maps into OUT and its tables into ``OUT/parts/part-<k>-of-<n>/``; :func:`merge_parts` joins them.
     """
     if fpr is not None and not 0 < fpr < 1:  # also refuses NaN
         raise ValueError(f"--fpr must lie strictly between 0 and 1 (0.05 is 5 %), got {fpr}")
+    if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ValueError(f"--part-id must lie in 0..{part[1] - 1} for --num-parts {part[1]}, got {part[0]}")
+    if part is not None and report:
+        raise ValueError("a part writes no report: `medflowad score-merge OUT --report` writes it for all parts")
     model = model or load_mri_model(model_dir, device)
     fpr = model.config.fpr if fpr is None else fpr
     out = Path(out)
+    tables_dir = out if part is None else part_folder(out, *part)
     scans = scans_to_score(inputs, pattern, out)
+    fingerprint = model_fingerprint(model.folder)
+    earlier_rows, earlier_slice_rows = earlier_results(tables_dir, fingerprint, fpr)
+    out.mkdir(parents=True, exist_ok=True)
+    named = {r["path"]: r["scan_id"] for r in (earlier_results(out, fingerprint, fpr)[0] if part else [])}
+    ids = unique_scan_ids(scans, {**named, **{r["path"]: r["scan_id"] for r in earlier_rows}})
+    if part is not None:  # ids come from the whole list, so every part names a scan alike
+        scans, ids = scans[part[0]::part[1]], ids[part[0]::part[1]]
     if on_start is not None:
         on_start(len(scans))
-    fingerprint = model_fingerprint(model.folder)
-    earlier_rows, earlier_slice_rows = _earlier_results(out, fingerprint, fpr)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = unique_scan_ids(scans, {r["path"]: r["scan_id"] for r in earlier_rows})
     mask_map = mask_map_of(model)
     normative = mask_map if mask_map != "llr" else ("llr_normative" if "voxel/llr_normative" in model.calibration
                                                      else None)  # the map written as <id>_normative
@@ -284,25 +229,25 @@ def score_scans(
     mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
     normative_is_zscore = normative is not None and not is_healthy_range(
         model.calibration, normative.removesuffix("_normative"))
-    mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
     headline = model.config.scan_score
     healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
     score_threshold = threshold_at_fpr(healthy_scores, fpr)
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
-    result = BatchResult(out=out, warning=flag_resolution_problem(len(healthy_scores), fpr), fingerprint=fingerprint,
-                         kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows, scan_score=headline)
+    result = BatchResult(out=out, tables=tables_dir, warning=flag_resolution_problem(len(healthy_scores), fpr),
+                         fingerprint=fingerprint, kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows,
+                         scan_score=headline, settings=batch_settings(model, fingerprint, fpr))
     for note in _input_notes(scans, ids, model):
         result.warn(note)
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}
-    tables = _Tables(result, model, fpr)
+    tables = TableWriter(result)
     try:
         for path, sid in zip(scans, ids, strict=True):
             started = time.perf_counter()
             if sid in done:
                 result.slice_rows += [r for r in result.kept_slice_rows if r["scan_id"] == sid]
-                _forget_kept(result, sid)
+                result.forget_kept(sid)
                 result.rows.append(done[sid])
                 result.resumed.append(sid)
                 if on_scan is not None:
@@ -351,7 +296,7 @@ def score_scans(
                 for suffix in OUTPUT_SUFFIXES:  # a failed scan has no maps: none half-written, none left from before
                     (out / f"{sid}{suffix}").unlink(missing_ok=True)
             row["seconds"] = round(time.perf_counter() - started, 3)
-            _forget_kept(result, sid)
+            result.forget_kept(sid)
             result.rows.append(row)
             tables.save()
             if on_scan is not None:
@@ -359,57 +304,108 @@ def score_scans(
     finally:  # an interruption or a crash still leaves tables of every scan finished
         tables.save(force=True)
     if report:
-        missing = 0
-        for row in result.kept_rows + result.rows:
-            sid = row["scan_id"]
-            if row["status"] != "ok" or sid in figures:
-                continue
-            try:  # scored before: the figures come from the scan and its map as written
-                source = Path(row["path"])
-                prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
-                written = np.asarray(nib.load(str(out / f"{sid}{mask_file_suffix}")).dataobj, dtype=np.float32)
-                figures[sid] = scan_figures(prepared, written, mask_threshold, mask_map, row[headline], headline,
-                                            healthy_scores, score_threshold, f"{sid} ({source.name})")
-            except Exception as exc:  # the report still lists the scan, without figures
-                result.warn(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
-                missing += 1
-        if missing:
-            tables.save(force=True)  # scores.json carries the warnings too
-        result.report = out / "report.html"
-        write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
-                     model.config.modality, fpr, len(healthy_scores), headline, model.config.top_fraction)
+        write_batch_report(result, model, figures, brain_masks, tables)
     return result
 
 
-def _forget_kept(result: BatchResult, sid: str) -> None:
-    """This run now holds scan ``sid``: its rows from earlier runs leave the tables."""
-    result.kept_rows = [r for r in result.kept_rows if r["scan_id"] != sid]
-    result.kept_slice_rows = [r for r in result.kept_slice_rows if r["scan_id"] != sid]
+def write_batch_report(result: BatchResult, model: MriModel, figures: dict[str, ScanFigures],
+                       brain_masks: tuple[str, str] | None = None, tables: TableWriter | None = None) -> None:
+    """report.html of every scan in the batch's tables; scans without figures yet (scored before, or by other
+    parts) get them from the scan and its map as written."""
+    fpr = result.settings["fpr"]
+    mask_map = mask_map_of(model)
+    voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
+    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
+    mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
+    headline = model.config.scan_score
+    healthy_scores = model.calibration[f"scan/{headline}"]
+    score_threshold = threshold_at_fpr(healthy_scores, fpr)
+    missing = 0
+    for row in result.kept_rows + result.rows:
+        sid = row["scan_id"]
+        if row["status"] != "ok" or sid in figures:
+            continue
+        try:  # scored before: the figures come from the scan and its map as written
+            source = Path(row["path"])
+            prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
+            written = np.asarray(nib.load(str(result.out / f"{sid}{mask_file_suffix}")).dataobj, dtype=np.float32)
+            figures[sid] = scan_figures(prepared, written, mask_threshold, mask_map, row[headline], headline,
+                                        healthy_scores, score_threshold, f"{sid} ({source.name})")
+        except Exception as exc:  # the report still lists the scan, without figures
+            result.warn(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
+            missing += 1
+    if missing and tables is not None:
+        tables.save(force=True)  # scores.json carries the warnings too
+    result.report = result.out / "report.html"
+    write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
+                 model.config.modality, fpr, len(healthy_scores), headline, model.config.top_fraction)
 
 
-def csv_text(rows: list[dict], columns: list[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
-    return buffer.getvalue()
-
-
-def _write_tables(result: BatchResult, model: MriModel, fpr: float) -> None:
-    score_columns = [c for name in SLICE_SCORES for c in (name, f"{name}_p", f"{name}_flag")]
-    columns = SCAN_COLUMNS + score_columns + ["flagged_voxels", "map", "seconds"]
-    rows = result.kept_rows + result.rows
-    write_text(result.out / "scores.csv", csv_text(rows, columns))
-    slice_columns = ["scan_id", "slice", "scored"] + [c for n in SLICE_SCORES for c in (n, f"{n}_p")]
-    write_text(result.out / "slices.csv", csv_text(result.kept_slice_rows + result.slice_rows, slice_columns))
-    write_json(result.out / "scores.json", {
-        "model": str(model.folder), "model_sha256": result.fingerprint, "modality": model.config.modality, "fpr": fpr,
+def batch_settings(model: MriModel, fingerprint: str, fpr: float) -> dict:
+    """What scores.json says about the batch besides its rows."""
+    return {
+        "model": str(model.folder), "model_sha256": fingerprint, "modality": model.config.modality, "fpr": fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",
         "p_value": "conformal: (1 + healthy validation scans scoring at least as high) / (1 + their number)",
         "scan_score": model.config.scan_score, "mask_map": mask_map_of(model),
         "voxel_fpr": model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr,
-        "warning": result.warning,
-        "scans": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-                  for r in rows],
-    })
+    }
+
+
+def part_folder(out: Path, part_id: int, num_parts: int) -> Path:
+    """Where part ``part_id`` of ``num_parts`` keeps its tables."""
+    return Path(out) / PARTS_FOLDER / f"part-{part_id}-of-{num_parts}"
+
+
+def merge_parts(out: Path, model_dir: Path | str | None = None, device: str = "auto", report: bool = False,
+                brain_masks: tuple[str, str] | None = None) -> BatchResult:
+    """Join the tables of a sharded run's parts (``OUT/parts/part-<k>-of-<n>/``) into OUT's scores.csv,
+    slices.csv and scores.json, in the order one process would have written them (scan paths' order, as
+    ``score`` lists scans), adding to what OUT holds (under its lock); with ``report``, report.html too.
+    Every part of one run must be there and finished; ``model_dir`` defaults to the model the parts name."""
+    out = Path(out)
+    folders = sorted((out / PARTS_FOLDER).glob("part-*-of-*"))
+    if not folders:
+        raise ValueError(f"{out}: no parts to merge (no {PARTS_FOLDER}/part-<k>-of-<n>/ folders)")
+    counts = {int(f.name.rsplit("-", 1)[1]) for f in folders}
+    if len(counts) != 1:
+        raise ValueError(f"{out}: parts of runs with different --num-parts ({sorted(counts)}); merge one run's")
+    num_parts = counts.pop()
+    expected = {part_folder(out, k, num_parts).name for k in range(num_parts)}
+    absent = sorted(expected - {f.name for f in folders})
+    if absent:
+        raise ValueError(f"{out}: parts missing ({', '.join(absent)}): run them (--continue finishes one) first")
+    rows, slice_rows, settings, warnings = [], [], None, []
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-")[1])):
+        stored, part_rows, part_slices = read_tables(folder)
+        if stored is None:
+            raise ValueError(f"{folder}: holds no scores yet: run that part (--continue finishes it)")
+        if settings is not None and (stored["model_sha256"], stored["fpr"]) != (settings["model_sha256"],
+                                                                                settings["fpr"]):
+            raise ValueError(f"{folder}: scored with another model or FPR than {folders[0]}")
+        settings = settings or {k: v for k, v in stored.items() if k != "warning"}
+        warnings += [stored["warning"]] if stored.get("warning") else []
+        rows += part_rows
+        slice_rows += part_slices
+    order = sorted(range(len(rows)), key=lambda i: _path_order(rows[i]["path"]))
+    merged = BatchResult(out=out, tables=out, fingerprint=settings["model_sha256"], scan_score=settings["scan_score"],
+                         settings=settings, rows=[rows[i] for i in order],
+                         warning="; ".join(dict.fromkeys(warnings)) or None)
+    by_scan: dict[str, list[dict]] = {}
+    for row in slice_rows:
+        by_scan.setdefault(row["scan_id"], []).append(row)
+    merged.slice_rows = [r for row in merged.rows for r in by_scan.get(row["scan_id"], [])]
+    write_tables(merged)
+    if report:
+        model = load_mri_model(model_dir if model_dir is not None else settings["model"], device)
+        if model_fingerprint(model.folder) != settings["model_sha256"]:
+            raise ValueError(f"{model.folder}: not the model that scored the parts ({settings['model']})")
+        write_batch_report(merged, model, {}, brain_masks)
+    return merged
+
+
+def _path_order(path: str) -> tuple:
+    """Sort key of a scan path as ``score`` lists a folder's scans (sorted paths; a DICOM folder's series
+    after its folder name)."""
+    location, series = split_series(path)
+    return (str(location), series or "")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan, unique_scan_ids
 from medflowad.data.scans import ScanPreprocessing
-from medflowad.mri.score import csv_text
+from medflowad.mri.tables import csv_text
 from medflowad.prep.stage import companion_path, mask_on_scan, run_preparation, write_entry
 from medflowad.storage import write_json, write_text
 

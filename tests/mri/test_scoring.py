@@ -269,12 +269,12 @@ def test_scans_named_as_another_modality_get_a_warning(tiny_mri_model, tmp_path)
 
 def test_tables_are_rewritten_sparingly_and_always_at_the_end(tiny_mri_model, tmp_path, monkeypatch):
     import medflowad.mri.score as score
+    import medflowad.mri.tables as tables
 
     writes = []
-    original = score._write_tables
-    monkeypatch.setattr(score, "_write_tables", lambda result, *a: (writes.append(len(result.rows)),
-                                                                    original(result, *a)))
-    monkeypatch.setattr(score, "TABLE_INTERVAL_S", 3600.0)
+    original = tables.write_tables
+    monkeypatch.setattr(tables, "write_tables", lambda result: (writes.append(len(result.rows)), original(result)))
+    monkeypatch.setattr(tables, "TABLE_INTERVAL_S", 3600.0)
     scans = [save_nifti(tmp_path / f"{n}.nii.gz", brain_like(seed=100 + i), np.eye(4)) for i, n in enumerate("abc")]
     score.score_scans(scans, tiny_mri_model, tmp_path / "out", device="cpu")
     assert writes == [1, 3]  # after the first scan, then at the end: not after every scan
