@@ -13,16 +13,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
-from tests.test_kill import _cli, _finish, _kill_after, _visible_outputs_are_complete, pytestmark  # noqa: F401
-
-
-@pytest.fixture
-def scans(tmp_path) -> list[Path]:
-    folder = tmp_path / "scans"
-    folder.mkdir()
-    return [save_nifti(folder / f"s{i}.nii.gz", brain_like(seed=60 + i, blob=(20, 25, 6) if i % 2 else None),
-                       oblique_lps_affine()) for i in range(6)]
+from tests.test_kill import (  # noqa: F401 (pytestmark and the scans fixture apply here too)
+    _cli,
+    _finish,
+    _kill_after,
+    _visible_outputs_are_complete,
+    pytestmark,
+    scans,
+)
 
 
 def _score_rows(folder: Path) -> list[dict]:
@@ -30,8 +28,8 @@ def _score_rows(folder: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-def test_score_killed_mid_batch_leaves_whole_files_and_continue_gives_the_same_results(tiny_mri_model, scans,
-                                                                                        tmp_path):
+@pytest.mark.usefixtures("scans")  # six scans in tmp_path/scans
+def test_score_killed_mid_batch_leaves_whole_files_and_continue_gives_the_same_results(tiny_mri_model, tmp_path):
     base = ["score", str(tmp_path / "scans"), "-m", str(tiny_mri_model), "--device", "cpu", "-q", "-o"]
     code, output = _finish(_cli([*base, str(tmp_path / "straight")]))
     assert code == 0, output

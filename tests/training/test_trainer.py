@@ -88,16 +88,21 @@ def test_resume_refuses_a_different_run(tmp_path, blobs_npz):
         train(changed, tmp_path / "run", show_progress=False)
 
 
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, blobs_npz, monkeypatch):
+def _spoil_losses(monkeypatch, calls: tuple[int, ...], spoil) -> None:
+    """The step loss of the given calls (1-based) becomes ``spoil(objective, loss)``."""
     original = trainer_module._Objective.__call__
-    calls = {"n": 0}
+    count = {"n": 0}
 
-    def sometimes_nan(self, *args):
+    def spoiled(self, *args):
         loss, parts = original(self, *args)
-        calls["n"] += 1
-        return (loss * float("nan"), parts) if calls["n"] in (3, 4) else (loss, parts)
+        count["n"] += 1
+        return (spoil(self, loss) if count["n"] in calls else loss), parts
 
-    monkeypatch.setattr(trainer_module._Objective, "__call__", sometimes_nan)
+    monkeypatch.setattr(trainer_module._Objective, "__call__", spoiled)
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, blobs_npz, monkeypatch):
+    _spoil_losses(monkeypatch, (3, 4), lambda objective, loss: loss * float("nan"))
     result = train(tiny_config(blobs_npz, optim__steps=8), tmp_path / "run", show_progress=False)
     assert result.skipped_steps == 2
     assert "skipped" in (tmp_path / "run" / "train.log").read_text()
@@ -288,18 +293,12 @@ def test_warm_up_follows_its_schedule(tmp_path, blobs_npz, monkeypatch):
 
 def test_non_finite_gradient_with_finite_loss_is_skipped_and_counted(tmp_path, blobs_npz, monkeypatch):
     """sqrt(|p - p|) is 0 with a NaN gradient: the loss stays finite, the step must still be skipped."""
-    original = trainer_module._Objective.__call__
-    calls = {"n": 0}
 
-    def nan_gradient(self, *args):
-        loss, parts = original(self, *args)
-        calls["n"] += 1
-        if calls["n"] in (2, 5):
-            p = next(self.model.parameters())
-            loss = loss + torch.sqrt((p - p.detach()).abs()).sum()
-        return loss, parts
+    def nan_gradient(objective, loss):
+        p = next(objective.model.parameters())
+        return loss + torch.sqrt((p - p.detach()).abs()).sum()
 
-    monkeypatch.setattr(trainer_module._Objective, "__call__", nan_gradient)
+    _spoil_losses(monkeypatch, (2, 5), nan_gradient)
     result = train(tiny_config(blobs_npz, optim__steps=8), tmp_path / "run", show_progress=False)
     assert result.skipped_steps == 2
     model, _ = load_model(tmp_path / "run")
