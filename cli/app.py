@@ -609,6 +609,26 @@ def bench_t1(
     console.print(f"results: [bold]{out / 'results.md'}[/], metrics.json, scores/, overlays/")
 
 
+@bench_app.command("speed")
+@_friendly_errors
+def bench_speed(
+    out: BenchOut,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run of every part (under a minute).")] = False,
+    samples: Annotated[Path | None, typer.Option(help="Folder with the sample scans (default: sample_data/mri).")
+                       ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Training and scoring images/s per architecture and layout, seconds per scan by stage, cost against the
+    number of scans, DDP scaling and peak memory, with the machine (speed.json, speed.md)."""
+    from medflowad.bench.speed import SpeedSettings, run_speed_bench, speed_markdown
+
+    settings = SpeedSettings.quick(device) if quick else SpeedSettings(device=device)
+    settings.samples = str(samples) if samples else None
+    result = run_speed_bench(settings, out, echo=lambda m: console.print(m, highlight=False))
+    console.print(speed_markdown(result), highlight=False, soft_wrap=True)
+    console.print(f"results: [bold]{out / 'speed.md'}[/], speed.json")
+
+
 pool_app = typer.Typer(help="General scan pool for the general-distribution model.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
