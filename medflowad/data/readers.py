@@ -372,8 +372,21 @@ def load_scan(path: str | Path) -> MetaTensor:
     data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
     if not torch.isfinite(data).all():
         data = torch.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    affine = torch.as_tensor(np.asarray(meta["affine"], dtype=np.float64))
-    return MetaTensor(data, affine=affine, meta={"filename_or_obj": str(path)})
+    affine = np.asarray(meta["affine"], dtype=np.float64)
+    check_geometry(path, affine)
+    return MetaTensor(data, torch.as_tensor(affine), meta={"filename_or_obj": str(path)})
+
+
+def check_geometry(path: str | Path, affine: np.ndarray) -> None:
+    """Refuse a voxel-to-world affine no image can have: non-finite, voxel sizes outside 1 um .. 1 m, or axes
+    that do not span three dimensions (a damaged header; nothing downstream could place the voxels)."""
+    linear = affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0) if np.isfinite(affine).all() else None
+    if spacing is None or not ((spacing >= 1e-3) & (spacing <= 1e3)).all():
+        shown = "non-finite" if spacing is None else " x ".join(f"{v:.3g}" for v in spacing) + " mm"
+        raise ScanError(f"{path}: impossible voxel geometry (voxel size {shown}): a damaged header?")
+    if abs(np.linalg.det(linear / spacing)) < 1e-3:
+        raise ScanError(f"{path}: impossible voxel geometry (the voxel axes are parallel): a damaged header?")
 
 
 def load_image_2d(path: str | Path) -> np.ndarray:
