@@ -157,8 +157,7 @@ def scan_stages(scans: Sequence[Path], device: torch.device, out: Path) -> dict:
     median = {name: round(float(np.median(values)), 3) for name, values in stages.items()}
     return {"scans": len(scans), "seconds_per_stage": median, "seconds_per_scan": round(sum(median.values()), 3),
             "prepare_uncached_seconds": round(float(np.median(first_prepare)), 3), "peak_rss_mib": peak_rss_mib(),
-            "preparation": "the demo's: standard space, deepbet brain extraction; prepare is read from the cache "
-                           "(the first, uncached preparation is prepare_uncached_seconds)"}
+            "preparation": "the demo's: standard space with deepbet brain extraction, read from the cache"}
 
 
 class _Clock:
@@ -261,8 +260,9 @@ def speed_markdown(result: dict) -> str:
                      f"{g['steps_per_level']}, {g['hidden']} | {g['train_batch']} | {g['layout']} | "
                      f"{g['train_images_per_s']} | {g['score_images_per_s']} | {g['peak_rss_mib']} |")
     stages = result["scan_stages"]
+    uncached = stages["prepare_uncached_seconds"]
     lines += ["", f"One sample head (2 mm, {SAMPLE_SCAN}) with the demo model, median seconds per stage "
-              f"({stages['preparation']}: {stages['prepare_uncached_seconds']} s):", "",
+              f"({stages['preparation']}; the first, uncached preparation took {uncached} s):", "",
               "| " + " | ".join(stages["seconds_per_stage"]) + " | total | peak RSS MiB |",
               "|" + "---|" * (len(stages["seconds_per_stage"]) + 2),
               "| " + " | ".join(str(v) for v in stages["seconds_per_stage"].values())
