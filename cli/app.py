@@ -400,11 +400,10 @@ def score(
         num_parts, part_id = group.world, group.rank
         if device in ("auto", "cuda") and torch.cuda.is_available():  # one GPU per process
             device = f"cuda:{group.local_rank % torch.cuda.device_count()}"
-    part = (part_id, num_parts) if num_parts is not None and num_parts > 1 else None
-    if part is not None and num_parts is not None and part_id is not None and part_id >= num_parts:
-        raise ValueError(f"--part-id must lie in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
-    merge_here = part is not None and group.active
-    if report and part is not None and not merge_here:
+    part = (part_id, num_parts) if num_parts is not None and part_id is not None else None  # checked by score_scans
+    sharded = part is not None and part[1] > 1
+    merge_here = sharded and group.active
+    if report and sharded and not merge_here:
         raise ValueError("a part writes no report: run `medflowad score-merge OUT --report` after all parts")
 
     progress = Progress(TextColumn("[bold]score[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -419,7 +418,7 @@ def score(
 
         result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"),
-                             report=report and part is None, pattern=pattern, resume=resume,
+                             report=report and not sharded, pattern=pattern, resume=resume,
                              on_start=lambda total: tasks.append(progress.add_task("", total=total)), part=part)
     if merge_here:
         import torch.distributed as dist

@@ -34,6 +34,7 @@ import yaml
 from medflowad.config import ConfigError
 from medflowad.devices import resolve_device
 from medflowad.flows import Glow, GlowConfig
+from medflowad.mri.model import MriModel, load_mri_model
 from medflowad.storage import write_json, write_text
 from medflowad.units import bits_per_dim, to_model_input
 
@@ -128,15 +129,14 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
             "peak_rss_mib": peak_rss_mib()}
 
 
-def scan_stages(scans: Sequence[Path], device: torch.device, out: Path) -> dict:
-    """Seconds per stage of scoring each scan with the demo model, as ``score`` runs them (median over scans)."""
+def scan_stages(model: MriModel, scans: Sequence[Path], device: torch.device, out: Path) -> dict:
+    """Seconds per stage of scoring each scan with ``model``, as ``score`` runs them (median over scans)."""
     from medflowad.data.readers import load_scan
     from medflowad.data.scans import to_native
-    from medflowad.mri.model import analyse, load_mri_model
+    from medflowad.mri.model import analyse
     from medflowad.mri.score import source_header, write_nifti
     from medflowad.prep import prepare_volume
 
-    model = load_mri_model("demo", str(device))
     stages: dict[str, list[float]] = {n: [] for n in ("read", "prepare", "models", "maps", "write")}
     first_prepare: list[float] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -172,12 +172,11 @@ class _Clock:
         return result
 
 
-def scan_count_scaling(scan: Path, counts: Sequence[int], device: torch.device, work: Path) -> list[dict]:
+def scan_count_scaling(model: MriModel, scan: Path, counts: Sequence[int], device: torch.device,
+                       work: Path) -> list[dict]:
     """Wall seconds of ``score`` (in-process, model loaded once) on 1, 4, 16, ... copies of one scan."""
-    from medflowad.mri.model import load_mri_model
     from medflowad.mri.score import score_scans
 
-    model = load_mri_model("demo", str(device))
     rows = []
     for count in counts:
         folder = work / f"scans_{count}"
@@ -237,10 +236,11 @@ def run_speed_bench(settings: SpeedSettings, out: Path, echo: Callable[[str], No
             result["glow"].append({**glow_throughput(name, device, settings.train_steps, settings.score_images,
                                                      layout=layout), "layout": layout})
     with tempfile.TemporaryDirectory(dir=out) as tmp:
+        demo = load_mri_model("demo", str(device))
         echo("seconds per scan, by stage")
-        result["scan_stages"] = scan_stages([scan], device, Path(tmp) / "stages")
+        result["scan_stages"] = scan_stages(demo, [scan], device, Path(tmp) / "stages")
         echo(f"scoring {', '.join(map(str, settings.scan_counts))} scans")
-        result["scan_scaling"] = scan_count_scaling(scan, settings.scan_counts, device, Path(tmp) / "scaling")
+        result["scan_scaling"] = scan_count_scaling(demo, scan, settings.scan_counts, device, Path(tmp) / "scaling")
         echo(f"DDP training with {', '.join(map(str, settings.ddp_processes))} processes")
         result["ddp"] = ddp_scaling(settings.ddp_processes, settings.ddp_steps, device, Path(tmp) / "ddp")
     result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None

@@ -22,6 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -59,6 +60,7 @@ from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.mri.tables import (
     BatchResult,
     TableWriter,
+    check_same_batch,
     earlier_results,
     read_tables,
     write_tables,
@@ -206,6 +208,8 @@ def score_scans(
         raise ValueError(f"--fpr must lie strictly between 0 and 1 (0.05 is 5 %), got {fpr}")
     if part is not None and not (part[1] >= 1 and 0 <= part[0] < part[1]):
         raise ValueError(f"--part-id must lie in 0..{part[1] - 1} for --num-parts {part[1]}, got {part[0]}")
+    if part == (0, 1):  # one part is the whole batch
+        part = None
     if part is not None and report:
         raise ValueError("a part writes no report: `medflowad score-merge OUT --report` writes it for all parts")
     model = model or load_mri_model(model_dir, device)
@@ -222,20 +226,16 @@ def score_scans(
         scans, ids = scans[part[0]::part[1]], ids[part[0]::part[1]]
     if on_start is not None:
         on_start(len(scans))
-    mask_map = mask_map_of(model)
+    limits = Thresholds.of(model, fpr)
+    mask_map, mask_threshold, headline = limits.mask_map, limits.mask_threshold, limits.headline
     normative = mask_map if mask_map != "llr" else ("llr_normative" if "voxel/llr_normative" in model.calibration
                                                      else None)  # the map written as <id>_normative
-    voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
-    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
     normative_is_zscore = normative is not None and not is_healthy_range(
         model.calibration, normative.removesuffix("_normative"))
-    headline = model.config.scan_score
-    healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
-    score_threshold = threshold_at_fpr(healthy_scores, fpr)
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
-    result = BatchResult(out=out, tables=tables_dir, warning=flag_resolution_problem(len(healthy_scores), fpr),
+    result = BatchResult(out=out, tables=tables_dir, warning=flag_resolution_problem(len(limits.healthy_scores), fpr),
                          fingerprint=fingerprint, kept_rows=earlier_rows, kept_slice_rows=earlier_slice_rows,
-                         scan_score=headline, settings=batch_settings(model, fingerprint, fpr))
+                         scan_score=headline, settings=batch_settings(model, fingerprint, limits))
     for note in _input_notes(scans, ids, model):
         result.warn(note)
     done = {r["scan_id"]: r for r in earlier_rows if resume and r["status"] == "ok"
@@ -281,7 +281,8 @@ def score_scans(
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:
                     figures[sid] = scan_figures(prepared, mask_source, mask_threshold, mask_map, row[headline],
-                                                headline, healthy_scores, score_threshold, f"{sid} ({path.name})")
+                                                headline, limits.healthy_scores, limits.score_threshold,
+                                                f"{sid} ({path.name})")
                 for z in range(prepared.num_slices):
                     slice_row = {"scan_id": sid, "slice": z, "scored": bool(prepared.keep[z])}
                     for name in SLICE_SCORES:
@@ -304,22 +305,38 @@ def score_scans(
     finally:  # an interruption or a crash still leaves tables of every scan finished
         tables.save(force=True)
     if report:
-        write_batch_report(result, model, figures, brain_masks, tables)
+        write_batch_report(result, model, limits, figures, brain_masks, tables)
     return result
 
 
-def write_batch_report(result: BatchResult, model: MriModel, figures: dict[str, ScanFigures],
+@dataclass(frozen=True)
+class Thresholds:
+    """A batch's decision limits: the mask map and its healthy voxel threshold, the flagging scan score, its
+    healthy calibration scores and their threshold at the FPR."""
+
+    fpr: float
+    voxel_fpr: float
+    mask_map: str
+    mask_threshold: float
+    headline: str
+    healthy_scores: np.ndarray
+    score_threshold: float
+
+    @classmethod
+    def of(cls, model: MriModel, fpr: float) -> Thresholds:
+        mask_map = mask_map_of(model)
+        voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
+        healthy_scores = model.calibration[f"scan/{model.config.scan_score}"]  # load_mri_model checked it is there
+        return cls(fpr, voxel_fpr, mask_map, threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr),
+                   model.config.scan_score, healthy_scores, threshold_at_fpr(healthy_scores, fpr))
+
+
+def write_batch_report(result: BatchResult, model: MriModel, limits: Thresholds, figures: dict[str, ScanFigures],
                        brain_masks: tuple[str, str] | None = None, tables: TableWriter | None = None) -> None:
     """report.html of every scan in the batch's tables; scans without figures yet (scored before, or by other
     parts) get them from the scan and its map as written."""
-    fpr = result.settings["fpr"]
-    mask_map = mask_map_of(model)
-    voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
-    mask_threshold = threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr)
+    mask_map, headline = limits.mask_map, limits.headline
     mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
-    headline = model.config.scan_score
-    healthy_scores = model.calibration[f"scan/{headline}"]
-    score_threshold = threshold_at_fpr(healthy_scores, fpr)
     missing = 0
     for row in result.kept_rows + result.rows:
         sid = row["scan_id"]
@@ -329,8 +346,8 @@ def write_batch_report(result: BatchResult, model: MriModel, figures: dict[str, 
             source = Path(row["path"])
             prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
             written = np.asarray(nib.load(str(result.out / f"{sid}{mask_file_suffix}")).dataobj, dtype=np.float32)
-            figures[sid] = scan_figures(prepared, written, mask_threshold, mask_map, row[headline], headline,
-                                        healthy_scores, score_threshold, f"{sid} ({source.name})")
+            figures[sid] = scan_figures(prepared, written, limits.mask_threshold, mask_map, row[headline], headline,
+                                        limits.healthy_scores, limits.score_threshold, f"{sid} ({source.name})")
         except Exception as exc:  # the report still lists the scan, without figures
             result.warn(f"{sid}: no report figures ({type(exc).__name__}: {exc})")
             missing += 1
@@ -338,17 +355,16 @@ def write_batch_report(result: BatchResult, model: MriModel, figures: dict[str, 
         tables.save(force=True)  # scores.json carries the warnings too
     result.report = result.out / "report.html"
     write_report(result.report, result.kept_rows + result.rows, figures, str(model.folder),
-                 model.config.modality, fpr, len(healthy_scores), headline, model.config.top_fraction)
+                 model.config.modality, limits.fpr, len(limits.healthy_scores), headline, model.config.top_fraction)
 
 
-def batch_settings(model: MriModel, fingerprint: str, fpr: float) -> dict:
+def batch_settings(model: MriModel, fingerprint: str, limits: Thresholds) -> dict:
     """What scores.json says about the batch besides its rows."""
     return {
-        "model": str(model.folder), "model_sha256": fingerprint, "modality": model.config.modality, "fpr": fpr,
+        "model": str(model.folder), "model_sha256": fingerprint, "modality": model.config.modality, "fpr": limits.fpr,
         "aggregation": f"mean of the top {model.config.top_fraction:.0%} slice scores (at least one)",
         "p_value": "conformal: (1 + healthy validation scans scoring at least as high) / (1 + their number)",
-        "scan_score": model.config.scan_score, "mask_map": mask_map_of(model),
-        "voxel_fpr": model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr,
+        "scan_score": limits.headline, "mask_map": limits.mask_map, "voxel_fpr": limits.voxel_fpr,
     }
 
 
@@ -380,9 +396,8 @@ def merge_parts(out: Path, model_dir: Path | str | None = None, device: str = "a
         stored, part_rows, part_slices = read_tables(folder)
         if stored is None:
             raise ValueError(f"{folder}: holds no scores yet: run that part (--continue finishes it)")
-        if settings is not None and (stored["model_sha256"], stored["fpr"]) != (settings["model_sha256"],
-                                                                                settings["fpr"]):
-            raise ValueError(f"{folder}: scored with another model or FPR than {folders[0]}")
+        if settings is not None:  # every part of the same model and FPR as the first
+            check_same_batch(folder, stored, settings["model_sha256"], settings["fpr"])
         settings = settings or {k: v for k, v in stored.items() if k != "warning"}
         warnings += [stored["warning"]] if stored.get("warning") else []
         rows += part_rows
@@ -400,7 +415,7 @@ def merge_parts(out: Path, model_dir: Path | str | None = None, device: str = "a
         model = load_mri_model(model_dir if model_dir is not None else settings["model"], device)
         if model_fingerprint(model.folder) != settings["model_sha256"]:
             raise ValueError(f"{model.folder}: not the model that scored the parts ({settings['model']})")
-        write_batch_report(merged, model, {}, brain_masks)
+        write_batch_report(merged, model, Thresholds.of(model, settings["fpr"]), {}, brain_masks)
     return merged
 
 

@@ -146,12 +146,11 @@ def write_tables(result: BatchResult) -> None:
         stored, disk_rows, disk_slice_rows = read_tables(result.tables)
         check_same_batch(result.tables, stored, result.fingerprint, result.settings["fpr"])
         own = {r["scan_id"] for r in result.rows}
-        kept = {r["scan_id"] for r in result.kept_rows}
         on_disk = {r["scan_id"] for r in disk_rows}
         rows = ([r for r in disk_rows if r["scan_id"] not in own]
                 + [r for r in result.kept_rows if r["scan_id"] not in on_disk] + result.rows)
         slice_rows = ([r for r in disk_slice_rows if r["scan_id"] not in own]
-                      + [r for r in result.kept_slice_rows if r["scan_id"] in kept - on_disk] + result.slice_rows)
+                      + [r for r in result.kept_slice_rows if r["scan_id"] not in on_disk] + result.slice_rows)
         write_rows(result.tables, rows, slice_rows, {**result.settings, "warning": result.warning})
 
 

@@ -69,15 +69,19 @@ def device_for(group: Group, device: torch.device) -> torch.device:
     return device
 
 
+def check_split(group: Group, batch_size: int) -> None:
+    """Refuse a global batch the ranks cannot share equally (DDP's mean of means is the global mean only then)."""
+    if batch_size % group.world:
+        raise ValueError(f"a global batch of {batch_size} does not split over {group.world} processes: choose a "
+                         f"batch size divisible by {group.world}")
+
+
 def shard(group: Group, batch: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous share of a global batch (rows rank*n/N .. (rank+1)*n/N)."""
     if not group.active:
         return batch
-    n = len(batch)
-    if n % group.world:
-        raise ValueError(f"a global batch of {n} does not split over {group.world} processes: choose a batch "
-                         f"size divisible by {group.world}")
-    size = n // group.world
+    check_split(group, len(batch))
+    size = len(batch) // group.world
     return batch[group.rank * size : (group.rank + 1) * size]
 
 

@@ -308,11 +308,11 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     general_sampler = (_BatchSampler(len(data.general), config.outlier.batch_size, config.seed, stream=1)
                        if data.general is not None else None)
     for batch_size in (sampler.batch_size, general_sampler.batch_size if general_sampler else 0):
-        distributed.shard(group, torch.empty(batch_size))  # a batch the ranks cannot split: say so now
+        distributed.check_split(group, batch_size)  # a batch the ranks cannot split: say so now
     if state["step"] == 0 and not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
         # ActNorm's data-dependent initialisation, on the whole first global batch (on every rank alike)
         with torch.no_grad():
-            model(_global_batch(data, sampler, None, config, 0, device)[0])
+            model(_global_batch(data, sampler, None, config, 0)[0].to(device))
     trained = model
     if group.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -335,8 +335,9 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         while state["step"] < last_step:
             step = state["step"]
             started = time.perf_counter()
-            x, mask, labels, x_general = (None if t is None else distributed.shard(group, t)
-                                          for t in _global_batch(data, sampler, general_sampler, config, step, device))
+            # every rank draws the whole batch, then moves only its own share to the device
+            x, mask, labels, x_general = (None if t is None else distributed.shard(group, t).to(device)
+                                          for t in _global_batch(data, sampler, general_sampler, config, step))
             for param_group in optimizer.param_groups:
                 param_group["lr"] = _lr_at(step, config)
             loss, parts = objective(x, labels, x_general, mask)
@@ -429,23 +430,23 @@ def _finished_result(out_dir: Path, checkpoint_path: Path, config: RunConfig) ->
 
 
 def _global_batch(data: TrainData, sampler: _BatchSampler, general_sampler: _BatchSampler | None,
-                  config: RunConfig, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(x, masks, labels, x_general) of step ``step``'s whole batch, all randomness seeded by (seed, step), so
-    every process of a distributed run draws the same batch as a single process would (None: not used)."""
+                  config: RunConfig, step: int) -> tuple[torch.Tensor | None, ...]:
+    """(x, masks, labels, x_general) of step ``step``'s whole batch on the CPU, all randomness seeded by
+    (seed, step), so every process of a distributed run draws the same batch as a single process would
+    (None: not used)."""
     gen = torch.Generator().manual_seed(_mix(config.seed, 2, step))
     idx = sampler.indices(step)
     mask = None
     if data.train.masks is None:
-        x = _augment_and_dequantize(data.train.images[idx], config, gen).to(device)
+        x = _augment_and_dequantize(data.train.images[idx], config, gen)
     else:  # masks shift and flip with their images
         both = _augment(torch.cat([data.train.images[idx], data.train.masks[idx]], dim=1), config, gen)
-        x = _dequantize(both[:, :-1], gen).to(device)
-        mask = both[:, -1:].to(device)
-    labels = data.train.labels[idx].to(device) if config.supervised else None
+        x = _dequantize(both[:, :-1], gen)
+        mask = both[:, -1:]
+    labels = data.train.labels[idx] if config.supervised else None
     x_general = None
     if general_sampler is not None:
-        g_idx = general_sampler.indices(step)
-        x_general = _augment_and_dequantize(data.general.images[g_idx], config, gen).to(device)
+        x_general = _augment_and_dequantize(data.general.images[general_sampler.indices(step)], config, gen)
     return x, mask, labels, x_general
 
 
