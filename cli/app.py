@@ -309,8 +309,8 @@ def _evaluate_mri(model, scans, lesion_masks, pattern, out, device, batch_size, 
 def prepare(
     paths: Annotated[list[Path], typer.Argument(help="Scans: NIfTI/NRRD/MHA files, folders, DICOM series folders.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the prepared scans (one folder each).")],
-    config: Annotated[str, typer.Option("--config", "-c", help="MRI config, preset or model folder whose "
-                                        "preparation to run.")] = "mri_cpu",
+    config: Annotated[str, typer.Option("--config", "-c", help="MRI config, preset, model folder or bundled "
+                                        "model (demo) whose preparation to run.")] = "mri_cpu",
     space: SpaceOption = None,
     brain: BrainOption = None,
     n4: N4Option = None,
@@ -328,8 +328,11 @@ def prepare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from medflowad.mri.config import load_mri_config
+    from medflowad.mri.model import bundled_models, resolve_model_dir
     from medflowad.prep.batch import prepare_scans
 
+    if not Path(config).exists() and config in bundled_models():
+        config = str(resolve_model_dir(config))
     source = Path(config) / "mri.yaml" if (Path(config) / "mri.yaml").is_file() else config
     preprocessing = load_mri_config(str(source)).preprocessing.overridden(space=space, brain=brain, n4=n4)
     progress = Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -179,6 +179,24 @@ def test_prepare_command_goes_on_past_a_broken_scan(planted, tmp_path, monkeypat
     assert again.exit_code == 0 and "(1 from the cache)" in " ".join(again.output.split())
 
 
+def test_prepare_command_takes_a_bundled_model_name(planted, tmp_path, monkeypatch):
+    """`prepare -c demo` runs the bundled demo model's preparation (as `score --model demo` reads it)."""
+    from medflowad.cli.app import app
+    from typer.testing import CliRunner
+
+    from medflowad.mri.config import load_mri_config
+    from medflowad.mri.model import resolve_model_dir
+
+    path, _, _ = planted
+    monkeypatch.setenv("MEDFLOWAD_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["prepare", str(path), "-o", str(tmp_path / "out"), "-c", "demo",
+                                      "--brain", "auto", "-q"])
+    assert result.exit_code == 0, result.output
+    prepared = nib.load(str(tmp_path / "out" / "head" / "standard.nii.gz"))
+    demo = load_mri_config(str(resolve_model_dir("demo") / "mri.yaml")).preprocessing
+    assert prepared.shape[:2] == (demo.image_size, demo.image_size)
+
+
 def test_registration_that_stretches_the_brain_is_refused(planted, tmp_path):
     """A header whose slice distance is 4x too small (as LGG's nominal 1 mm) gives an affine that stretches the
     brain far beyond any head size: refused by max_template_scaling even where the masks overlap well."""
