@@ -2,7 +2,8 @@
 
     python benchmarks/bias_field_check.py SCAN BRAIN_LABELS OUT [--strength 0.15] [--model demo]
 
-Writes SCAN as it is and multiplied by a linear left-right field (1 +- strength over +-70 mm of world x),
+Writes SCAN as it is and multiplied by a linear left-right field (1 +- strength over +-70 mm of world x,
+:func:`medflowad.data.painting.linear_bias_field`),
 scores both with the model, then prepares both with and without N4 bias-field correction
 (``medflowad prepare --n4 / --no-n4``). Prints each map's mean over the brain on each side (x > 30 mm and
 x < -30 mm) for the plain and the biased copy, the scan scores, and the ratio of the prepared images'
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from medflowad.data.painting import bias_scan_file
 
 MAPS = ("anomaly", "last_scale", "normative", "anomaly_mask")
 
@@ -47,14 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     scans = args.out / "scans"
     scans.mkdir(parents=True, exist_ok=True)
-    image = nib.load(args.scan)
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    x = world_x(image)
-    field = (1 + args.strength * np.clip(x / 70.0, -1, 1)).astype(np.float32)
-    for name, values in (("plain", data), ("biased", data * field)):
-        out_image = nib.Nifti1Image(values, image.affine, image.header)
-        out_image.set_data_dtype(np.float32)
-        nib.save(out_image, str(scans / f"{name}.nii.gz"))
+    bias_scan_file(args.scan, scans / "biased.nii.gz", args.strength)
+    bias_scan_file(args.scan, scans / "plain.nii.gz", 0.0)  # the same values, written the same way
+    x = world_x(nib.load(args.scan))
     subprocess.run(["medflowad", "score", str(scans), "--model", args.model, "--out", str(args.out / "score")],
                    check=True)
     brain = np.asarray(nib.load(args.brain_labels).dataobj) > 0

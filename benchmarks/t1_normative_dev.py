@@ -17,11 +17,17 @@ unpainted scans and measures on the left-out subject's painted copies:
 
 With ``--model``, the model's llr and llr_normative maps on the same painted copies are measured too.
 Those subjects trained the model, so its figures here are in-sample (favourable to the model).
+``--config`` picks the preparation (e.g. a copy of mri_demo with ``n4: true``). With ``--bias-field S`` the
+left-out subject's scans (unpainted and painted) are measured multiplied by a linear left-right field of
+strength S (:func:`medflowad.data.painting.linear_bias_field`), while the statistics and the Dice
+thresholds stay those of the unbiased scans, as a calibration made without the field would be; the output
+adds each map's voxel FPR on the biased unpainted scans at those thresholds.
 """
 
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,7 +35,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
-from medflowad.data.painting import paint_scan_file
+from medflowad.data.painting import bias_scan_file, paint_scan_file
 from medflowad.mri.analysis import aggregate, intensity_abs_z, threshold_at_fpr
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
@@ -56,12 +62,14 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--top", type=int, nargs="+", default=[5, 10, 20, 40])
     parser.add_argument("--model", type=Path, help="also measure this model's llr maps (in-sample)")
+    parser.add_argument("--config", default="mri_demo", help="MRI config whose preparation to use")
+    parser.add_argument("--bias-field", type=float, default=0.0, help="measure on scans with this field")
     args = parser.parse_args()
     ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
-    config = load_mri_config("mri_demo").preprocessing
+    config = load_mri_config(args.config).preprocessing
     painted_dir = args.out / "painted"
-    healthy, painted = {}, {}
+    healthy, painted, biased_healthy = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, subject in enumerate(subjects):
             source = Path(tmp) / f"{subject}_t1.nii.gz"
@@ -71,12 +79,24 @@ def main() -> None:
             healthy[subject] = prepare(source, config)
             painted[subject] = [prepare(painted_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
                                 for k in range(1, args.copies + 1)]
+            if args.bias_field:
+                biased_dir = args.out / f"biased{args.bias_field:g}"
+                biased_dir.mkdir(parents=True, exist_ok=True)
+                for k in range(1, args.copies + 1):
+                    name = f"{subject}-painted{k}_t1"
+                    bias_scan_file(painted_dir / f"{name}.nii.gz", biased_dir / f"{name}.nii.gz", args.bias_field)
+                    shutil.copyfile(painted_dir / f"{name}_mask.nii.gz", biased_dir / f"{name}_mask.nii.gz")
+                biased_healthy[subject] = prepare(
+                    bias_scan_file(source, biased_dir / f"{subject}_t1.nii.gz", args.bias_field), config)
+                painted[subject] = [prepare(biased_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
+                                    for k in range(1, args.copies + 1)]
     model = load_mri_model(args.model, "cpu") if args.model else None
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
                                               "intensity", "intensity_abs_z", "llr", "llr_normative")}
-    truth, healthy_values = [], []  # healthy: each subject's unpainted scan against the others' statistics
+    # healthy: each subject's unpainted scan against the others' statistics (biased: as measured)
+    truth, healthy_values, biased_values = [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
@@ -84,7 +104,8 @@ def main() -> None:
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
         low, high = fit_healthy_range(*fit)
-        for label, scan in [(False, healthy[subject])] + [(True, p) for p in painted[subject]]:
+        measured = biased_healthy.get(subject, healthy[subject])
+        for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
             region = scan.foreground & scan.keep[:, None, None]
             signed = normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
             beyond = beyond_healthy_range(intensity(scan), region, slice_levels(scan, True), low, high, spread)
@@ -100,6 +121,14 @@ def main() -> None:
                     score = aggregate(slice_top_mean(maps[f"intensity_{side}"], region, k), 0.1)
                     scan_scores.setdefault(name, {}).setdefault(subject, []).append((label, score))
             if not label:
+                biased_values.append({n: maps[n][region] for n in DICE_MAPS})
+                if scan is not healthy[subject]:  # thresholds from the unbiased scan, as calibrated
+                    region = healthy[subject].foreground & healthy[subject].keep[:, None, None]
+                    unbiased = healthy[subject]
+                    maps = {"intensity_normative_signed": normative_map(
+                                intensity(unbiased), region, slice_levels(unbiased, True), centre, spread),
+                            "intensity_beyond_healthy_range": beyond_healthy_range(
+                                intensity(unbiased), region, slice_levels(unbiased, True), low, high, spread)}
                 healthy_values.append({n: maps[n][region] for n in DICE_MAPS})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
@@ -107,18 +136,22 @@ def main() -> None:
                     if name in maps:
                         voxel[name].append(maps[name][region])
     labels = np.concatenate(truth)
-    result = {"subjects": subjects, "copies": args.copies, "voxels": int(labels.size),
+    result = {"subjects": subjects, "copies": args.copies, "config": args.config, "bias_field": args.bias_field,
+              "voxels": int(labels.size),
               "lesion_voxels": int(labels.sum()),
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
               "scan_auroc": {}}
     # Dice at thresholds giving these voxel FPRs on the healthy scans
-    result["dice_at_voxel_fpr"] = {}
+    result["dice_at_voxel_fpr"], result["healthy_fpr_measured"] = {}, {}
     for name in DICE_MAPS:
         values = np.concatenate(voxel[name])
         healthy_all = np.concatenate([h[name] for h in healthy_values])
-        result["dice_at_voxel_fpr"][name] = {
-            str(fpr): dice(values > threshold_at_fpr(healthy_all, fpr), labels) for fpr in (0.05, 0.01, 0.003, 0.001)}
+        measured_all = np.concatenate([h[name] for h in biased_values])
+        thresholds = {fpr: threshold_at_fpr(healthy_all, fpr) for fpr in (0.05, 0.01, 0.003, 0.001)}
+        result["dice_at_voxel_fpr"][name] = {str(f): dice(values > t, labels) for f, t in thresholds.items()}
+        result["healthy_fpr_measured"][name] = {str(f): float(np.mean(measured_all > t))
+                                                for f, t in thresholds.items()}
     for name, per_subject in scan_scores.items():
         pairs = [pair for rows in per_subject.values() for pair in rows]
         result["scan_auroc"][name] = float(roc_auc_score([p[0] for p in pairs], [p[1] for p in pairs]))

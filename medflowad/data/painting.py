@@ -192,3 +192,26 @@ def _save_like(reference: nib.Nifti1Image, data: np.ndarray, path: Path) -> None
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+
+
+def linear_bias_field(shape: tuple[int, ...], affine: np.ndarray, strength: float,
+                      half_width_mm: float = 70.0) -> np.ndarray:
+    r"""A smooth multiplicative inhomogeneity along the world x axis (left-right), as uncorrected scanners leave.
+
+    .. math:: f(v) = 1 + s\,\mathrm{clip}(x(v) / w, -1, 1)
+
+    with :math:`x(v)` the world x coordinate (mm) of voxel v under ``affine``, s the ``strength`` and w
+    ``half_width_mm``. Returns float32 of ``shape[:3]``.
+    """
+    ijk = np.indices(shape[:3]).reshape(3, -1).T
+    x = nib.affines.apply_affine(affine, ijk)[:, 0].reshape(shape[:3])
+    return (1 + strength * np.clip(x / half_width_mm, -1, 1)).astype(np.float32)
+
+
+def bias_scan_file(scan: Path, out: Path, strength: float) -> Path:
+    """Write ``scan`` multiplied by :func:`linear_bias_field` to ``out`` (float32, same grid and header)."""
+    source = nib.load(str(scan))
+    data = np.asarray(source.dataobj, dtype=np.float32)
+    field = linear_bias_field(data.shape, source.affine, strength)
+    _save_like(source, data * field.reshape(field.shape + (1,) * (data.ndim - 3)), out)
+    return out

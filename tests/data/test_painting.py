@@ -3,6 +3,7 @@ tissue probability maps and against geometry computed here, not by the painter."
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -89,3 +90,20 @@ def test_bad_inputs_are_refused_with_the_reason(head):
         paint_lesions(template.t1, template.affine, brain, seed=0, kinds=("ring",))
     with pytest.raises(ValueError, match="too few"):
         paint_lesions(template.t1, template.affine, np.zeros_like(brain), seed=0)
+
+
+def test_linear_bias_field_by_hand(tmp_path):
+    """Voxel (i, j, k) of an affine with 2 mm voxels and origin -100 mm lies at x = 2 i - 100: the field is
+    1 + s * clip(x / 70, -1, 1), checked at hand-picked voxels, and bias_scan_file multiplies by it."""
+    from medflowad.data.painting import bias_scan_file, linear_bias_field
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -100.0
+    field = linear_bias_field((101, 3, 2), affine, 0.2)
+    for i, expected in ((0, 0.8), (15, 0.8), (50, 1.0), (85, 1.2), (100, 1.2), (60, 1 + 0.2 * 20 / 70)):
+        assert field[i, 1, 1] == pytest.approx(expected, abs=1e-6), i
+    data = np.arange(101 * 3 * 2, dtype=np.float32).reshape(101, 3, 2)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "scan.nii.gz"))
+    written = nib.load(str(bias_scan_file(tmp_path / "scan.nii.gz", tmp_path / "biased.nii.gz", 0.2)))
+    np.testing.assert_allclose(np.asarray(written.dataobj), data * field, rtol=1e-6)
+    np.testing.assert_array_equal(written.affine, affine)
