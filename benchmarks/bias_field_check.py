@@ -21,14 +21,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medflowad.data.painting import bias_scan_file
+from medflowad.data.painting import bias_scan_file, world_x
 
 MAPS = ("anomaly", "last_scale", "normative", "anomaly_mask")
-
-
-def world_x(image: nib.Nifti1Image) -> np.ndarray:
-    ijk = np.indices(image.shape[:3]).reshape(3, -1).T
-    return nib.affines.apply_affine(image.affine, ijk)[:, 0].reshape(image.shape[:3])
 
 
 def side_ratio(prepared: Path) -> float:
@@ -36,7 +31,7 @@ def side_ratio(prepared: Path) -> float:
     image = nib.load(prepared / "standard.nii.gz")
     values = np.asarray(image.dataobj, dtype=np.float64)
     brain = np.asarray(nib.load(prepared / "standard_brain_mask.nii.gz").dataobj) > 0
-    x = world_x(image)
+    x = world_x(image.shape, image.affine)
     return float(np.median(values[brain & (x > 30)]) / np.median(values[brain & (x < -30)]))
 
 
@@ -52,7 +47,8 @@ def main() -> None:
     scans.mkdir(parents=True, exist_ok=True)
     bias_scan_file(args.scan, scans / "biased.nii.gz", args.strength)
     bias_scan_file(args.scan, scans / "plain.nii.gz", 0.0)  # the same values, written the same way
-    x = world_x(nib.load(args.scan))
+    source = nib.load(args.scan)
+    x = world_x(source.shape, source.affine)
     subprocess.run(["medflowad", "score", str(scans), "--model", args.model, "--out", str(args.out / "score")],
                    check=True)
     brain = np.asarray(nib.load(args.brain_labels).dataobj) > 0

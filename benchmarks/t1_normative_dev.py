@@ -56,6 +56,13 @@ MASKS = ("_t1", "_t1_mask")
 DICE_MAPS = ("intensity_normative_signed", "intensity_beyond_healthy_range")
 
 
+def normative_maps(scan, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics."""
+    region = scan.foreground & scan.keep[:, None, None]
+    return (region, normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread),
+            beyond_healthy_range(intensity(scan), region, slice_levels(scan, True), low, high, spread))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--out", type=Path, required=True)
@@ -69,6 +76,9 @@ def main() -> None:
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config(args.config).preprocessing
     painted_dir = args.out / "painted"
+    biased_dir = args.out / f"biased{args.bias_field:g}"
+    if args.bias_field:
+        biased_dir.mkdir(parents=True, exist_ok=True)
     healthy, painted, biased_healthy = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, subject in enumerate(subjects):
@@ -77,19 +87,17 @@ def main() -> None:
             if not (painted_dir / f"{subject}-painted{args.copies}_t1.nii.gz").exists():
                 paint_scan_file(source, ixi / f"{subject}_dlmuse.nii.gz", painted_dir, args.copies, 1000 + 100 * i)
             healthy[subject] = prepare(source, config)
-            painted[subject] = [prepare(painted_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
-                                for k in range(1, args.copies + 1)]
-            if args.bias_field:
-                biased_dir = args.out / f"biased{args.bias_field:g}"
-                biased_dir.mkdir(parents=True, exist_ok=True)
+            measured_dir = painted_dir
+            if args.bias_field:  # the measured scans carry the field; the statistics' scans do not
+                measured_dir = biased_dir
                 for k in range(1, args.copies + 1):
                     name = f"{subject}-painted{k}_t1"
                     bias_scan_file(painted_dir / f"{name}.nii.gz", biased_dir / f"{name}.nii.gz", args.bias_field)
                     shutil.copyfile(painted_dir / f"{name}_mask.nii.gz", biased_dir / f"{name}_mask.nii.gz")
                 biased_healthy[subject] = prepare(
                     bias_scan_file(source, biased_dir / f"{subject}_t1.nii.gz", args.bias_field), config)
-                painted[subject] = [prepare(biased_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
-                                    for k in range(1, args.copies + 1)]
+            painted[subject] = [prepare(measured_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
+                                for k in range(1, args.copies + 1)]
     model = load_mri_model(args.model, "cpu") if args.model else None
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
@@ -104,11 +112,10 @@ def main() -> None:
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
         low, high = fit_healthy_range(*fit)
+        statistics = (centre, spread, low, high)
         measured = biased_healthy.get(subject, healthy[subject])
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
-            region = scan.foreground & scan.keep[:, None, None]
-            signed = normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
-            beyond = beyond_healthy_range(intensity(scan), region, slice_levels(scan, True), low, high, spread)
+            region, signed, beyond = normative_maps(scan, *statistics)
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": intensity_abs_z(intensity(scan), region)}
@@ -122,14 +129,11 @@ def main() -> None:
                     scan_scores.setdefault(name, {}).setdefault(subject, []).append((label, score))
             if not label:
                 biased_values.append({n: maps[n][region] for n in DICE_MAPS})
-                if scan is not healthy[subject]:  # thresholds from the unbiased scan, as calibrated
-                    region = healthy[subject].foreground & healthy[subject].keep[:, None, None]
-                    unbiased = healthy[subject]
-                    maps = {"intensity_normative_signed": normative_map(
-                                intensity(unbiased), region, slice_levels(unbiased, True), centre, spread),
-                            "intensity_beyond_healthy_range": beyond_healthy_range(
-                                intensity(unbiased), region, slice_levels(unbiased, True), low, high, spread)}
-                healthy_values.append({n: maps[n][region] for n in DICE_MAPS})
+                if scan is healthy[subject]:
+                    healthy_values.append(biased_values[-1])
+                else:  # thresholds from the unbiased scan, as calibrated
+                    unbiased_region, *unbiased = normative_maps(healthy[subject], *statistics)
+                    healthy_values.append({n: m[unbiased_region] for n, m in zip(DICE_MAPS, unbiased, strict=True)})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 for name in voxel:

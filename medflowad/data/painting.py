@@ -194,6 +194,12 @@ def _save_like(reference: nib.Nifti1Image, data: np.ndarray, path: Path) -> None
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
 
 
+def world_x(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The world x coordinate (mm, left-right) of every voxel of a grid ``shape[:3]`` under ``affine``."""
+    ijk = np.indices(shape[:3]).reshape(3, -1).T
+    return nib.affines.apply_affine(affine, ijk)[:, 0].reshape(shape[:3])
+
+
 def linear_bias_field(shape: tuple[int, ...], affine: np.ndarray, strength: float,
                       half_width_mm: float = 70.0) -> np.ndarray:
     r"""A smooth multiplicative inhomogeneity along the world x axis (left-right), as uncorrected scanners leave.
@@ -203,9 +209,7 @@ def linear_bias_field(shape: tuple[int, ...], affine: np.ndarray, strength: floa
     with :math:`x(v)` the world x coordinate (mm) of voxel v under ``affine``, s the ``strength`` and w
     ``half_width_mm``. Returns float32 of ``shape[:3]``.
     """
-    ijk = np.indices(shape[:3]).reshape(3, -1).T
-    x = nib.affines.apply_affine(affine, ijk)[:, 0].reshape(shape[:3])
-    return (1 + strength * np.clip(x / half_width_mm, -1, 1)).astype(np.float32)
+    return (1 + strength * np.clip(world_x(shape, affine) / half_width_mm, -1, 1)).astype(np.float32)
 
 
 def bias_scan_file(scan: Path, out: Path, strength: float) -> Path:
