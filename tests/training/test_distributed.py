@@ -71,14 +71,11 @@ def _ddp(tmp_path: Path, values: dict, out: Path, stop_after: int | None = None)
     return [torch.load(f"{record}.rank{rank}") for rank in range(2)]
 
 
-def _same(a: Path, b: Path, atol: float = 0.0) -> None:
+def _same(a: Path, b: Path) -> None:
     first, second = load_file(str(a)), load_file(str(b))
     assert first.keys() == second.keys()
     for key in first:
-        if atol:
-            torch.testing.assert_close(first[key], second[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
-        else:
-            assert torch.equal(first[key], second[key]), key
+        assert torch.equal(first[key], second[key]), key
 
 
 def test_ddp_ranks_agree_every_step_and_match_one_process(tmp_path, blobs_npz):
@@ -87,8 +84,17 @@ def test_ddp_ranks_agree_every_step_and_match_one_process(tmp_path, blobs_npz):
     assert len(ranks[0]) == len(ranks[1]) == 8
     assert torch.equal(ranks[0], ranks[1])  # identical weights on both ranks after every step
     train(config_from_dict(values), tmp_path / "single", show_progress=False)
-    # the same global batch in one process: equal up to float summation order
-    _same(tmp_path / "single" / "model.safetensors", tmp_path / "ddp" / "model.safetensors", atol=1e-4)
+    # The same global batch in one process: equal up to float summation order, which Adamax amplifies for a
+    # gradient entry near 0: its update is lr * m / u, about +-lr whatever the gradient's size, so a sign that
+    # the summation order flips moves that weight by up to 2 lr (seen on an AMD EPYC: 1 weight of 256 by 1.1e-4,
+    # where Intel machines agreed within 1e-4). Almost every weight must agree within 1e-4, the rest within
+    # such flips; a wrong batch, shard or missing all-reduce moves most weights by about lr per step.
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    assert single.keys() == ddp.keys()
+    difference = torch.cat([(single[k].double() - ddp[k].double()).abs().reshape(-1) for k in single])
+    assert (difference > 1e-4).float().mean() <= 0.005, (difference > 1e-4).sum()
+    assert difference.max() <= 2 * values["optim"]["lr"] * values["optim"]["steps"], difference.max()
 
 
 def test_resumed_ddp_run_equals_an_uninterrupted_one(tmp_path, blobs_npz):
