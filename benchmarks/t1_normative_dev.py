@@ -36,7 +36,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import bias_scan_file, paint_scan_file
-from medflowad.mri.analysis import aggregate, intensity_abs_z, threshold_at_fpr
+from medflowad.mri.analysis import aggregate, intensity_scan_z, threshold_at_fpr
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
@@ -54,6 +54,16 @@ from medflowad.prep import prepare
 
 MASKS = ("_t1", "_t1_mask")
 DICE_MAPS = ("intensity_normative_signed", "intensity_beyond_healthy_range")
+
+
+def development_copies(ixi: Path, subject: str, index: int, tmp: Path, painted_dir: Path, copies: int) -> Path:
+    """The subject's healthy head under tmp as ``<subject>_t1.nii.gz`` (the name the lesion masks pair with),
+    with its painted copies ``<subject>-painted<k>_t1.nii.gz`` in painted_dir (development seeds 1000 + 100 i)."""
+    source = tmp / f"{subject}_t1.nii.gz"
+    source.symlink_to(ixi / f"{subject}_T1.nii.gz")
+    if not (painted_dir / f"{subject}-painted{copies}_t1.nii.gz").exists():
+        paint_scan_file(source, ixi / f"{subject}_dlmuse.nii.gz", painted_dir, copies, 1000 + 100 * index)
+    return source
 
 
 def normative_maps(scan, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,10 +92,7 @@ def main() -> None:
     healthy, painted, biased_healthy = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, subject in enumerate(subjects):
-            source = Path(tmp) / f"{subject}_t1.nii.gz"
-            source.symlink_to(ixi / f"{subject}_T1.nii.gz")
-            if not (painted_dir / f"{subject}-painted{args.copies}_t1.nii.gz").exists():
-                paint_scan_file(source, ixi / f"{subject}_dlmuse.nii.gz", painted_dir, args.copies, 1000 + 100 * i)
+            source = development_copies(ixi, subject, i, Path(tmp), painted_dir, args.copies)
             healthy[subject] = prepare(source, config)
             measured_dir = painted_dir
             if args.bias_field:  # the measured scans carry the field; the statistics' scans do not
@@ -118,7 +125,7 @@ def main() -> None:
             region, signed, beyond = normative_maps(scan, *statistics)
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
-                    "intensity": intensity(scan), "intensity_abs_z": intensity_abs_z(intensity(scan), region)}
+                    "intensity": intensity(scan), "intensity_abs_z": np.abs(intensity_scan_z(intensity(scan), region))}
             if model is not None:
                 analysis = analyse(model, scan)
                 maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
+from t1_normative_dev import MASKS, development_copies  # benchmarks/, beside this script
 
 from medflowad.bench.mri import read_split
 from medflowad.data.natural import ImageSet
-from medflowad.data.painting import paint_scan_file
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.analysis import threshold_at_fpr
 from medflowad.mri.calibration import healthy_parts
@@ -46,7 +46,6 @@ from medflowad.scores import likelihoods
 from medflowad.storage import load_model
 from medflowad.training.trainer import TrainData, train
 
-MASKS = ("_t1", "_t1_mask")
 GAIN = 16.0  # uint8 steps per healthy spread: +-3 spreads span 80..176, lesions beyond 8 spreads saturate
 
 
@@ -92,10 +91,7 @@ def main() -> None:
     healthy, painted = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, subject in enumerate(subjects):
-            source = Path(tmp) / f"{subject}_t1.nii.gz"
-            source.symlink_to(ixi / f"{subject}_T1.nii.gz")
-            if not (painted_dir / f"{subject}-painted{args.copies}_t1.nii.gz").exists():
-                paint_scan_file(source, ixi / f"{subject}_dlmuse.nii.gz", painted_dir, args.copies, 1000 + 100 * i)
+            source = development_copies(ixi, subject, i, Path(tmp), painted_dir, args.copies)
             healthy[subject] = prepare(source, config.preprocessing)
             painted[subject] = [prepare(painted_dir / f"{subject}-painted{k}_t1.nii.gz", config.preprocessing, MASKS)
                                 for k in range(1, args.copies + 1)]

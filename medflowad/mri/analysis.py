@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from medflowad.data.scans import PreparedScan
 from medflowad.flows.glow import Glow
@@ -30,6 +31,12 @@ MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised imag
 # |robust z| of the normalised image against the scan's own brain: the two-sided intensity baseline of
 # PROTOCOL part D (T1 lesions may be darker or brighter than tissue). Older calibrations lack it.
 TWO_SIDED_BASELINE = "intensity_abs_z"
+# The signed robust z of the normalised image against the scan's own brain, smoothed in-plane: bright lesions
+# on FLAIR, read per scan (a large tumour compresses its own scan's percentile normalisation, so the plain
+# intensity does not put scans on one footing). Chosen on LGG's development split (docs/results.md); older
+# calibrations lack it.
+SCAN_Z_MAP = "intensity_scan_z"
+SCAN_Z_SIGMA = 1.5  # model-grid pixels
 
 
 def scale_map_names(levels: int) -> tuple[str, ...]:
@@ -39,7 +46,7 @@ def scale_map_names(levels: int) -> tuple[str, ...]:
 
 def map_names(levels: int) -> tuple[str, ...]:
     """Every map ``analyse_scan`` returns for a model with ``levels`` scales."""
-    return (*MAP_TYPES, TWO_SIDED_BASELINE, *scale_map_names(levels))
+    return (*MAP_TYPES, TWO_SIDED_BASELINE, SCAN_Z_MAP, *scale_map_names(levels))
 
 
 @dataclass
@@ -111,7 +118,9 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
             slice_scores[f"{name}_fg"][keep] = maps[name][keep].sum(axis=(1, 2), dtype=np.float64) / pixels
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = intensity_map(prepared)
-    maps[TWO_SIDED_BASELINE] = intensity_abs_z(maps["intensity"], prepared.foreground & prepared.keep[:, None, None])
+    scored = prepared.foreground & prepared.keep[:, None, None]
+    maps[TWO_SIDED_BASELINE] = np.abs(intensity_scan_z(maps["intensity"], scored))
+    maps[SCAN_Z_MAP] = smoothed_within(intensity_scan_z(maps["intensity"], scored), scored, SCAN_Z_SIGMA)
     return ScanAnalysis(slice_scores, maps)
 
 
@@ -120,15 +129,29 @@ def intensity_map(prepared: PreparedScan) -> np.ndarray:
     return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
 
 
-def intensity_abs_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """|image - median| / (1.4826 MAD) with median and MAD over ``region`` (zero outside it)."""
+def intensity_scan_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """(image - median) / (1.4826 MAD) with median and MAD over ``region`` (zero outside it).
+
+    The median and MAD of a brain are those of its healthy tissue while lesions fill less than half of it.
+    """
     out = np.zeros(image.shape, dtype=np.float32)
     values = image[region]
     if values.size == 0:
         return out
     centre, spread = robust_centre_spread(values)
-    out[region] = np.abs(values - centre) / max(spread, 1e-6)
+    out[region] = (values - centre) / max(spread, 1e-6)
     return out
+
+
+def smoothed_within(image: np.ndarray, region: np.ndarray, sigma: float) -> np.ndarray:
+    """(Z, S, S) in-plane Gaussian smoothing (``sigma`` pixels) that averages over ``region`` only, zero outside.
+
+    sum_j g_ij r_j x_j / sum_j g_ij r_j: a normalised convolution, so values at the brain's edge are not pulled
+    towards the zeros outside it, and a map constant inside the region stays constant.
+    """
+    weight = ndimage.gaussian_filter(region.astype(np.float32), (0, sigma, sigma))
+    total = ndimage.gaussian_filter(np.where(region, image, 0.0).astype(np.float32), (0, sigma, sigma))
+    return np.where(region, total / np.maximum(weight, 1e-6), 0.0).astype(np.float32)
 
 
 def conformal_p_value(score: float, calibration: np.ndarray) -> float:

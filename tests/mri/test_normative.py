@@ -135,8 +135,8 @@ def test_one_subject_gives_no_intensity_calibration():
     assert _model_free_calibration(prepared, ["a", "a"], True, 0.5) == {}
 
 
-def test_intensity_abs_z_is_the_robust_z_of_the_region():
-    from medflowad.mri.analysis import intensity_abs_z
+def test_intensity_scan_z_is_the_robust_z_of_the_region():
+    from medflowad.mri.analysis import intensity_scan_z
 
     rng = np.random.default_rng(5)
     image = rng.uniform(size=(2, 6, 6)).astype(np.float32)
@@ -144,7 +144,32 @@ def test_intensity_abs_z_is_the_robust_z_of_the_region():
     values = image[region]
     mad = 1.4826 * np.median(np.abs(values - np.median(values)))
     expected = np.where(region, np.abs(image - np.median(values)) / mad, 0)
-    assert np.allclose(intensity_abs_z(image, region), expected, atol=1e-5)
+    assert np.allclose(np.abs(intensity_scan_z(image, region)), expected, atol=1e-5)
+    signed = np.where(region, (image - np.median(values)) / mad, 0)
+    assert np.allclose(intensity_scan_z(image, region), signed, atol=1e-5)
+
+
+def test_smoothing_within_the_region_is_a_normalised_convolution():
+    """Against a brute-force sum over the slice with Gaussian weights: only region pixels count, each slice alone."""
+    from medflowad.mri.analysis import smoothed_within
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(size=(2, 24, 24)).astype(np.float32)
+    region = np.zeros((2, 24, 24), dtype=bool)
+    region[0, 4:20, 6:18] = True
+    region[1, 8:16, 2:22] = rng.random((8, 20)) > 0.3
+    sigma = 1.5
+    result = smoothed_within(image, region, sigma)
+    rows, cols = np.mgrid[0:24, 0:24]
+    for z, i, j in [(0, 4, 6), (0, 11, 11), (0, 19, 17), (1, 9, 3), (1, 12, 20)]:
+        if not region[z, i, j]:
+            continue
+        # far from the image border, scipy's reflection does not reach the region: a plain Gaussian sum
+        weights = np.exp(-((rows - i) ** 2 + (cols - j) ** 2) / (2 * sigma**2)) * region[z]
+        assert np.isclose(result[z, i, j], (weights * image[z]).sum() / weights.sum(), atol=2e-3)
+    assert np.all(result[~region] == 0)
+    constant = smoothed_within(np.full(image.shape, 3.0, dtype=np.float32), region, sigma)
+    assert np.allclose(constant[region], 3.0, atol=1e-5)  # the brain's edge is not pulled towards 0
 
 
 def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_model, tmp_path):
