@@ -1,0 +1,76 @@
+"""Where ``intensity_scan_z`` peaks when one lesion is painted into a healthy 1 mm FLAIR head.
+
+    MEDFLOWAD_DATA=/path/to/data python benchmarks/flair_blob_peaks.py [--seeds 6] [--diameter 12] \
+        [--times-max 2.5] [--sigma 0]
+
+The healthy head is Kirby21's FLAIR (``medical/nifti_samples``; no lesion, never used to choose the map). For
+each seed, one lesion brighter than white matter is painted inside deepbet's brain mask
+(medflowad.data.painting; with --times-max, a blob of that many times the brain's maximum at the same place);
+the scan is prepared as protocol B prepares LGG (``mri_cpu``, native grid, deepbet), the map computed as
+``evaluate`` computes it and brought back to the 1 mm grid, and the distance from its peak to the lesion is
+reported (PROTOCOL's "peak within 4 mm"), with the map's maximum inside and outside the lesion.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from medflowad.data.painting import paint_lesions
+from medflowad.data.scans import to_native
+from medflowad.mri.analysis import SCAN_Z_SIGMA, intensity_map, intensity_scan_z, smoothed_within
+from medflowad.mri.config import load_mri_config
+from medflowad.prep import prepare
+
+KIRBY21_FLAIR = "nifti_samples/kirby21_113_visit2/113-02-FLAIR_processed_reg.nii.gz"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=6)
+    parser.add_argument("--diameter", type=float, default=12.0)
+    parser.add_argument("--times-max", type=float, help="fill the lesion with this multiple of the brain's maximum")
+    parser.add_argument("--sigma", type=float, default=SCAN_Z_SIGMA, help="smoothing (model-grid pixels; 0: none)")
+    args = parser.parse_args()
+    medical = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+    config = dataclasses.replace(load_mri_config("mri_cpu").preprocessing.overridden(space="native", brain="deepbet"),
+                                 brain_volume_ml=None)
+    healthy = medical / KIRBY21_FLAIR
+    source = nib.load(str(healthy))
+    image = source.get_fdata(dtype=np.float32)
+    brain = prepare(healthy, config).brain > 0.5
+    spacing = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))
+    rows = []
+    for seed in range(args.seeds):
+        painted, mask, (lesion,) = paint_lesions(image, source.affine, brain, seed=seed, count=1,
+                                                 kinds=("hyper",), diameter_mm=(args.diameter, args.diameter))
+        if args.times_max:
+            painted = image.copy()
+            painted[mask > 0] = args.times_max * image[brain].max()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "blob_flair.nii.gz"
+            nib.save(nib.Nifti1Image(painted, source.affine, source.header), str(path))
+            prepared = prepare(path, config)
+            region = prepared.foreground & prepared.keep[:, None, None]
+            scan_z = intensity_scan_z(intensity_map(prepared), region)
+            if args.sigma:
+                scan_z = smoothed_within(scan_z, region, args.sigma)
+            native = to_native(scan_z, prepared)
+        peak = np.unravel_index(np.argmax(native), native.shape)
+        inside = mask.astype(bool)
+        rows.append({"seed": seed, "tissue": lesion.tissue, "centre_mm": lesion.centre_mm,
+                     "peak_distance_mm": float(ndimage.distance_transform_edt(~inside, sampling=spacing)[peak]),
+                     "max_inside": float(native[inside].max()), "max_outside": float(native[~inside].max())})
+        print(json.dumps(rows[-1]), flush=True)
+    within = sum(r["peak_distance_mm"] <= 4.0 for r in rows)
+    print(f"peak within 4 mm of the lesion: {within} of {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
