@@ -15,14 +15,12 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from t1_blob_peaks import blob_peaks  # benchmarks/, beside this script
 
-from medflowad.data.painting import paint_lesions
 from medflowad.data.scans import to_native
 from medflowad.mri.analysis import SCAN_Z_SIGMA, intensity_map, intensity_scan_z, smoothed_within
 from medflowad.mri.config import load_mri_config
@@ -43,31 +41,18 @@ def main() -> None:
                                  brain_volume_ml=None)
     healthy = medical / KIRBY21_FLAIR
     source = nib.load(str(healthy))
-    image = source.get_fdata(dtype=np.float32)
     brain = prepare(healthy, config).brain > 0.5
-    spacing = np.sqrt((source.affine[:3, :3] ** 2).sum(axis=0))
+
+    def scan_z_on_scan_grid(path: Path) -> np.ndarray:
+        prepared = prepare(path, config)
+        region = prepared.foreground & prepared.keep[:, None, None]
+        scan_z = intensity_scan_z(intensity_map(prepared), region)
+        return to_native(smoothed_within(scan_z, region, args.sigma) if args.sigma else scan_z, prepared)
+
     rows = []
-    for seed in range(args.seeds):
-        painted, mask, (lesion,) = paint_lesions(image, source.affine, brain, seed=seed, count=1,
-                                                 kinds=("hyper",), diameter_mm=(args.diameter, args.diameter))
-        if args.times_max:
-            painted = image.copy()
-            painted[mask > 0] = args.times_max * image[brain].max()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "blob_flair.nii.gz"
-            nib.save(nib.Nifti1Image(painted, source.affine, source.header), str(path))
-            prepared = prepare(path, config)
-            region = prepared.foreground & prepared.keep[:, None, None]
-            scan_z = intensity_scan_z(intensity_map(prepared), region)
-            if args.sigma:
-                scan_z = smoothed_within(scan_z, region, args.sigma)
-            native = to_native(scan_z, prepared)
-        peak = np.unravel_index(np.argmax(native), native.shape)
-        inside = mask.astype(bool)
-        rows.append({"seed": seed, "tissue": lesion.tissue, "centre_mm": lesion.centre_mm,
-                     "peak_distance_mm": float(ndimage.distance_transform_edt(~inside, sampling=spacing)[peak]),
-                     "max_inside": float(native[inside].max()), "max_outside": float(native[~inside].max())})
-        print(json.dumps(rows[-1]), flush=True)
+    for row in blob_peaks(source, brain, args.seeds, args.diameter, args.times_max, scan_z_on_scan_grid):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     within = sum(r["peak_distance_mm"] <= 4.0 for r in rows)
     print(f"peak within 4 mm of the lesion: {within} of {len(rows)}")
 

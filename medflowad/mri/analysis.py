@@ -119,8 +119,9 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = intensity_map(prepared)
     scored = prepared.foreground & prepared.keep[:, None, None]
-    maps[TWO_SIDED_BASELINE] = np.abs(intensity_scan_z(maps["intensity"], scored))
-    maps[SCAN_Z_MAP] = smoothed_within(intensity_scan_z(maps["intensity"], scored), scored, SCAN_Z_SIGMA)
+    scan_z = intensity_scan_z(maps["intensity"], scored)
+    maps[TWO_SIDED_BASELINE] = np.abs(scan_z)
+    maps[SCAN_Z_MAP] = smoothed_within(scan_z, scored, SCAN_Z_SIGMA)
     return ScanAnalysis(slice_scores, maps)
 
 
