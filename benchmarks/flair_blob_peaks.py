@@ -1,14 +1,15 @@
 """Where ``intensity_scan_z`` peaks when one lesion is painted into a healthy 1 mm FLAIR head.
 
     MEDFLOWAD_DATA=/path/to/data python benchmarks/flair_blob_peaks.py [--seeds 6] [--diameter 12] \
-        [--times-max 2.5] [--sigma 0]
+        [--times-max 2.5] [--sigma 0] [--clipped]
 
-The healthy head is Kirby21's FLAIR (``medical/nifti_samples``; no lesion, never used to choose the map). For
-each seed, one lesion brighter than white matter is painted inside deepbet's brain mask
-(medflowad.data.painting; with --times-max, a blob of that many times the brain's maximum at the same place);
-the scan is prepared as protocol B prepares LGG (``mri_cpu``, native grid, deepbet), the map computed as
-``evaluate`` computes it and brought back to the 1 mm grid, and the distance from its peak to the lesion is
-reported (PROTOCOL's "peak within 4 mm"), with the map's maximum inside and outside the lesion.
+The healthy head is Kirby21's FLAIR (``medical/nifti_samples``; no lesion; with --times-max 2.5 it chose to
+read the image unclipped, docs/results.md). For each seed, one lesion brighter than white matter is painted
+inside deepbet's brain mask (medflowad.data.painting; with --times-max, a blob of that many times the brain's
+maximum at the same place); the scan is prepared as protocol B prepares LGG (``mri_cpu``, native grid,
+deepbet), the map computed as ``evaluate`` computes it and brought back to the 1 mm grid, and the distance
+from its peak to the lesion is reported (PROTOCOL's "peak within 4 mm"), with the map's maximum inside and
+outside the lesion.
 """
 
 import argparse
@@ -22,7 +23,13 @@ import numpy as np
 from t1_blob_peaks import blob_peaks  # benchmarks/, beside this script
 
 from medflowad.data.scans import to_native
-from medflowad.mri.analysis import SCAN_Z_SIGMA, intensity_map, intensity_scan_z, smoothed_within
+from medflowad.mri.analysis import (
+    SCAN_Z_SIGMA,
+    intensity_map,
+    intensity_scan_z,
+    smoothed_within,
+    unclipped_intensity_map,
+)
 from medflowad.mri.config import load_mri_config
 from medflowad.prep import prepare
 
@@ -35,6 +42,8 @@ def main() -> None:
     parser.add_argument("--diameter", type=float, default=12.0)
     parser.add_argument("--times-max", type=float, help="fill the lesion with this multiple of the brain's maximum")
     parser.add_argument("--sigma", type=float, default=SCAN_Z_SIGMA, help="smoothing (model-grid pixels; 0: none)")
+    parser.add_argument("--clipped", action="store_true", help="read the image clipped at 1, as the model sees it "
+                        "(the map before 2026-12-06), instead of the unclipped one")
     args = parser.parse_args()
     medical = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
     config = dataclasses.replace(load_mri_config("mri_cpu").preprocessing.overridden(space="native", brain="deepbet"),
@@ -46,7 +55,8 @@ def main() -> None:
     def scan_z_on_scan_grid(path: Path) -> np.ndarray:
         prepared = prepare(path, config)
         region = prepared.foreground & prepared.keep[:, None, None]
-        scan_z = intensity_scan_z(intensity_map(prepared), region)
+        image = intensity_map(prepared) if args.clipped else unclipped_intensity_map(prepared)
+        scan_z = intensity_scan_z(image, region)
         return to_native(smoothed_within(scan_z, region, args.sigma) if args.sigma else scan_z, prepared)
 
     rows = []

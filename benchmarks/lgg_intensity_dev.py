@@ -12,6 +12,8 @@ scans are not on one footing when the voxels of all patients are pooled. Variant
 - ``intensity``: the prepared image (the protocol's intensity baseline, 0-1);
 - ``scan_z``: signed robust z against the scan's own scored brain voxels, (I - median) / (1.4826 MAD);
   the median and MAD of a brain are those of its healthy tissue while the lesion is under half of it;
+- ``scan_z_unclipped``: the same of the image before the preparation's clip at 1 (the product's
+  ``intensity_scan_z`` once smoothed): voxels above the upper percentile keep their brightness;
 - each of those smoothed in-plane by a Gaussian of ``--sigmas`` pixels of the 64-pixel model grid (lesions are
   large: noise and single bright pixels at the brain's edge fall, a lesion's core stays).
 
@@ -36,7 +38,7 @@ from sklearn.metrics import average_precision_score
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
-from medflowad.mri.analysis import intensity_map, intensity_scan_z, smoothed_within
+from medflowad.mri.analysis import intensity_map, intensity_scan_z, smoothed_within, unclipped_intensity_map
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
@@ -47,7 +49,8 @@ HEALTHY_FPR = 0.05
 def scan_maps(prepared, sigmas: list[float]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     region = prepared.foreground & prepared.keep[:, None, None]
     image = intensity_map(prepared)
-    base = {"intensity": image, "scan_z": intensity_scan_z(image, region)}
+    base = {"intensity": image, "scan_z": intensity_scan_z(image, region),
+            "scan_z_unclipped": intensity_scan_z(unclipped_intensity_map(prepared), region)}
     maps = dict(base)
     for name, values in base.items():
         for sigma in sigmas:

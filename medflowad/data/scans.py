@@ -113,6 +113,10 @@ class PreparedScan:
     # Standard space: grid world -> native world (RAS, 4x4); None when the grid lies in the scan's own world.
     transform: np.ndarray | None = None
     brain: np.ndarray | None = None  # bool brain mask on the native grid, when the brain was extracted or given
+    # float32 (Z, S, S): the normalised image before its clip at 1 (above the upper percentile it keeps rising),
+    # for maps that must tell a lesion brighter than all tissue from the brightest healthy voxels; None when
+    # the preparation does not keep it.
+    unclipped: np.ndarray | None = None
 
     @property
     def num_slices(self) -> int:
@@ -205,7 +209,7 @@ def prepare_scan(
         lo, hi = config.intensity_window
     else:
         lo, hi = percentile_range(image, foreground, config.percentiles, name, "the foreground")
-    normalised = np.clip((image - lo) / (hi - lo), 0.0, 1.0)
+    normalised = np.maximum((image - lo) / (hi - lo), 0.0)
 
     # Square in-plane crop around the foreground, all slices kept.
     xs, ys = np.nonzero(foreground.any(axis=2))
@@ -214,7 +218,10 @@ def prepare_scan(
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
     start = [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)), 0]
     end = [min(image.shape[0], start[0] + side), min(image.shape[1], start[1] + side), image.shape[2]]
-    channels = [normalised, foreground.astype(np.float32)] + ([lesion.astype(np.float32)] if lesion is not None else [])
+    # The model's input is clipped before resizing and the unclipped image resized beside it, so the slices are
+    # those of a clip at full resolution.
+    channels = [np.minimum(normalised, 1.0), foreground.astype(np.float32), normalised]
+    channels += [lesion.astype(np.float32)] if lesion is not None else []
     geometry = MetaTensor(torch.from_numpy(np.stack(channels).astype(np.float32)), affine=stacked.affine)
     geometry = SpatialCrop(roi_start=start, roi_end=end)(geometry)
     geometry = ResizeWithPadOrCrop(spatial_size=(side, side, -1))(geometry)
@@ -228,9 +235,10 @@ def prepare_scan(
     display_fg = volume_to_display(grid_foreground)
     keep = display_fg.mean(axis=(1, 2)) >= config.min_foreground
     lesion_slices = lesion.any(axis=(0, 1)) if lesion is not None else None
-    lesion_grid = volume_to_display(geometry[2].numpy()) if lesion is not None else None
+    lesion_grid = volume_to_display(geometry[3].numpy()) if lesion is not None else None
+    unclipped = volume_to_display(np.maximum(geometry[2].numpy(), 0.0)).astype(np.float32)
     grid = MetaTensor(torch.zeros(1, size, size, grid_image.shape[2]), affine=geometry.affine)
-    return PreparedScan(slices, display_fg, keep, lesion_slices, lesion_grid, grid, scan)
+    return PreparedScan(slices, display_fg, keep, lesion_slices, lesion_grid, grid, scan, unclipped=unclipped)
 
 
 def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") -> np.ndarray:

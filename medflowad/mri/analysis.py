@@ -31,10 +31,11 @@ MAP_TYPES = ("llr", "last_scale", "intensity")  # intensity: the normalised imag
 # |robust z| of the normalised image against the scan's own brain: the two-sided intensity baseline of
 # PROTOCOL part D (T1 lesions may be darker or brighter than tissue). Older calibrations lack it.
 TWO_SIDED_BASELINE = "intensity_abs_z"
-# The signed robust z of the normalised image against the scan's own brain, smoothed in-plane: bright lesions
-# on FLAIR, read per scan (a large tumour compresses its own scan's percentile normalisation, so the plain
-# intensity does not put scans on one footing). Chosen on LGG's development split (docs/results.md); older
-# calibrations lack it.
+# The signed robust z of the normalised image before its clip at 1 against the scan's own brain, smoothed
+# in-plane: bright lesions on FLAIR, read per scan (a large tumour compresses its own scan's percentile
+# normalisation, so the plain intensity does not put scans on one footing; unclipped, a lesion brighter than
+# all tissue outranks the brightest healthy voxels). Chosen on LGG's development split and a blob planted in a
+# healthy FLAIR (docs/results.md); older calibrations lack it.
 SCAN_Z_MAP = "intensity_scan_z"
 SCAN_Z_SIGMA = 1.5  # model-grid pixels
 
@@ -119,15 +120,23 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = intensity_map(prepared)
     scored = prepared.foreground & prepared.keep[:, None, None]
-    scan_z = intensity_scan_z(maps["intensity"], scored)
-    maps[TWO_SIDED_BASELINE] = np.abs(scan_z)
-    maps[SCAN_Z_MAP] = smoothed_within(scan_z, scored, SCAN_Z_SIGMA)
+    maps[TWO_SIDED_BASELINE] = np.abs(intensity_scan_z(maps["intensity"], scored))  # on the model's input
+    maps[SCAN_Z_MAP] = smoothed_within(intensity_scan_z(unclipped_intensity_map(prepared), scored), scored,
+                                       SCAN_Z_SIGMA)
     return ScanAnalysis(slice_scores, maps)
 
 
 def intensity_map(prepared: PreparedScan) -> np.ndarray:
     """(Z, S, S) the normalised image (0-1) inside the foreground, zero outside."""
     return prepared.slices[:, 0].numpy().astype(np.float32) / 255.0 * prepared.foreground
+
+
+def unclipped_intensity_map(prepared: PreparedScan) -> np.ndarray:
+    """(Z, S, S) the normalised image before its clip at 1 inside the foreground, zero outside; the clipped
+    image (:func:`intensity_map`) where the preparation did not keep it."""
+    if prepared.unclipped is None:
+        return intensity_map(prepared)
+    return (prepared.unclipped * prepared.foreground).astype(np.float32)
 
 
 def intensity_scan_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:

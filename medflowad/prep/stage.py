@@ -49,11 +49,13 @@ from medflowad.storage import current_umask
 
 PREP_VERSION = 1  # part of every cache key: bump when brain extraction or normalisation change
 REGISTRATION_VERSION = 2  # part of standard-space keys: bump when registration or resampling change
+STANDARD_IMAGE_VERSION = 2  # part of standard-space keys: bump when the cached image changes (2: not clipped at 1)
 CACHE_ENV = "MEDFLOWAD_CACHE"
 ENTRY_FILES = {  # file -> what it holds (also written into preparation.json)
     "brain_mask.nii.gz": "brain mask on the scan's own grid (uint8)",
     "n4.nii.gz": "the scan after N4 bias-field correction (float32, scan grid; only with n4)",
-    "standard.nii.gz": "the prepared scan on the standard grid in MNI space, 0-1 inside the brain (float32)",
+    "standard.nii.gz": "the prepared scan on the standard grid in MNI space, normalised inside the brain: 0 and 1 "
+                       "at the percentiles, brighter voxels above 1 (float32; models see it clipped at 1)",
     "standard_brain_mask.nii.gz": "brain mask on the standard grid (uint8)",
     "transform.tfm": "ITK affine transform (LPS): maps template points to scan points; resamples the scan "
                      "into the template",
@@ -75,7 +77,7 @@ class Preparation:
     brain_ml: float
     info: dict  # preparation.json
     image: np.ndarray | None = None  # N4-corrected native image (only with n4)
-    standard: np.ndarray | None = None  # float32 standard grid, 0-1 inside the brain
+    standard: np.ndarray | None = None  # float32 standard grid, >= 0 inside the brain, 1 at the upper percentile
     standard_brain: np.ndarray | None = None
     transform: np.ndarray | None = None  # template world -> scan world (RAS)
     cached: bool = False
@@ -87,8 +89,9 @@ def _key_settings(config: ScanPreprocessing) -> dict:
     settings = {"version": PREP_VERSION, "space": config.space, "brain": config.brain, "n4": config.n4,
                 "foreground_threshold": config.foreground_threshold}
     if config.space == "standard":
-        settings.update(registration=REGISTRATION_VERSION, template=TEMPLATE_FILE, image_size=config.image_size,
-                        slice_mm=config.slice_mm, percentiles=list(config.percentiles))
+        settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,
+                        template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
+                        percentiles=list(config.percentiles))
     return settings
 
 
@@ -121,7 +124,7 @@ def _normalised(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, 
     if brain.sum() < 16:
         raise ScanError(f"{name}: the brain covers almost none of the standard grid (registration failed?)")
     lo, hi = percentile_range(image, brain, percentiles, name, "the brain")
-    return (np.clip((image - lo) / (hi - lo), 0.0, 1.0) * brain).astype(np.float32)
+    return (np.maximum((image - lo) / (hi - lo), 0.0) * brain).astype(np.float32)
 
 
 def template_overlap(brain: np.ndarray, affine: np.ndarray, transform: np.ndarray) -> float:
@@ -325,12 +328,13 @@ def prepare_volume(scan: MetaTensor, config: ScanPreprocessing, brain_mask: Meta
         lesion = volume_to_display(resample(on_scan, affine, grid_affine, grid_shape, preparation.transform,
                                             factor=supersampling(grid_affine, affine)))
     foreground = volume_to_display(preparation.standard_brain)
-    slices = torch.from_numpy(np.round(volume_to_display(preparation.standard) * 255).astype(np.uint8))[:, None]
+    unclipped = volume_to_display(preparation.standard).astype(np.float32)
+    slices = torch.from_numpy(np.round(np.minimum(unclipped, 1.0) * 255).astype(np.uint8))[:, None]
     grid = MetaTensor(torch.zeros(1, *grid_shape), affine=torch.as_tensor(grid_affine))
     return PreparedScan(
         slices=slices, foreground=foreground, keep=foreground.mean(axis=(1, 2)) >= config.min_foreground,
         lesion_slices=(lesion > 0).any(axis=(1, 2)) if lesion is not None else None, lesion=lesion, grid=grid,
-        native=scan, transform=preparation.transform, brain=native_brain,
+        native=scan, transform=preparation.transform, brain=native_brain, unclipped=unclipped,
     )
 
 

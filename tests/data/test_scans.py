@@ -82,3 +82,25 @@ def test_z_scored_scan_gets_the_mask_and_slices_of_the_original():
     assert original.foreground.mean() > 0.3
     difference = shifted.slices.numpy().astype(int) - original.slices.numpy().astype(int)
     assert np.abs(difference).max() <= 1  # the same image up to float rounding before quantisation
+
+
+def test_unclipped_image_keeps_what_the_clip_cuts():
+    """Bone at 1000 HU under a 0-80 HU window: the model's slices saturate at 255, the unclipped image keeps
+    1000 / 80 = 12.5 there, and away from the bone both agree with the window's arithmetic."""
+    from scipy import ndimage
+
+    from medflowad.mri.analysis import intensity_map, unclipped_intensity_map
+
+    prepared = _prepare(_head_ct(), ScanPreprocessing(image_size=64, margin=0.0, intensity_window=(0.0, 80.0)))
+    unclipped = prepared.unclipped
+    assert unclipped.shape == prepared.foreground.shape and unclipped.dtype == np.float32
+    assert np.isclose(unclipped.max(), 1000 / 80, rtol=1e-4) and prepared.slices.max() == 255
+    assert np.isclose(unclipped[4, 32, 32], 40 / 80, atol=1e-5)  # brain
+    # where no bone is near, the clip changes nothing: the same grey levels up to rounding
+    calm = ndimage.maximum_filter(unclipped, size=(1, 3, 3)) <= 1.0
+    slices = prepared.slices[:, 0].numpy().astype(int)
+    assert calm.mean() > 0.5
+    assert np.abs(np.round(unclipped * 255)[calm] - slices[calm]).max() <= 1
+    assert np.array_equal(unclipped_intensity_map(prepared), unclipped * prepared.foreground)
+    prepared.unclipped = None  # a preparation that does not keep it: the clipped image
+    assert np.array_equal(unclipped_intensity_map(prepared), intensity_map(prepared))

@@ -210,3 +210,23 @@ def test_registration_that_stretches_the_brain_is_refused(planted, tmp_path):
         prepare(wrong, STANDARD, cache=tmp_path)
     entry = json.loads(next((tmp_path / "prepared").glob("*/preparation.json")).read_text())
     assert min(entry["template_scalings"]) < 1 / 1.5  # stored, so a wider bound needs no new registration
+
+
+def test_standard_image_keeps_a_ball_brighter_than_the_brain(planted, tmp_path):
+    """The planted ball is twice the brain's maximum: the slices saturate at 255 there, while the unclipped image
+    (and the cached standard.nii.gz, as written) keeps it far above 1 at the ball's place in the template."""
+    path, _, _ = planted
+    config = ScanPreprocessing(space="standard", brain="auto")  # percentiles 0.5-99.5
+    prepared = prepare(path, config, cache=tmp_path)
+    unclipped = prepared.unclipped
+    peak = np.unravel_index(np.argmax(unclipped), unclipped.shape)
+    assert unclipped[peak] > 1.5 and prepared.slices[peak[0], 0][peak[1:]] == 255
+    grid_affine, _ = standard_grid(config.image_size, config.slice_mm)
+    volume = display_to_volume(unclipped)
+    at = nib.affines.apply_affine(grid_affine, np.unravel_index(np.argmax(volume), volume.shape))
+    assert np.all(np.abs(at - POINT_MM) <= 1.5 * np.abs(np.diag(grid_affine)[:3])), (at, POINT_MM)
+    # the model's input is that image clipped at 1
+    clipped = np.round(np.minimum(unclipped, 1.0) * 255).astype(np.uint8)
+    assert np.array_equal(prepared.slices[:, 0].numpy(), clipped)
+    (entry,) = [p for p in (tmp_path / "prepared").iterdir() if (p / "standard.nii.gz").exists()]
+    assert np.allclose(nib.load(str(entry / "standard.nii.gz")).get_fdata(), volume, atol=1e-6)
