@@ -12,11 +12,11 @@ import yaml
 from medflowad.config import ConfigError, OutlierConfig, build_dataclass
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
-from medflowad.mri.analysis import SLICE_SCORES
+from medflowad.mri.analysis import SCAN_Z_MAP, SLICE_SCORES
 from medflowad.mri.normative import NORMATIVE_MAPS
 
 MODALITIES = ("t1", "t2", "flair", "pd", "ct")
-MASK_MAPS = ("llr", *(f"{name}_normative" for name in NORMATIVE_MAPS))
+MASK_MAPS = ("llr", SCAN_Z_MAP, *(f"{name}_normative" for name in NORMATIVE_MAPS))
 
 
 def _mri_model() -> GlowConfig:

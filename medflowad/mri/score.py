@@ -33,6 +33,7 @@ from medflowad.data.readers import (
     NIFTI_SUFFIXES,
     NORMATIVE_SUFFIX,
     OUTPUT_SUFFIXES,
+    SCAN_Z_SUFFIX,
     ScanError,
     absolute_scan_path,
     split_series,
@@ -40,6 +41,7 @@ from medflowad.data.readers import (
 )
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import (
+    SCAN_Z_MAP,
     SLICE_SCORES,
     ScanAnalysis,
     conformal_p_value,
@@ -158,13 +160,25 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
 
 
 def mask_map_of(model: MriModel) -> str:
-    """The map ``score`` thresholds into the anomaly mask: the config's ``mask_map``, or by default the
-    normative llr in standard space (a location is the same anatomy in every scan there) and the llr on
-    scans' own grids (locations only roughly agree; normative maps measured no better on LGG)."""
+    """The map ``score`` thresholds into the anomaly mask: the config's ``mask_map``, or by default
+
+    - on FLAIR, ``intensity_scan_z`` (bright lesions against the scan's own brain: on LGG's development split
+      it found tumours far better than every flow map and the intensity itself, docs/results.md), where the
+      calibration has its healthy voxels;
+    - else the normative llr in standard space (a location is the same anatomy in every scan there) and the
+      llr on scans' own grids (locations only roughly agree; normative maps measured no better on LGG).
+    """
     if model.config.mask_map is not None:
         return model.config.mask_map
+    if model.config.modality == "flair" and f"voxel/{SCAN_Z_MAP}" in model.calibration:
+        return SCAN_Z_MAP
     standard = model.config.preprocessing.space == "standard"
     return "llr_normative" if standard and "voxel/llr_normative" in model.calibration else "llr"
+
+
+def mask_file_suffix(mask_map: str) -> str:
+    """The file (suffix after the scan id) that holds the mask map as ``score`` writes it."""
+    return {"llr": MAP_SUFFIXES[0], SCAN_Z_MAP: SCAN_Z_SUFFIX}.get(mask_map, NORMATIVE_SUFFIX)
 
 
 def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out: Path | None = None) -> list[Path]:
@@ -228,8 +242,9 @@ def score_scans(
         on_start(len(scans))
     limits = Thresholds.of(model, fpr)
     mask_map, mask_threshold, headline = limits.mask_map, limits.mask_threshold, limits.headline
-    normative = mask_map if mask_map != "llr" else ("llr_normative" if "voxel/llr_normative" in model.calibration
-                                                     else None)  # the map written as <id>_normative
+    # the map written as <id>_normative: the mask map when it is normative, else the normative llr if calibrated
+    normative = mask_map if mask_map.endswith("_normative") else (
+        "llr_normative" if "voxel/llr_normative" in model.calibration else None)
     normative_is_zscore = normative is not None and not is_healthy_range(
         model.calibration, normative.removesuffix("_normative"))
     # Earlier rows stay in the tables until this run replaces them, so an interruption loses none.
@@ -266,7 +281,8 @@ def score_scans(
                 native_llr = to_native(analysis.maps["llr"], prepared)
                 native_last = to_native(analysis.maps["last_scale"], prepared)
                 native_normative = to_native(analysis.maps[normative], prepared) if normative else None
-                mask_source = native_llr if mask_map == "llr" else native_normative
+                native_scan_z = to_native(analysis.maps[SCAN_Z_MAP], prepared) if mask_map == SCAN_Z_MAP else None
+                mask_source = {"llr": native_llr, SCAN_Z_MAP: native_scan_z}.get(mask_map, native_normative)
                 flagged = (mask_source > mask_threshold).astype(np.uint8)
                 header = source_header(prepared)
                 for suffix in OUTPUT_SUFFIXES:  # temporary files of this scan's writes in a killed run
@@ -277,6 +293,9 @@ def score_scans(
                 if native_normative is not None:
                     write_nifti(out / f"{sid}{NORMATIVE_SUFFIX}", native_normative, prepared, header,
                                 display_window=(0.0, 5.0), zscore=normative_is_zscore)
+                if native_scan_z is not None:
+                    write_nifti(out / f"{sid}{SCAN_Z_SUFFIX}", native_scan_z, prepared, header,
+                                display_window=(0.0, 10.0), zscore=True)
                 row["flagged_voxels"] = int(flagged.sum())
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:
@@ -336,7 +355,6 @@ def write_batch_report(result: BatchResult, model: MriModel, limits: Thresholds,
     """report.html of every scan in the batch's tables; scans without figures yet (scored before, or by other
     parts) get them from the scan and its map as written."""
     mask_map, headline = limits.mask_map, limits.headline
-    mask_file_suffix = MAP_SUFFIXES[0] if mask_map == "llr" else NORMATIVE_SUFFIX
     missing = 0
     for row in result.kept_rows + result.rows:
         sid = row["scan_id"]
@@ -345,7 +363,8 @@ def write_batch_report(result: BatchResult, model: MriModel, limits: Thresholds,
         try:  # scored before: the figures come from the scan and its map as written
             source = Path(row["path"])
             prepared = prepare(source, model.config.preprocessing, brain_replace=brain_masks)
-            written = np.asarray(nib.load(str(result.out / f"{sid}{mask_file_suffix}")).dataobj, dtype=np.float32)
+            written = np.asarray(nib.load(str(result.out / f"{sid}{mask_file_suffix(mask_map)}")).dataobj,
+                                 dtype=np.float32)
             figures[sid] = scan_figures(prepared, written, limits.mask_threshold, mask_map, row[headline], headline,
                                         limits.healthy_scores, limits.score_threshold, f"{sid} ({source.name})")
         except Exception as exc:  # the report still lists the scan, without figures

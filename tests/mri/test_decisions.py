@@ -124,3 +124,42 @@ def test_a_scan_with_no_slice_to_score_is_an_error_that_says_why(tiny_mri_model,
     assert rows["specks"]["status"] == "error"
     assert "specks.nii.gz: no slice has enough foreground to score" in rows["specks"]["error"]
     assert rows["good"]["status"] == "ok" and not list((tmp_path / "out").glob("specks_*"))
+
+
+def test_flair_models_flag_by_the_scan_z_by_default_and_others_by_the_llr(tiny_mri_model, tmp_path):
+    """With no mask_map in its config, a FLAIR model thresholds intensity_scan_z (written as <id>_scan_z, a
+    z-score) at its healthy voxel threshold, and the 3x bright blob is where the map peaks; the same model
+    called T2 keeps the llr mask and writes no scan z."""
+    import shutil
+
+    scan = save_nifti(tmp_path / "s.nii.gz", brain_like(seed=23, blob=(30, 20, 8)), oblique_lps_affine())
+    blob_index = (30, 20, 8)
+    for modality in ("flair", "t2"):
+        model_dir = tmp_path / modality
+        shutil.copytree(tiny_mri_model, model_dir)
+        config = yaml.safe_load((model_dir / "mri.yaml").read_text())
+        config.update(modality=modality, mask_map=None)
+        (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
+        out = tmp_path / f"out_{modality}"
+        result = score_scans([scan], model_dir, out, device="cpu")
+        assert result.all_ok, result.rows
+        calibration = load_mri_model(model_dir, "cpu").calibration
+        mask = np.asarray(nib.load(str(out / "s_anomaly_mask.nii.gz")).dataobj).astype(bool)
+        if modality == "t2":
+            assert not (out / "s_scan_z.nii.gz").exists()
+            llr = np.asarray(nib.load(str(out / "s_anomaly.nii.gz")).dataobj)
+            assert np.array_equal(mask, llr > _threshold(calibration["voxel/llr"], 0.05))
+            continue
+        written = nib.load(str(out / "s_scan_z.nii.gz"))
+        assert written.header.get_intent()[0] == "z score"
+        np.testing.assert_allclose(written.affine, nib.load(str(scan)).affine, atol=1e-5)
+        scan_z = np.asarray(written.dataobj)
+        assert np.array_equal(mask, scan_z > _threshold(calibration["voxel/intensity_scan_z"], 0.05))
+        peak = np.unravel_index(np.argmax(scan_z), scan_z.shape)
+        assert np.linalg.norm(np.subtract(peak, blob_index)) <= 3.0, peak
+        assert mask[blob_index] and json.loads((out / "scores.json").read_text())["mask_map"] == "intensity_scan_z"
+        # a later run's report draws the earlier scan from its written scan z map
+        other = save_nifti(tmp_path / "t.nii.gz", brain_like(seed=24), oblique_lps_affine())
+        later = score_scans([other], model_dir, out, device="cpu", report=True)
+        assert later.all_ok and "no report figures" not in (later.warning or ""), later.warning
+        assert (out / "report.html").read_text().count("<img") >= 2
