@@ -22,7 +22,9 @@ measured over the native voxels of scored slices' brain, pooled over patients: v
 threshold that flags 5 % of the *other* patients' healthy voxels (leave-one-patient-out, lesions dilated by
 2 pixels left out of "healthy"), as protocol B's Dice at 5 % healthy FPR. ``--split train`` (default) is the
 development split: the 60 patients of the shipped split's train part; ``--split test`` is measured once per
-setting reported.
+setting reported. Each run also stores, per map, the value that 5 % of its healthy voxels exceed
+(``healthy_threshold_5%``); ``--thresholds runs/lgg_intensity_dev/metrics.json`` measures Dice at the
+development split's thresholds, as a model calibrated on those patients would flag.
 """
 
 import argparse
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.7, 1.0, 1.5, 2.0])
     parser.add_argument("--config", default="mri_cpu")
+    parser.add_argument("--thresholds", type=Path, help="metrics.json of another run: Dice at its healthy thresholds")
     args = parser.parse_args()
     lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
     patients = read_split(None)[args.split]
@@ -94,7 +97,11 @@ def main() -> None:
     healthy = np.concatenate(healthy_of)
     patient = np.concatenate(patient_of)
     result = {"split": args.split, "patients": len(patients), "voxels": int(truth.size),
-              "lesion_voxels": int(truth.sum()), "voxel_auprc": {}, "dice_at_5%_healthy_fpr": {}}
+              "lesion_voxels": int(truth.sum()), "voxel_auprc": {}, "dice_at_5%_healthy_fpr": {},
+              "healthy_threshold_5%": {}}
+    given = json.loads(args.thresholds.read_text())["healthy_threshold_5%"] if args.thresholds else {}
+    if given:
+        result["thresholds_from"], result["dice_at_given_threshold"] = str(args.thresholds), {}
     for name, parts in values.items():
         scores = np.concatenate(parts)
         result["voxel_auprc"][name] = float(average_precision_score(truth, scores))
@@ -104,6 +111,9 @@ def main() -> None:
             threshold = np.quantile(scores[healthy & ~own], 1 - HEALTHY_FPR)
             flagged[own] = scores[own] > threshold
         result["dice_at_5%_healthy_fpr"][name] = dice(flagged, truth)
+        result["healthy_threshold_5%"][name] = float(np.quantile(scores[healthy], 1 - HEALTHY_FPR))
+        if name in given:
+            result["dice_at_given_threshold"][name] = dice(scores > given[name], truth)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

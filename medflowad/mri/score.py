@@ -162,9 +162,9 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
 def mask_map_of(model: MriModel) -> str:
     """The map ``score`` thresholds into the anomaly mask: the config's ``mask_map``, or by default
 
-    - on FLAIR, ``intensity_scan_z`` (bright lesions against the scan's own brain: on LGG's development split
-      it found tumours far better than every flow map and the intensity itself, docs/results.md), where the
-      calibration has its healthy voxels;
+    - on FLAIR, ``intensity_scan_z`` (bright lesions against the scan's own brain: on LGG it found tumours far
+      better than the intensity itself and every flow map measured, docs/results.md), where the calibration
+      has its healthy voxels;
     - else the normative llr in standard space (a location is the same anatomy in every scan there) and the
       llr on scans' own grids (locations only roughly agree; normative maps measured no better on LGG).
     """
