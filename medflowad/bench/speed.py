@@ -130,13 +130,15 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
 
 
 def scan_stages(model: MriModel, scans: Sequence[Path], device: torch.device, out: Path) -> dict:
-    """Seconds per stage of scoring each scan with ``model``, as ``score`` runs them (median over scans)."""
+    """Seconds per stage of scoring each scan with ``model``, as ``score`` runs them (median over scans): the
+    maps stage resamples every map ``score`` writes to the scan's grid and thresholds the mask, the write stage
+    writes them all."""
     from medflowad.data.readers import load_scan
-    from medflowad.data.scans import to_native
     from medflowad.mri.model import analyse
-    from medflowad.mri.score import source_header, write_nifti
+    from medflowad.mri.score import Thresholds, native_outputs, write_outputs
     from medflowad.prep import prepare_volume
 
+    limits = Thresholds.of(model, model.config.fpr)
     stages: dict[str, list[float]] = {n: [] for n in ("read", "prepare", "models", "maps", "write")}
     first_prepare: list[float] = []
     out.mkdir(parents=True, exist_ok=True)
@@ -145,19 +147,22 @@ def scan_stages(model: MriModel, scans: Sequence[Path], device: torch.device, ou
         volume = clock("read", lambda scan=scan: load_scan(scan))
         prepared = clock("prepare", lambda volume=volume: prepare_volume(volume, model.config.preprocessing))
         analysis = clock("models", lambda prepared=prepared: analyse(model, prepared))
-        maps = clock("maps", lambda prepared=prepared, analysis=analysis: [
-            to_native(analysis.maps[n], prepared) for n in ("llr", "last_scale", "intensity_normative")])
-        clock("write", lambda prepared=prepared, maps=maps: [
-            write_nifti(out / f"{k}.nii.gz", m, prepared, source_header(prepared)) for k, m in enumerate(maps)])
+        outputs = clock("maps", lambda prepared=prepared, analysis=analysis: native_outputs(analysis, prepared, limits))
+        clock("write", lambda prepared=prepared, outputs=outputs, sid=f"scan{index}": write_outputs(
+            out, sid, outputs, prepared, limits))
+        written = sorted(outputs)
+        volume = prepared = analysis = outputs = None  # freed before the next scan, as ``score`` frees them
         if index >= len(scans):
             for name, seconds in clock.seconds.items():
                 stages[name].append(seconds)
         else:
             first_prepare.append(clock.seconds["prepare"])
     median = {name: round(float(np.median(values)), 3) for name, values in stages.items()}
+    preprocessing = model.config.preprocessing
     return {"scans": len(scans), "seconds_per_stage": median, "seconds_per_scan": round(sum(median.values()), 3),
             "prepare_uncached_seconds": round(float(np.median(first_prepare)), 3), "peak_rss_mib": peak_rss_mib(),
-            "preparation": "the demo's: standard space with deepbet brain extraction, read from the cache"}
+            "preparation": f"space {preprocessing.space}, brain {preprocessing.brain}",
+            "files_written": written}
 
 
 class _Clock:

@@ -47,8 +47,9 @@ class MriConfig:
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
     # The scan score that flags scans, heads the report and is printed first (analysis.SLICE_SCORES).
     scan_score: str = "llr"
-    # The map `score` thresholds into <id>_anomaly_mask and shows in the report: llr, or a normative map
-    # (written as <id>_normative). None: llr_normative in standard space, llr on a scan's own grid.
+    # The map `score` thresholds into <id>_anomaly_mask and shows in the report: llr, intensity_scan_z (written as
+    # <id>_scan_z) or a normative map (written as <id>_normative). None: intensity_scan_z for FLAIR models
+    # calibrated with it, else llr_normative in standard space and llr on a scan's own grid.
     mask_map: str | None = None
     fpr: float = 0.05  # default false-positive rate for flags
     # Voxel-level false-positive rate of the anomaly mask on healthy calibration voxels; None: fpr. At 5 %,

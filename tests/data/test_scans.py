@@ -104,3 +104,15 @@ def test_unclipped_image_keeps_what_the_clip_cuts():
     assert np.array_equal(unclipped_intensity_map(prepared), unclipped * prepared.foreground)
     prepared.unclipped = None  # a preparation that does not keep it: the clipped image
     assert np.array_equal(unclipped_intensity_map(prepared), intensity_map(prepared))
+
+
+def test_maps_resampled_together_equal_maps_resampled_alone():
+    from medflowad.data.scans import to_native
+
+    prepared = _prepare(_head_ct(), ScanPreprocessing(image_size=32, margin=0.1))
+    rng = np.random.default_rng(2)
+    maps = rng.normal(size=(3, *prepared.foreground.shape)).astype(np.float32)
+    together = to_native(maps, prepared)
+    assert together.shape == (3, *prepared.native.shape[1:])
+    for k in range(3):
+        assert np.array_equal(together[k], to_native(maps[k], prepared))

@@ -230,3 +230,12 @@ def test_standard_image_keeps_a_ball_brighter_than_the_brain(planted, tmp_path):
     assert np.array_equal(prepared.slices[:, 0].numpy(), clipped)
     (entry,) = [p for p in (tmp_path / "prepared").iterdir() if (p / "standard.nii.gz").exists()]
     assert np.allclose(nib.load(str(entry / "standard.nii.gz")).get_fdata(), volume, atol=1e-6)
+
+
+def test_standard_space_maps_resampled_together_equal_maps_resampled_alone(planted, tmp_path):
+    path, _, _ = planted
+    prepared = prepare(path, STANDARD, cache=tmp_path)
+    maps = np.random.default_rng(3).normal(size=(2, *prepared.foreground.shape)).astype(np.float32)
+    together = to_native(maps, prepared)
+    for k in range(2):
+        assert np.array_equal(together[k], to_native(maps[k], prepared))
