@@ -644,7 +644,8 @@ def pool_build(
                                         "as the models trained on the pool use (ct_cpu for CT models).")
                       ] = "mri_cpu",
     exclude: Annotated[list[str] | None, typer.Option(
-        help="Glob of file names to skip; repeatable (default: *mask*, *roi*, *seg*, *label*).")] = None,
+        help="Glob of file names to skip; repeatable "
+             "(default: *mask*, *roi*, *seg*, *label*, *dlmuse*, *aparc*).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a pool already in --out.")] = False,
     space: SpaceOption = None,
     brain: BrainOption = None,

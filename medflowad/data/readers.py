@@ -30,7 +30,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*")
+# Masks and segmentations: generic names, and the label maps of common segmenters (DLMUSE, FreeSurfer's
+# aseg/aparc), which a folder of healthy scans often holds beside them
+LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*", "*dlmuse*", "*aparc*")
 # The maps `medflowad score` writes (<scan-id> + suffix): never scans, so folder expansion skips them too.
 MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 NORMATIVE_SUFFIX = "_normative.nii.gz"  # written for models with normative calibration

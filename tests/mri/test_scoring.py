@@ -82,6 +82,8 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     src.mkdir()
     save_nifti(src / "scan.nii.gz", brain_like(), np.eye(4))
     save_nifti(src / "scan_mask.nii.gz", (brain_like() > 0).astype(np.uint8), np.eye(4))
+    for segmentation in ("scan_DLMUSE.nii.gz", "aparc+aseg.nii.gz"):  # segmenters' label maps beside scans
+        save_nifti(src / segmentation, (brain_like() > 0).astype(np.uint8) * 4, np.eye(4))
     save_nifti(src / "scan_anomaly.nii.gz", brain_like(seed=5), np.eye(4))  # a map score wrote: not a scan
     from PIL import Image
 
@@ -90,7 +92,7 @@ def test_pool_manifest_lists_sources_and_skips_labels(tmp_path):
     (src / "broken.png").write_bytes(b"nope")
     manifest = build_pool([src], tmp_path / "pool", ScanPreprocessing(image_size=32, min_foreground=0.05))
     by_name = {Path(s["path"]).name: s for s in manifest["sources"]}
-    assert "scan_mask.nii.gz" not in by_name and "scan_anomaly.nii.gz" not in by_name
+    assert not {"scan_mask.nii.gz", "scan_anomaly.nii.gz", "scan_DLMUSE.nii.gz", "aparc+aseg.nii.gz"} & set(by_name)
     assert by_name["scan.nii.gz"]["slices"] > 5 and by_name["slice.png"]["slices"] == 1
     assert "broken.png" in by_name["broken.png"]["error"]
     from medflowad.data import load_image_set
