@@ -21,21 +21,14 @@ import time
 
 import torch
 
-from medflowad.bench.speed import _sync, architecture
+from medflowad.bench.speed import architecture, sync, training_setup
 from medflowad.devices import resolve_device
-from medflowad.flows.glow import Glow
-from medflowad.units import bits_per_dim, to_model_input
+from medflowad.units import bits_per_dim
 
 
 def one_run(config: str, compiled: bool, device: torch.device) -> dict:
     model_config, batch, channels_last = architecture(config)
-    torch.manual_seed(0)
-    model = Glow(model_config).to(device).train()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-5)
-    shape = (batch, model_config.in_channels, *model_config.image_size)
-    x = to_model_input(torch.randint(0, 256, shape, dtype=torch.uint8), torch.rand(shape)).to(device)
+    model, optimizer, x = training_setup(model_config, batch, channels_last, device)
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         return bits_per_dim(model(x).log_prob, model_config.num_dims).mean()
@@ -51,15 +44,15 @@ def one_run(config: str, compiled: bool, device: torch.device) -> dict:
     loss_fn = torch.compile(loss) if compiled else loss
     started = time.perf_counter()
     step(loss_fn)
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - started
     for _ in range(3):
         step(loss_fn)
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(10):
         step(loss_fn)
-    _sync(device)
+    sync(device)
     return {"compiled": compiled, "first_step_seconds": round(first, 2),
             "train_images_per_s": round(10 * batch / (time.perf_counter() - started), 1)}
 

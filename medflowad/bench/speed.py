@@ -69,7 +69,8 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it times the work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -87,13 +88,10 @@ def architecture(name: str) -> tuple[GlowConfig, int, bool]:
         return mri.model, mri.batch_size, mri.channels_last
 
 
-def glow_throughput(name: str, device: torch.device, steps: int, score_images: int, score_batch: int = 128,
-                    layout: str = "config") -> dict:
-    """Training and scoring images/s of architecture ``name`` (``layout``: config, nhwc or default)."""
-    from medflowad.scores import likelihoods
-
-    model_config, batch, channels_last = architecture(name)
-    channels_last = {"config": channels_last, "nhwc": True, "default": False}[layout]
+def training_setup(model_config: GlowConfig, batch: int, channels_last: bool, device: torch.device,
+                   ) -> tuple[Glow, torch.optim.Optimizer, torch.Tensor]:
+    """A seeded Glow in training mode (NHWC if ``channels_last``), its Adamax and one batch of random
+    dequantised pixels: what a training-throughput measurement steps on."""
     torch.manual_seed(0)
     model = Glow(model_config).to(device).train()
     if channels_last:
@@ -101,6 +99,18 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-5)
     shape = (batch, model_config.in_channels, *model_config.image_size)
     x = to_model_input(torch.randint(0, 256, shape, dtype=torch.uint8), torch.rand(shape)).to(device)
+    return model, optimizer, x
+
+
+def glow_throughput(name: str, device: torch.device, steps: int, score_images: int, score_batch: int = 128,
+                    layout: str = "config") -> dict:
+    """Training and scoring images/s of architecture ``name`` (``layout``: config, nhwc or default)."""
+    from medflowad.scores import likelihoods
+
+    model_config, batch, channels_last = architecture(name)
+    channels_last = {"config": channels_last, "nhwc": True, "default": False}[layout]
+    model, optimizer, x = training_setup(model_config, batch, channels_last, device)
+    shape = tuple(x.shape)
 
     def step() -> None:
         loss = bits_per_dim(model(x).log_prob, model_config.num_dims).mean()
@@ -110,18 +120,18 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
 
     for _ in range(2):  # ActNorm initialisation and allocator warm-up
         step()
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     train_ips = steps * batch / (time.perf_counter() - started)
     score_set = torch.randint(0, 256, (score_images, *shape[1:]), dtype=torch.uint8)
     likelihoods(model, score_set[:score_batch], score_batch)
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     likelihoods(model, score_set, score_batch)
-    _sync(device)
+    sync(device)
     return {"architecture": name, "levels": model_config.levels, "steps_per_level": model_config.steps,
             "hidden": model_config.hidden, "image": list(shape[1:]), "train_batch": batch,
             "channels_last": channels_last, "train_images_per_s": round(train_ips, 1),
@@ -172,7 +182,7 @@ class _Clock:
     def __call__(self, name: str, work: Callable):
         started = time.perf_counter()
         result = work()
-        _sync(self.device)
+        sync(self.device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
         return result
 
