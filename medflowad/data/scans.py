@@ -257,8 +257,9 @@ def to_native(maps: np.ndarray, prepared: PreparedScan, mode: str = "bilinear") 
     else:
         from medflowad.prep.registration import resample  # prep builds on this module
 
-        native = np.stack([resample(v, prepared.grid.affine.numpy(), prepared.native.affine.numpy(),
-                                    tuple(prepared.native.shape[1:]), np.linalg.inv(prepared.transform),
+        grid_affine, native_affine = prepared.grid.affine.numpy(), prepared.native.affine.numpy()
+        native_to_standard = np.linalg.inv(prepared.transform)
+        native = np.stack([resample(v, grid_affine, native_affine, tuple(prepared.native.shape[1:]), native_to_standard,
                                     order=0 if mode == "nearest" else 1) for v in volumes])
     if prepared.brain is not None:
         native = native * prepared.brain
