@@ -25,6 +25,14 @@ development split: the 60 patients of the shipped split's train part; ``--split 
 setting reported. Each run also stores, per map, the value that 5 % of its healthy voxels exceed
 (``healthy_threshold_5%``); ``--thresholds runs/lgg_intensity_dev/metrics.json`` measures Dice at the
 development split's thresholds, as a model calibrated on those patients would flag.
+
+Slice level (``slice``): each slice's score is an aggregate of a map over the slice's scored brain pixels on
+the model grid (``p99``: 99th percentile, as protocol B's intensity slice score; ``max``; ``top16``/``top64``: mean
+of the 16/64 highest pixels; ``area3``: pixels above 3), measured by AUROC and by AUROC within position eighths
+(pairs of slices from the same eighth of the scan's scored slices only, as ``evaluate``): which slice score would
+flag scans. ``:z3``: averaged with the neighbouring scored slices. ``product:intensity_scan_z`` is the product's
+slice score of that name (``analysis.scan_z_area``); it needs ``--sigmas`` to include 1.5. Its values and the
+baseline's, slice by slice, go to ``slices.csv`` (``benchmarks/lgg_slice_profiles.py`` draws them).
 """
 
 import argparse
@@ -35,17 +43,45 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
-from medflowad.mri.analysis import intensity_map, intensity_scan_z, smoothed_within, unclipped_intensity_map
+from medflowad.metrics import stratified_auroc
+from medflowad.mri.analysis import (
+    intensity_map,
+    intensity_scan_z,
+    scan_z_area,
+    smoothed_within,
+    unclipped_intensity_map,
+)
 from medflowad.mri.config import load_mri_config
-from medflowad.mri.evaluate import dice
+from medflowad.mri.evaluate import POSITION_STRATA, dice, slice_centrality
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 
 HEALTHY_FPR = 0.05
+SLICE_MAPS = ("intensity", "scan_z_unclipped_s1.5")  # the protocol's baseline and the product's scan z
+
+
+def slice_aggregates(image: np.ndarray, region: np.ndarray) -> dict[str, np.ndarray]:
+    """(Z,) per aggregate of ``image`` over each slice's ``region`` pixels; NaN where a slice has none."""
+    out = {name: np.full(len(image), np.nan) for name in ("p99", "max", "top16", "top64", "top128", "top256",
+                                                          "area1.5", "area2", "area2.5", "area3")}
+    for z in range(len(image)):
+        values = np.sort(image[z][region[z]])[::-1]
+        if values.size:
+            out["p99"][z] = np.percentile(values, 99)
+            out["max"][z] = values[0]
+            out["top16"][z] = values[:16].mean()
+            out["top64"][z] = values[:64].mean()
+            out["top128"][z] = values[:128].mean()
+            out["top256"][z] = values[:256].mean()
+            out["area1.5"][z] = float((values > 1.5).sum())
+            out["area2"][z] = float((values > 2).sum())
+            out["area2.5"][z] = float((values > 2.5).sum())
+            out["area3"][z] = float((values > 3).sum())
+    return out
 
 
 def scan_maps(prepared, sigmas: list[float]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -66,6 +102,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("train", "test"), default="train")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.7, 1.0, 1.5, 2.0])
     parser.add_argument("--config", default="mri_cpu")
+    parser.add_argument("--slice-scores", nargs="+", metavar="MAP:AGGREGATE[:z3]",
+                        help="report only these slice scores (e.g. on the test split, the chosen one and the baseline)")
     parser.add_argument("--thresholds", type=Path, help="metrics.json of another run: Dice at its healthy thresholds")
     args = parser.parse_args()
     lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
@@ -76,6 +114,8 @@ def main() -> None:
 
     values: dict[str, list[np.ndarray]] = {}
     labels, healthy_of, patient_of = [], [], []
+    slice_values: dict[str, list[np.ndarray]] = {}
+    slice_labels, centrality, slice_rows = [], [], []
     for i, patient in enumerate(patients):
         path = lgg / f"{patient}_flair.nii.gz"
         lesion_file = load_scan(companion_path(path, LESION_MASKS))
@@ -88,6 +128,23 @@ def main() -> None:
         near_lesion = ndimage.binary_dilation(lesion, iterations=2)[native_region]
         for name, image in maps.items():
             values.setdefault(name, []).append(to_native(image, prepared)[native_region])
+        keep = prepared.keep
+        for map_name in SLICE_MAPS:
+            if map_name in maps:
+                for agg, per_slice in slice_aggregates(maps[map_name], region).items():
+                    slice_values.setdefault(f"{map_name}:{agg}", []).append(per_slice[keep])
+                    # with the neighbouring slices: lesions are 3D, a slice at a lesion's edge shows little of it
+                    padded = np.pad(per_slice[keep], 1, mode="edge")
+                    slice_values.setdefault(f"{map_name}:{agg}:z3", []).append(
+                        (padded[:-2] + padded[1:-1] + padded[2:]) / 3)
+        # the product's slice score (``score`` flags FLAIR scans by it): must rank as area2:z3 of the scan z
+        slice_values.setdefault("product:intensity_scan_z", []).append(
+            scan_z_area(maps["scan_z_unclipped_s1.5"], keep)[keep])
+        slice_labels.append(prepared.lesion_slices[keep])
+        for z, chosen, baseline in zip(np.nonzero(keep)[0], slice_values["product:intensity_scan_z"][-1],
+                                       slice_values["intensity:p99"][-1], strict=True):
+            slice_rows.append(f"{patient},{z},{int(prepared.lesion_slices[z])},{chosen:.6g},{baseline:.6g}")
+        centrality.append(slice_centrality(keep)[keep])
         labels.append(truth)
         healthy_of.append(~near_lesion)
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
@@ -114,7 +171,18 @@ def main() -> None:
         result["healthy_threshold_5%"][name] = float(np.quantile(scores[healthy], 1 - HEALTHY_FPR))
         if name in given:
             result["dice_at_given_threshold"][name] = dice(scores > given[name], truth)
+    lesion_slice = np.concatenate(slice_labels).astype(bool)
+    stratum = np.minimum(np.floor(np.concatenate(centrality) * POSITION_STRATA), POSITION_STRATA - 1)
+    result["slices"], result["lesion_slices"], result["slice"] = int(lesion_slice.size), int(lesion_slice.sum()), {}
+    for name, parts in slice_values.items():
+        if args.slice_scores and name not in args.slice_scores:
+            continue
+        scores = np.nan_to_num(np.concatenate(parts), nan=-np.inf)
+        result["slice"][name] = {"auroc": float(roc_auc_score(lesion_slice, scores)),
+                                 "auroc_within_position": stratified_auroc(lesion_slice, scores, stratum)}
     args.out.mkdir(parents=True, exist_ok=True)
+    header = "patient,slice,lesion,intensity_scan_z,intensity_p99"
+    (args.out / "slices.csv").write_text("\n".join([header, *slice_rows]) + "\n")
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -380,6 +380,8 @@ def score(
     ] = None,
     part_id: Annotated[int | None, typer.Option(min=0, help="Which part this job scores: 0 .. num-parts - 1.")
                        ] = None,
+    prepare_ahead: Annotated[bool, typer.Option(
+        help="Prepare the next scan in a thread while this one is scored (same results).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score scans: per-scan scores, p-values and flags, and NIfTI anomaly maps on each scan's own grid.
@@ -422,7 +424,8 @@ def score(
         result = score_scans(paths, model, out, device, batch_size, fpr, on_scan=on_scan,
                              brain_masks=_parse_replace(brain_masks, "--brain-masks"),
                              report=report and not sharded, pattern=pattern, resume=resume,
-                             on_start=lambda total: tasks.append(progress.add_task("", total=total)), part=part)
+                             on_start=lambda total: tasks.append(progress.add_task("", total=total)), part=part,
+                             prepare_ahead=prepare_ahead)
     if merge_here:
         import torch.distributed as dist
 

@@ -154,9 +154,10 @@ def scan_metrics(rows: list[dict], flag_note: str | None) -> dict:
     painted = np.array(["-painted" in r["scan_id"] for r in rows])
     result: dict = {"healthy": int((~painted).sum()), "painted": int(painted.sum()), "scores": {}}
     for name in SLICE_SCORES:
-        values = np.array([r[name] for r in rows], dtype=np.float64)
+        # a score the model's calibration lacks is empty (NaN) in every row: no AUROC for it
+        values = np.array([r.get(name, np.nan) for r in rows], dtype=np.float64)
         flags = np.array([bool(r.get(f"{name}_flag")) for r in rows])
-        both = painted.any() and (~painted).any()
+        both = painted.any() and (~painted).any() and bool(np.isfinite(values).all())
         result["scores"][name] = {
             "auroc": float(roc_auc_score(painted, values)) if both else float("nan"),
             "flagged_painted": int(flags[painted].sum()), "flagged_healthy": int(flags[~painted].sum())}

@@ -11,7 +11,6 @@ from scipy import ndimage
 
 from medflowad.data.scans import PreparedScan
 from medflowad.mri.analysis import (
-    OPTIONAL_SCORES,
     SLICE_SCORES,
     aggregate,
     analyse_scan,
@@ -75,7 +74,8 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     scan is measured against statistics of other subjects only (one subject at a time up to five, then
     five folds).
     """
-    slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
+    # every slice score analyse_scan computes; the normative intensity's comes from _model_free_calibration
+    slice_values: dict[str, list] = {n: [] for n in SLICE_SCORES if n != f"{MODEL_FREE}_normative"}
     scan_values: dict[str, list] = {n: [] for n in slice_values}
     voxel_values: dict[str, list] = {}
     # the model maps' per-location statistics; the intensity's come from _model_free_calibration

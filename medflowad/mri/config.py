@@ -45,8 +45,9 @@ class MriConfig:
     position_bins: int = 0
     val_fraction: float = 0.2  # healthy subjects held apart for calibration (see split_healthy_scans)
     top_fraction: float = 0.1  # scan score = mean of the top 10 % slice scores (at least one slice)
-    # The scan score that flags scans, heads the report and is printed first (analysis.SLICE_SCORES).
-    scan_score: str = "llr"
+    # The scan score that flags scans, heads the report and is printed first (analysis.SLICE_SCORES). None:
+    # intensity_scan_z for FLAIR models calibrated with it (the scan z map's bright area), else llr.
+    scan_score: str | None = None
     # The map `score` thresholds into <id>_anomaly_mask and shows in the report: llr, intensity_scan_z (written as
     # <id>_scan_z) or a normative map (written as <id>_normative). None: intensity_scan_z for FLAIR models
     # calibrated with it, else llr_normative in standard space and llr on a scan's own grid.
@@ -67,8 +68,8 @@ class MriConfig:
         if tuple(self.model.image_size) != (size, size) or self.model.in_channels != 1:
             raise ConfigError(f"model.image_size must be [{size}, {size}] with in_channels 1 "
                               "to match preprocessing.image_size")
-        if self.scan_score not in SLICE_SCORES:
-            raise ConfigError(f"scan_score must be one of {', '.join(SLICE_SCORES)}, got {self.scan_score!r}")
+        if self.scan_score not in (None, *SLICE_SCORES):
+            raise ConfigError(f"scan_score must be one of {', '.join(SLICE_SCORES)} (or null), got {self.scan_score!r}")
         if self.mask_map not in (None, *MASK_MAPS):
             raise ConfigError(f"mask_map must be one of {', '.join(MASK_MAPS)} (or null), got {self.mask_map!r}")
         if self.model.num_classes:

@@ -428,7 +428,8 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
             raise ModelFolderError(str(exc)) from exc
         expected = {f"{level}/{n}" for level in ("slice", "scan") for n in SLICE_SCORES if n not in OPTIONAL_SCORES}
         expected |= {f"voxel/{n}" for n in MAP_TYPES}
-        expected.add(f"scan/{config.scan_score}")
+        if config.scan_score is not None:
+            expected.add(f"scan/{config.scan_score}")
         if config.mask_map is not None:
             expected.add(f"voxel/{config.mask_map}")
         missing = sorted(expected - set(calibration))

@@ -34,6 +34,9 @@ SCORE_MEANINGS = {
     "intensity_normative": "the mean over the top {top} of slices of each slice's 20 highest normative intensity "
                            "values (how far the intensity lies outside the healthy range at that place, in "
                            "healthy spreads)",
+    "intensity_scan_z": "the mean over the top {top} of slices of each slice's share of pixels brighter than 2 "
+                        "robust standard deviations above the scan's own brain (averaged with the neighbouring "
+                        "slices)",
 }
 MAP_LABELS = {"llr": "llr above healthy voxel threshold (nats/pixel)",
               "llr_normative": "normative llr z above healthy voxel threshold",

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +167,18 @@ def scan_scores(model: MriModel, analysis: ScanAnalysis, fpr: float) -> dict[str
     return row
 
 
+def scan_score_of(model: MriModel) -> str:
+    """The scan score that flags scans: the config's ``scan_score``, or by default ``intensity_scan_z`` on FLAIR
+    models whose calibration has it (the share of each slice bright against the scan's own brain: on LGG's
+    development split it ranked lesion slices above healthy ones of the same brain level far better than any
+    flow score, docs/results.md), else ``llr``."""
+    if model.config.scan_score is not None:
+        return model.config.scan_score
+    if model.config.modality == "flair" and f"scan/{SCAN_Z_MAP}" in model.calibration:
+        return SCAN_Z_MAP
+    return "llr"
+
+
 def mask_map_of(model: MriModel) -> str:
     """The map ``score`` thresholds into the anomaly mask: the config's ``mask_map``, or by default
 
@@ -211,11 +223,40 @@ def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out
     return scans
 
 
+class ScanPreparer:
+    """``prepare_one`` of ``paths[i]`` on request, in order; with ``ahead``, asking for scan i also starts scan
+    i + 1's preparation in a worker thread, so reading, brain extraction and resampling of the next scan run
+    while this one's models, maps and writes do (numpy, SimpleITK, zlib and torch release the GIL). An error
+    of a preparation is raised where its scan is asked for, as without ``ahead``."""
+
+    def __init__(self, paths: Sequence[Path], prepare_one: Callable[[Path], PreparedScan], ahead: bool) -> None:
+        self.paths, self.prepare_one = list(paths), prepare_one
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="medflowad-prepare") if ahead and len(paths) > 1 else None
+        self.next: tuple[int, Future[PreparedScan]] | None = None
+
+    def get(self, i: int) -> PreparedScan:
+        if self.pool is None:
+            return self.prepare_one(self.paths[i])
+        if self.next is not None and self.next[0] == i:
+            future = self.next[1]
+        else:
+            future = self.pool.submit(self.prepare_one, self.paths[i])
+        self.next = (i + 1, self.pool.submit(self.prepare_one, self.paths[i + 1])) if i + 1 < len(self.paths) else None
+        return future.result()
+
+    def close(self) -> None:
+        """Drop a preparation not started yet; one under way finishes in its thread (its result is unused)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.next = None
+
+
 def score_scans(
     inputs: Sequence[str | Path], model_dir: Path | str, out: Path, device: str = "auto", batch_size: int = 64,
     fpr: float | None = None, on_scan: Callable[[str, dict], None] | None = None, model: MriModel | None = None,
     brain_masks: tuple[str, str] | None = None, report: bool = False, pattern: str | None = None,
     resume: bool = False, on_start: Callable[[int], None] | None = None, part: tuple[int, int] | None = None,
+    prepare_ahead: bool = True,
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
@@ -225,6 +266,8 @@ def score_scans(
     ``on_start`` hears how many scans were found, ``on_scan`` each one's id and row as it is done.
     ``part=(k, n)`` scores the k-th of n shares of the scans (scans k, k+n, k+2n, ... of the sorted list),
     its maps into OUT and its tables into ``OUT/parts/part-<k>-of-<n>/``; :func:`merge_parts` joins them.
+    ``prepare_ahead`` prepares the next scan while this one is scored (:class:`ScanPreparer`; the results are the
+    same, docs/speed.md measures the time).
     """
     if fpr is not None and not 0 < fpr < 1:  # also refuses NaN
         raise ValueError(f"--fpr must lie strictly between 0 and 1 (0.05 is 5 %), got {fpr}")
@@ -260,6 +303,18 @@ def score_scans(
             and all((out / f"{r['scan_id']}{suffix}").is_file() for suffix in MAP_SUFFIXES)}
     figures: dict[str, ScanFigures] = {}
     tables = TableWriter(result)
+
+    def prepare_one(path: Path) -> PreparedScan:
+        prepared = prepare(path, model.config.preprocessing, brain_replace=brain_masks)
+        if not prepared.keep.any():  # no score, p-value or map could mean anything: say why instead
+            raise ScanError(f"{path}: no slice has enough foreground to score (at least "
+                            f"{model.config.preprocessing.min_foreground:.0%} of the slice, min_foreground); "
+                            "is it a brain scan, and is its brain mask empty?")
+        return prepared
+
+    preparer = ScanPreparer([path for path, sid in zip(scans, ids, strict=True) if sid not in done], prepare_one,
+                            prepare_ahead)
+    asked = 0  # scans asked of the preparer, failed ones included
     try:
         for path, sid in zip(scans, ids, strict=True):
             started = time.perf_counter()
@@ -273,11 +328,8 @@ def score_scans(
                 continue
             row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
             try:
-                prepared = prepare(path, model.config.preprocessing, brain_replace=brain_masks)
-                if not prepared.keep.any():  # no score, p-value or map could mean anything: say why instead
-                    raise ScanError(f"{path}: no slice has enough foreground to score (at least "
-                                    f"{model.config.preprocessing.min_foreground:.0%} of the slice, min_foreground); "
-                                    "is it a brain scan, and is its brain mask empty?")
+                asked += 1
+                prepared = preparer.get(asked - 1)
                 analysis = analyse(model, prepared, batch_size)
                 row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))
                 row.update(scan_scores(model, analysis, fpr))
@@ -315,6 +367,7 @@ def score_scans(
             if on_scan is not None:
                 on_scan(sid, row)
     finally:  # an interruption or a crash still leaves tables of every scan finished
+        preparer.close()
         tables.save(force=True)
     if report:
         write_batch_report(result, model, limits, figures, brain_masks, tables)
@@ -340,13 +393,14 @@ class Thresholds:
     def of(cls, model: MriModel, fpr: float) -> Thresholds:
         mask_map = mask_map_of(model)
         voxel_fpr = model.config.voxel_fpr if model.config.voxel_fpr is not None else fpr
-        healthy_scores = model.calibration[f"scan/{model.config.scan_score}"]  # load_mri_model checked it is there
+        headline = scan_score_of(model)
+        healthy_scores = model.calibration[f"scan/{headline}"]  # load_mri_model checked it is there
         # the mask map when it is normative, else the normative llr where calibrated
         normative = mask_map if mask_map.endswith("_normative") else (
             "llr_normative" if "voxel/llr_normative" in model.calibration else None)
         zscore = normative is not None and not is_healthy_range(model.calibration, normative.removesuffix("_normative"))
         return cls(fpr, voxel_fpr, mask_map, threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr),
-                   model.config.scan_score, healthy_scores, threshold_at_fpr(healthy_scores, fpr), normative, zscore)
+                   headline, healthy_scores, threshold_at_fpr(healthy_scores, fpr), normative, zscore)
 
 
 def native_outputs(analysis: ScanAnalysis, prepared: PreparedScan, limits: Thresholds) -> dict[str, np.ndarray]:

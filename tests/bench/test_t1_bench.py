@@ -31,6 +31,7 @@ def test_scan_metrics_rank_painted_against_healthy_and_count_flags():
     # pairs (painted, healthy): 3>1, 3>2, 0.5<1, 0.5<2 -> 2 of 4
     assert result["scores"]["llr"] == {"auroc": 0.5, "flagged_painted": 1, "flagged_healthy": 1}
     assert result["flag_note"] == "too few calibration scans"
+    assert np.isnan(result["scores"]["intensity_scan_z"]["auroc"])  # not in the rows: a score not calibrated
 
 
 def test_held_apart_test_set_keeps_healthy_copies_and_paints_inside_the_brain(tmp_path):

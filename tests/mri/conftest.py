@@ -86,7 +86,8 @@ TINY_MRI = {
     "preprocessing": {"image_size": 32, "min_foreground": 0.05},
     "model": {"in_channels": 1, "image_size": [32, 32], "levels": 2, "steps": 2, "hidden": 16},
     "batch_size": 16, "general_steps": 15, "in_steps": 10, "device": "cpu", "val_fraction": 0.34,
-    "mask_map": "llr",  # the tests of the model's maps threshold the llr; FLAIR's default has its own test
+    # the tests of the model's maps threshold the llr and flag scans by it; FLAIR's defaults have their own tests
+    "mask_map": "llr", "scan_score": "llr",
 }
 
 

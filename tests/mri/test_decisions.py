@@ -127,9 +127,10 @@ def test_a_scan_with_no_slice_to_score_is_an_error_that_says_why(tiny_mri_model,
 
 
 def test_flair_models_flag_by_the_scan_z_by_default_and_others_by_the_llr(tiny_mri_model, tmp_path):
-    """With no mask_map in its config, a FLAIR model thresholds intensity_scan_z (written as <id>_scan_z, a
-    z-score) at its healthy voxel threshold, and the 3x bright blob is where the map peaks; the same model
-    called T2 keeps the llr mask and writes no scan z."""
+    """With no mask_map and no scan_score in its config, a FLAIR model thresholds intensity_scan_z (written as
+    <id>_scan_z, a z-score) at its healthy voxel threshold, the 3x bright blob is where the map peaks, and scans
+    are flagged by the scan z's slice score against its healthy calibration scans; the same model called T2
+    keeps the llr mask and scan score and writes no scan z."""
     import shutil
 
     scan = save_nifti(tmp_path / "s.nii.gz", brain_like(seed=23, blob=(30, 20, 8)), oblique_lps_affine())
@@ -138,13 +139,18 @@ def test_flair_models_flag_by_the_scan_z_by_default_and_others_by_the_llr(tiny_m
         model_dir = tmp_path / modality
         shutil.copytree(tiny_mri_model, model_dir)
         config = yaml.safe_load((model_dir / "mri.yaml").read_text())
-        config.update(modality=modality, mask_map=None)
+        config.update(modality=modality, mask_map=None, scan_score=None)
         (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
         out = tmp_path / f"out_{modality}"
         result = score_scans([scan], model_dir, out, device="cpu")
         assert result.all_ok, result.rows
         calibration = load_mri_model(model_dir, "cpu").calibration
         mask = np.asarray(nib.load(str(out / "s_anomaly_mask.nii.gz")).dataobj).astype(bool)
+        headline = "intensity_scan_z" if modality == "flair" else "llr"
+        assert json.loads((out / "scores.json").read_text())["scan_score"] == headline
+        row = _rows(out / "scores.csv")[0]
+        healthy = calibration[f"scan/{headline}"]
+        assert float(row[f"{headline}_p"]) == pytest.approx(_p_value(float(row[headline]), healthy))
         if modality == "t2":
             assert not (out / "s_scan_z.nii.gz").exists()
             llr = np.asarray(nib.load(str(out / "s_anomaly.nii.gz")).dataobj)

@@ -68,7 +68,7 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity_normative",
-                                      "intensity", "position"}
+                                      "intensity_scan_z", "intensity", "position"}
     assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity", "intensity_abs_z", "intensity_scan_z",
                                      "llr_c1", "llr_c2",
                                      "llr_normative", "last_scale_normative", "intensity_normative"}

@@ -172,6 +172,21 @@ def test_smoothing_within_the_region_is_a_normalised_convolution():
     assert np.allclose(constant[region], 3.0, atol=1e-5)  # the brain's edge is not pulled towards 0
 
 
+def test_scan_z_area_is_the_bright_share_of_each_scored_slice_averaged_with_its_scored_neighbours():
+    """By hand: per scored slice, pixels above 2 over all S x S pixels; then the mean of the previous scored,
+    this and the next scored slice (the end slices count themselves for the missing neighbour)."""
+    from medflowad.mri.analysis import scan_z_area
+
+    rng = np.random.default_rng(11)
+    scan_z = rng.normal(scale=2.0, size=(6, 5, 5)).astype(np.float32)
+    keep = np.array([False, True, True, False, True, True])
+    share = {z: sum(scan_z[z, i, j] > 2 for i in range(5) for j in range(5)) / 25 for z in (1, 2, 4, 5)}
+    expected = [np.nan, (2 * share[1] + share[2]) / 3, (share[1] + share[2] + share[4]) / 3, np.nan,
+                (share[2] + share[4] + share[5]) / 3, (share[4] + 2 * share[5]) / 3]
+    np.testing.assert_allclose(scan_z_area(scan_z, keep), expected, atol=1e-12)
+    assert np.isnan(scan_z_area(scan_z, np.zeros(6, dtype=bool))).all()
+
+
 def test_score_with_the_normative_intensity_as_mask_map_and_scan_score(tiny_mri_model, tmp_path):
     """A model whose config chooses the normative intensity: the mask is that map above its healthy
     threshold at the config's voxel FPR, the map is written as <id>_normative, and flags, report and table
