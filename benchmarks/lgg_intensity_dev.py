@@ -52,6 +52,7 @@ from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import (
     intensity_map,
     intensity_scan_z,
+    mean_with_neighbours,
     scan_z_area,
     smoothed_within,
     unclipped_intensity_map,
@@ -134,9 +135,7 @@ def main() -> None:
                 for agg, per_slice in slice_aggregates(maps[map_name], region).items():
                     slice_values.setdefault(f"{map_name}:{agg}", []).append(per_slice[keep])
                     # with the neighbouring slices: lesions are 3D, a slice at a lesion's edge shows little of it
-                    padded = np.pad(per_slice[keep], 1, mode="edge")
-                    slice_values.setdefault(f"{map_name}:{agg}:z3", []).append(
-                        (padded[:-2] + padded[1:-1] + padded[2:]) / 3)
+                    slice_values.setdefault(f"{map_name}:{agg}:z3", []).append(mean_with_neighbours(per_slice[keep]))
         # the product's slice score (``score`` flags FLAIR scans by it): must rank as area2:z3 of the scan z
         slice_values.setdefault("product:intensity_scan_z", []).append(
             scan_z_area(maps["scan_z_unclipped_s1.5"], keep)[keep])

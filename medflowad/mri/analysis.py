@@ -144,10 +144,14 @@ def scan_z_area(scan_z: np.ndarray, keep: np.ndarray, level: float = SCAN_Z_AREA
     scored = np.nonzero(keep)[0]
     if len(scored) == 0:
         return out
-    share = (scan_z[scored] > level).mean(axis=(1, 2), dtype=np.float64)
-    padded = np.pad(share, 1, mode="edge")
-    out[scored] = (padded[:-2] + padded[1:-1] + padded[2:]) / 3
+    out[scored] = mean_with_neighbours((scan_z[scored] > level).mean(axis=(1, 2), dtype=np.float64))
     return out
+
+
+def mean_with_neighbours(values: np.ndarray) -> np.ndarray:
+    """(N,) each value averaged with the one before and after it; the first and last count themselves twice."""
+    padded = np.pad(values, 1, mode="edge")
+    return (padded[:-2] + padded[1:-1] + padded[2:]) / 3
 
 
 def intensity_map(prepared: PreparedScan) -> np.ndarray:

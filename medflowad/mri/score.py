@@ -224,31 +224,33 @@ def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out
 
 
 class ScanPreparer:
-    """``prepare_one`` of ``paths[i]`` on request, in order; with ``ahead``, asking for scan i also starts scan
+    """``prepare_one`` of each of ``paths`` in turn (:meth:`take`); with ``ahead``, taking scan i also starts scan
     i + 1's preparation in a worker thread, so reading, brain extraction and resampling of the next scan run
     while this one's models, maps and writes do (numpy, SimpleITK, zlib and torch release the GIL). An error
-    of a preparation is raised where its scan is asked for, as without ``ahead``."""
+    of a preparation is raised where its scan is taken, as without ``ahead``."""
 
     def __init__(self, paths: Sequence[Path], prepare_one: Callable[[Path], PreparedScan], ahead: bool) -> None:
         self.paths, self.prepare_one = list(paths), prepare_one
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="medflowad-prepare") if ahead and len(paths) > 1 else None
-        self.next: tuple[int, Future[PreparedScan]] | None = None
+        self.taken = 0
+        self.ahead: Future[PreparedScan] | None = None  # the preparation of paths[taken], under way
 
-    def get(self, i: int) -> PreparedScan:
+    def take(self) -> PreparedScan:
+        """The next scan, prepared."""
+        path = self.paths[self.taken]
+        self.taken += 1
         if self.pool is None:
-            return self.prepare_one(self.paths[i])
-        if self.next is not None and self.next[0] == i:
-            future = self.next[1]
-        else:
-            future = self.pool.submit(self.prepare_one, self.paths[i])
-        self.next = (i + 1, self.pool.submit(self.prepare_one, self.paths[i + 1])) if i + 1 < len(self.paths) else None
+            return self.prepare_one(path)
+        future = self.ahead if self.ahead is not None else self.pool.submit(self.prepare_one, path)
+        following = self.paths[self.taken] if self.taken < len(self.paths) else None
+        self.ahead = self.pool.submit(self.prepare_one, following) if following is not None else None
         return future.result()
 
     def close(self) -> None:
         """Drop a preparation not started yet; one under way finishes in its thread (its result is unused)."""
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
-            self.next = None
+            self.ahead = None
 
 
 def score_scans(
@@ -314,7 +316,6 @@ def score_scans(
 
     preparer = ScanPreparer([path for path, sid in zip(scans, ids, strict=True) if sid not in done], prepare_one,
                             prepare_ahead)
-    asked = 0  # scans asked of the preparer, failed ones included
     try:
         for path, sid in zip(scans, ids, strict=True):
             started = time.perf_counter()
@@ -328,8 +329,7 @@ def score_scans(
                 continue
             row: dict = {"scan_id": sid, "status": "ok", "error": "", "path": absolute_scan_path(path)}
             try:
-                asked += 1
-                prepared = preparer.get(asked - 1)
+                prepared = preparer.take()  # the scans not done, in this loop's order
                 analysis = analyse(model, prepared, batch_size)
                 row.update(slices=prepared.num_slices, scored_slices=int(prepared.keep.sum()))
                 row.update(scan_scores(model, analysis, fpr))

@@ -15,7 +15,7 @@ from medflowad.mri.score import ScanPreparer, score_scans
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
 
-def test_asking_for_a_scan_starts_the_next_ones_preparation_in_another_thread():
+def test_taking_a_scan_starts_the_next_ones_preparation_in_another_thread():
     started: dict[str, threading.Event] = {name: threading.Event() for name in "abc"}
     threads: dict[str, str] = {}
 
@@ -28,17 +28,17 @@ def test_asking_for_a_scan_starts_the_next_ones_preparation_in_another_thread():
 
     preparer = ScanPreparer([Path("a"), Path("b"), Path("c")], prepare_one, ahead=True)
     try:
-        assert preparer.get(0) == "prepared a"
-        assert started["b"].wait(10)  # b is under way before anyone asks for it
+        assert preparer.take() == "prepared a"
+        assert started["b"].wait(10)  # b is under way before anyone takes it
         assert threads["b"].startswith("medflowad-prepare")
         assert not started["c"].is_set()  # one scan ahead, no more
         with pytest.raises(ValueError, match="b: unreadable"):  # b's error belongs to b
-            preparer.get(1)
-        assert preparer.get(2) == "prepared c"
+            preparer.take()
+        assert preparer.take() == "prepared c"
     finally:
         preparer.close()
-    in_order = ScanPreparer([Path("a"), Path("c")], prepare_one, ahead=False)
-    assert in_order.get(1) == "prepared c" and in_order.pool is None
+    in_order = ScanPreparer([Path("c"), Path("a")], prepare_one, ahead=False)
+    assert in_order.take() == "prepared c" and in_order.pool is None
 
 
 def _rows(path: Path) -> list[dict]:
