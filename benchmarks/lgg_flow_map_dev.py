@@ -1,0 +1,131 @@
+"""Development split of protocol B for the flow maps: how a scale's per-location llr is laid onto pixels.
+
+    MEDFLOWAD_DATA=/path/to/data python benchmarks/lgg_flow_map_dev.py -m runs/bench_mri_v11/flair_outlier \\
+        -o runs/lgg_flow_map_dev                                        # the model's 12 calibration patients
+    MEDFLOWAD_DATA=/path/to/data python benchmarks/lgg_flow_map_dev.py -m runs/bench_mri_v11/flair_outlier \\
+        -o runs/lgg_flow_map_test --split test --maps llr llr:bilinear_s2 ...  # once per setting reported
+
+Why: scale i's contribution c_i is one number per location, a 2^i x 2^i block of pixels (8 x 8 at the last
+of three scales), and ``score`` spreads it over that block evenly (nearest upsampling). The overlays of
+protocol B show the result: blocky hot cells on the tumours' bright rims, boundaries on the block grid, not the
+lesion's. Variants of each flow map, measured on the same native brain voxels as the intensity baseline and the
+product's scan z:
+
+- ``nearest``: the product's map;
+- ``bilinear``: each scale's grid of locations upsampled bilinearly to pixels (a location's value at its
+  block's centre), then summed over scales; the same total mass per scale up to the edges;
+- ``_s<sigma>``: either of those smoothed in-plane within the scored brain (``analysis.smoothed_within``).
+
+The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
+training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
+``lgg_intensity_dev.py``: pooled voxel AUPRC over the scored slices' brain voxels, and Dice at the value 5 % of
+the *other* patients' healthy voxels exceed (lesions dilated by 2 voxels are not healthy).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lgg_intensity_dev import voxel_metrics
+from scipy import ndimage
+
+from medflowad.bench.mri import LESION_MASKS, read_split
+from medflowad.data.readers import load_scan
+from medflowad.data.scans import to_native
+from medflowad.mri.analysis import SCAN_Z_MAP, analyse_slices, intensity_map, scale_map_names, smoothed_within
+from medflowad.mri.model import analyse, load_mri_model
+from medflowad.mri.score import scans_the_model_saw
+from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
+
+FLOW_MAPS = {"llr": None, "llr_c2": 2, "last_scale": None}  # map -> its one scale (None: see below)
+SIGMAS = (1.0, 2.0, 4.0)
+
+
+def bilinear_spread(block_map: np.ndarray, factor: int) -> np.ndarray:
+    """(N, S, S) a nearest-spread map (constant on factor x factor blocks) re-spread bilinearly from the blocks'
+    centres; the per-pixel values keep the nearest map's scale (a location's contribution over its pixels)."""
+    coarse = torch.from_numpy(np.ascontiguousarray(block_map[:, ::factor, ::factor], dtype=np.float32))
+    return torch.nn.functional.interpolate(coarse[:, None], scale_factor=factor, mode="bilinear",
+                                           align_corners=False)[:, 0].numpy()
+
+
+def flow_variants(prepared, model, region: np.ndarray) -> dict[str, np.ndarray]:
+    """Every variant of FLOW_MAPS on the (Z, S, S) model grid, zero outside the scored brain."""
+    keep = np.nonzero(prepared.keep)[0]
+    shape = (prepared.num_slices, *prepared.slices.shape[-2:])
+    levels = model.in_model.config.levels
+    _, maps = analyse_slices(prepared.slices[keep], model.in_model, model.general_model)
+    per_scale = {i + 1: maps[name] for i, name in enumerate(scale_map_names(levels))}
+    # last_scale is -log p_in's last scale; its nearest spread comes from analyse_slices, its blocks are 2^L wide
+    sources = {"llr": [(per_scale[i], 2**i) for i in per_scale], "llr_c2": [(per_scale[2], 4)],
+               "last_scale": [(maps["last_scale"], 2**levels)]}
+    out = {}
+    for name, parts in sources.items():
+        for mode in ("nearest", "bilinear"):
+            kept = sum(m if mode == "nearest" else bilinear_spread(m, f) for m, f in parts)
+            full = np.zeros(shape, dtype=np.float32)
+            full[keep] = kept
+            full = np.where(region, full, 0.0).astype(np.float32)
+            out[name if mode == "nearest" else f"{name}:bilinear"] = full
+            for sigma in SIGMAS:
+                out[f"{name}:{mode}_s{sigma:g}"] = smoothed_within(full, region, sigma)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--model", type=Path, required=True)
+    parser.add_argument("-o", "--out", type=Path, required=True)
+    parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
+    parser.add_argument("--maps", nargs="+", help="report only these maps (the test split: the chosen ones)")
+    args = parser.parse_args()
+    model = load_mri_model(args.model, "cpu")
+    if args.split == "calibration":
+        scans = sorted(Path(p) for p, role in scans_the_model_saw(model.folder).items() if role == "calibrated")
+    else:
+        lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
+        scans = [lgg / f"{p}_flair.nii.gz" for p in read_split(None)["test"]]
+    if not scans:
+        raise SystemExit(f"{args.model}: no {args.split} scans")
+
+    values: dict[str, list[np.ndarray]] = {}
+    labels, healthy_of, patient_of = [], [], []
+    for i, path in enumerate(scans):
+        lesion_file = load_scan(companion_path(path, LESION_MASKS))
+        prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
+        lesion = mask_on_scan(lesion_file, prepared.native)
+        region = prepared.foreground & prepared.keep[:, None, None]
+        product = analyse(model, prepared)
+        maps = {"intensity": intensity_map(prepared), SCAN_Z_MAP: product.maps[SCAN_Z_MAP],
+                **flow_variants(prepared, model, region)}
+        # the variant code's nearest maps must be the product's (a check of this script, not of the product)
+        for name in FLOW_MAPS:
+            assert np.allclose(maps[name], product.maps[name], atol=1e-4), name
+        native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
+        for name, image in maps.items():
+            if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP):
+                values.setdefault(name, []).append(to_native(image, prepared)[native_region])
+        truth = lesion[native_region]
+        labels.append(truth)
+        healthy_of.append(~ndimage.binary_dilation(lesion, iterations=2)[native_region])
+        patient_of.append(np.full(truth.size, i, dtype=np.int32))
+        print(f"{i + 1}/{len(scans)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
+
+    truth, healthy, patient = np.concatenate(labels), np.concatenate(healthy_of), np.concatenate(patient_of)
+    result = {"model": str(args.model), "split": args.split, "patients": len(scans), "voxels": int(truth.size),
+              "lesion_voxels": int(truth.sum()), "maps": {}}
+    for name, parts in values.items():
+        auprc, dice_lopo, threshold = voxel_metrics(np.concatenate(parts), truth, healthy, patient)
+        result["maps"][name] = {"voxel_auprc": auprc, "dice_at_5%_healthy_fpr": dice_lopo,
+                                "healthy_threshold_5%": threshold}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, m in sorted(result["maps"].items(), key=lambda kv: -kv[1]["voxel_auprc"]):
+        print(f"{name:28s} AUPRC {m['voxel_auprc']:.3f}  Dice@5% {m['dice_at_5%_healthy_fpr']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
