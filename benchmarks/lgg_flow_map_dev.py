@@ -13,7 +13,8 @@ product's scan z:
 
 - ``nearest``: the product's map;
 - ``bilinear``: each scale's grid of locations upsampled bilinearly to pixels (a location's value at its
-  block's centre), then summed over scales; the same total mass per scale up to the edges;
+  block's centre), then summed over scales; the same total mass per scale up to the edges
+  (``analysis.spread_to_pixels``, which the product uses with ``map_spread: bilinear``);
 - ``_s<sigma>``: either of those smoothed in-plane within the scored brain (``analysis.smoothed_within``).
 
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
@@ -28,49 +29,33 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from lgg_intensity_dev import voxel_metrics
 from scipy import ndimage
 
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
-from medflowad.mri.analysis import SCAN_Z_MAP, analyse_slices, intensity_map, scale_map_names, smoothed_within
+from medflowad.mri.analysis import MAP_SPREADS, SCAN_Z_MAP, analyse_slices, intensity_map, smoothed_within
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.score import scans_the_model_saw
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 
-FLOW_MAPS = {"llr": None, "llr_c2": 2, "last_scale": None}  # map -> its one scale (None: see below)
-SIGMAS = (1.0, 2.0, 4.0)
+FLOW_MAPS = ("llr", "llr_c2", "last_scale")
 
 
-def bilinear_spread(block_map: np.ndarray, factor: int) -> np.ndarray:
-    """(N, S, S) a nearest-spread map (constant on factor x factor blocks) re-spread bilinearly from the blocks'
-    centres; the per-pixel values keep the nearest map's scale (a location's contribution over its pixels)."""
-    coarse = torch.from_numpy(np.ascontiguousarray(block_map[:, ::factor, ::factor], dtype=np.float32))
-    return torch.nn.functional.interpolate(coarse[:, None], scale_factor=factor, mode="bilinear",
-                                           align_corners=False)[:, 0].numpy()
-
-
-def flow_variants(prepared, model, region: np.ndarray) -> dict[str, np.ndarray]:
+def flow_variants(prepared, model, region: np.ndarray, sigmas: list[float]) -> dict[str, np.ndarray]:
     """Every variant of FLOW_MAPS on the (Z, S, S) model grid, zero outside the scored brain."""
     keep = np.nonzero(prepared.keep)[0]
     shape = (prepared.num_slices, *prepared.slices.shape[-2:])
-    levels = model.in_model.config.levels
-    _, maps = analyse_slices(prepared.slices[keep], model.in_model, model.general_model)
-    per_scale = {i + 1: maps[name] for i, name in enumerate(scale_map_names(levels))}
-    # last_scale is -log p_in's last scale; its nearest spread comes from analyse_slices, its blocks are 2^L wide
-    sources = {"llr": [(per_scale[i], 2**i) for i in per_scale], "llr_c2": [(per_scale[2], 4)],
-               "last_scale": [(maps["last_scale"], 2**levels)]}
     out = {}
-    for name, parts in sources.items():
-        for mode in ("nearest", "bilinear"):
-            kept = sum(m if mode == "nearest" else bilinear_spread(m, f) for m, f in parts)
+    for mode in MAP_SPREADS:
+        _, maps = analyse_slices(prepared.slices[keep], model.in_model, model.general_model, spread=mode)
+        for name in FLOW_MAPS:
             full = np.zeros(shape, dtype=np.float32)
-            full[keep] = kept
+            full[keep] = maps[name]
             full = np.where(region, full, 0.0).astype(np.float32)
-            out[name if mode == "nearest" else f"{name}:bilinear"] = full
-            for sigma in SIGMAS:
+            out[name if mode == "nearest" else f"{name}:{mode}"] = full
+            for sigma in sigmas:
                 out[f"{name}:{mode}_s{sigma:g}"] = smoothed_within(full, region, sigma)
     return out
 
@@ -80,6 +65,7 @@ def main() -> None:
     parser.add_argument("-m", "--model", type=Path, required=True)
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0])
     parser.add_argument("--maps", nargs="+", help="report only these maps (the test split: the chosen ones)")
     args = parser.parse_args()
     model = load_mri_model(args.model, "cpu")
@@ -100,10 +86,11 @@ def main() -> None:
         region = prepared.foreground & prepared.keep[:, None, None]
         product = analyse(model, prepared)
         maps = {"intensity": intensity_map(prepared), SCAN_Z_MAP: product.maps[SCAN_Z_MAP],
-                **flow_variants(prepared, model, region)}
-        # the variant code's nearest maps must be the product's (a check of this script, not of the product)
+                **flow_variants(prepared, model, region, args.sigmas)}
+        # the variant of the model's own map_spread must be the product's map (a check of this script)
         for name in FLOW_MAPS:
-            assert np.allclose(maps[name], product.maps[name], atol=1e-4), name
+            own = name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"
+            assert np.allclose(maps[own], product.maps[name], atol=1e-4), name
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
             if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP):

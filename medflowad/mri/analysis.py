@@ -1,9 +1,12 @@
 """Slice scores and voxel maps of one prepared scan, scan aggregation and conformal calibration.
 
-Maps are per-location likelihood contributions on the model grid, spread evenly over the pixels of
-each location (a location of scale i covers 2^i x 2^i pixels), so a slice's ``llr`` map sums to its
-``llr`` score and its ``last_scale`` map to its ``last_scale`` score. ``llr_c<i>`` is scale i's share of
-the ``llr`` map (they add up to it): the finer the scale, the smaller the region one value describes.
+Maps are per-location likelihood contributions on the model grid, spread over the pixels of each location
+(a location of scale i covers 2^i x 2^i pixels) as its value divided by those pixels: ``nearest`` evenly
+over the block, so a slice's ``llr`` map sums to its ``llr`` score and its ``last_scale`` map to its
+``last_scale`` score; ``bilinear`` interpolated between the blocks' centres, which keeps the sums up to the
+slice's edge and puts a map's boundaries where the values change rather than on the block grid (see
+``MAP_SPREADS``). ``llr_c<i>`` is scale i's share of the ``llr`` map (they add up to it): the finer the
+scale, the smaller the region one value describes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ SCAN_Z_SIGMA = 1.5  # model-grid pixels
 # development split by slice AUROC within position among the 99th percentile, maximum, top-k means and areas
 # above 1.5-3 (docs/results.md).
 SCAN_Z_AREA_LEVEL = 2.0
+# How per-location values become pixels: "nearest" (blocks; models calibrated before 2026-12-06) or "bilinear"
+# (chosen on LGG's development split: higher voxel AUPRC for the plain and the outlier-loss model,
+# docs/results.md). A model's calibration holds thresholds of the maps it was calibrated with, so the spread is
+# part of its config (MriConfig.map_spread).
+MAP_SPREADS = ("nearest", "bilinear")
 
 
 def scale_map_names(levels: int) -> tuple[str, ...]:
@@ -74,23 +82,36 @@ def aggregate(slice_scores: np.ndarray, top_fraction: float) -> float:
     return float(values[:k].mean())
 
 
-def _spread(maps: list[np.ndarray], size: int) -> np.ndarray:
-    """Sum per-scale maps after nearest upsampling to ``size``, each divided by its pixels per location."""
+def spread_to_pixels(maps: list[np.ndarray], size: int, mode: str = "nearest") -> np.ndarray:
+    """(N, size, size): per-scale maps (N, h_i, w_i) upsampled to ``size`` (``mode`` of MAP_SPREADS), each
+    divided by its pixels per location, and summed.
+
+    ``bilinear`` places a location's value at its block's centre and interpolates between centres (half-pixel
+    centres, ``align_corners=False``; beyond the outermost centres the edge value holds), so a constant map
+    stays constant and a map's mass is kept except within half a block of the slice's edge."""
     total = np.zeros((maps[0].shape[0], size, size), dtype=np.float64)
     for m in maps:
         factor = size // m.shape[-1]
-        total += np.repeat(np.repeat(m, factor, axis=-2), factor, axis=-1) / factor**2
+        if mode == "nearest":
+            total += np.repeat(np.repeat(m, factor, axis=-2), factor, axis=-1) / factor**2
+        elif mode == "bilinear":
+            coarse = torch.from_numpy(np.ascontiguousarray(m, dtype=np.float64))[:, None]
+            total += torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
+                                                     align_corners=False)[:, 0].numpy() / factor**2
+        else:
+            raise ValueError(f"map spread must be one of {', '.join(MAP_SPREADS)}, got {mode!r}")
     return total
 
 
 def analyse_slices(
     slices: torch.Tensor, in_model: Glow, general_model: Glow, batch_size: int = 64,
-    classes: np.ndarray | None = None,
+    classes: np.ndarray | None = None, spread: str = "nearest",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Scores (N,) and maps (N, S, S) for uint8 slices (N, 1, S, S); one pass of each model.
 
     ``classes`` (N,): each slice's position class for a position-aware in-distribution model
-    (:mod:`medflowad.mri.position`); None: the class mixture (slices of unknown level)."""
+    (:mod:`medflowad.mri.position`); None: the class mixture (slices of unknown level). ``spread``: how
+    per-location values become pixels (MAP_SPREADS)."""
     size = slices.shape[-1]
     labels = None if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
     p_in = likelihoods(in_model, slices, batch_size, keep_maps=True, labels=labels)
@@ -98,23 +119,25 @@ def analyse_slices(
     scores = scores_from_likelihoods(math.prod(slices.shape[1:]), p_in, p_g)
     per_scale = [g - i for g, i in zip(p_g.maps, p_in.maps, strict=True)]
     maps = {
-        "llr": _spread(per_scale, size),
-        "last_scale": _spread([-p_in.maps[-1]], size),
-        **{name: _spread([m], size) for name, m in zip(scale_map_names(len(per_scale)), per_scale, strict=True)},
+        "llr": spread_to_pixels(per_scale, size, spread),
+        "last_scale": spread_to_pixels([-p_in.maps[-1]], size, spread),
+        **{name: spread_to_pixels([m], size, spread)
+           for name, m in zip(scale_map_names(len(per_scale)), per_scale, strict=True)},
     }
     return {k: scores[k] for k in WHOLE_SLICE_SCORES}, maps
 
 
 def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, batch_size: int = 64,
-                 classes: np.ndarray | None = None) -> ScanAnalysis:
-    """Slice scores and maps of every slice; ``classes`` (Z,): position classes (see :func:`analyse_slices`)."""
+                 classes: np.ndarray | None = None, spread: str = "nearest") -> ScanAnalysis:
+    """Slice scores and maps of every slice; ``classes`` (Z,): position classes, ``spread``: how per-location
+    values become pixels (see :func:`analyse_slices`)."""
     z, size = prepared.num_slices, prepared.slices.shape[-1]
     keep = np.nonzero(prepared.keep)[0]
     slice_scores = {name: np.full(z, np.nan) for name in SLICE_SCORES}
     maps = {name: np.zeros((z, size, size), dtype=np.float32) for name in map_names(in_model.config.levels)}
     if len(keep):
         scores, kept_maps = analyse_slices(prepared.slices[keep], in_model, general_model, batch_size,
-                                           None if classes is None else classes[keep])
+                                           None if classes is None else classes[keep], spread)
         for name in WHOLE_SLICE_SCORES:
             slice_scores[name][keep] = scores[name]
         foreground = prepared.foreground[keep]

@@ -84,7 +84,7 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
     standard = model.config.preprocessing.space == "standard"
     for prepared in healthy_val:
         analysis = analyse_scan(prepared, model.in_model, model.general_model,
-                                classes=scan_position_classes(model.config, prepared))
+                                classes=scan_position_classes(model.config, prepared), spread=model.config.map_spread)
         healthy_slices, healthy_voxels = healthy_parts(prepared)
         for name in slice_values:
             kept = np.where(healthy_slices, analysis.slice_scores[name], np.nan)

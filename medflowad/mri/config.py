@@ -12,7 +12,7 @@ import yaml
 from medflowad.config import ConfigError, OutlierConfig, build_dataclass
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
-from medflowad.mri.analysis import SCAN_Z_MAP, SLICE_SCORES
+from medflowad.mri.analysis import MAP_SPREADS, SCAN_Z_MAP, SLICE_SCORES
 from medflowad.mri.normative import NORMATIVE_MAPS
 
 MODALITIES = ("t1", "t2", "flair", "pd", "ct")
@@ -60,6 +60,9 @@ class MriConfig:
     calibration_seed: int | None = None  # draws the calibration scans; None: seed. Fix it to vary training alone
     device: str = "auto"
     channels_last: bool = False  # NHWC convolutions: a little faster on CPU, equal only to float precision
+    # How the flow maps' per-location values become pixels (analysis.MAP_SPREADS). The presets say "bilinear";
+    # a model folder without the key was calibrated on "nearest" maps and keeps them.
+    map_spread: str = "nearest"
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:
@@ -79,6 +82,8 @@ class MriConfig:
             raise ConfigError(f"position_bins must be 0 (unconditional) or at least 2, got {self.position_bins}")
         if self.position_bins and self.outlier.enabled:
             raise ConfigError("position_bins and the outlier loss do not go together yet (not measured)")
+        if self.map_spread not in MAP_SPREADS:
+            raise ConfigError(f"map_spread must be one of {', '.join(MAP_SPREADS)}, got {self.map_spread!r}")
         if self.lesions not in ("mask", "drop_slices"):
             raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:

@@ -443,7 +443,7 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
     """Scores and maps of a prepared scan, with the normative maps (``<map>_normative``) when the model's
     calibration holds per-location statistics (models calibrated before normative maps have none)."""
     analysis = analyse_scan(prepared, model.in_model, model.general_model, batch_size,
-                            scan_position_classes(model.config, prepared))
+                            scan_position_classes(model.config, prepared), model.config.map_spread)
     standard = model.config.preprocessing.space == "standard"
     level = slice_levels(prepared, standard)
     region = prepared.foreground & prepared.keep[:, None, None]
