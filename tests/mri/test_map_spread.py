@@ -11,6 +11,7 @@ from medflowad.config import ConfigError
 from medflowad.data.readers import load_scan
 from medflowad.data.scans import prepare_scan
 from medflowad.mri.analysis import analyse_scan, spread_to_pixels
+from medflowad.mri.config import MriConfig
 from medflowad.mri.model import analyse, load_mri_model
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
@@ -75,7 +76,5 @@ def test_model_maps_follow_the_config_s_spread(tiny_mri_model, tmp_path):
 
 
 def test_unknown_map_spread_is_refused():
-    from medflowad.mri.config import MriConfig
-
     with pytest.raises(ConfigError, match="map_spread must be one of nearest, bilinear"):
         dataclasses.replace(MriConfig(), map_spread="cubic").validate()
