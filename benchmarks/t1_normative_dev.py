@@ -36,7 +36,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import bias_scan_file, paint_scan_file
-from medflowad.mri.analysis import aggregate, intensity_scan_z, threshold_at_fpr
+from medflowad.mri.analysis import aggregate, intensity_scan_z, threshold_at_fpr, unclipped_intensity_map
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
@@ -66,11 +66,12 @@ def development_copies(ixi: Path, subject: str, index: int, tmp: Path, painted_d
     return source
 
 
-def normative_maps(scan, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics."""
+def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics,
+    of the image that ``read`` takes from the prepared scan."""
     region = scan.foreground & scan.keep[:, None, None]
-    return (region, normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread),
-            beyond_healthy_range(intensity(scan), region, slice_levels(scan, True), low, high, spread))
+    return (region, normative_map(read(scan), region, slice_levels(scan, True), centre, spread),
+            beyond_healthy_range(read(scan), region, slice_levels(scan, True), low, high, spread))
 
 
 def main() -> None:
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="also measure this model's llr maps (in-sample)")
     parser.add_argument("--config", default="mri_demo", help="MRI config whose preparation to use")
     parser.add_argument("--bias-field", type=float, default=0.0, help="measure on scans with this field")
+    parser.add_argument("--unclipped", action="store_true", help="normative maps of the normalised image before "
+                        "its clip at 1 (the model's input is clipped)")
     args = parser.parse_args()
     ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
@@ -106,6 +109,7 @@ def main() -> None:
             painted[subject] = [prepare(measured_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
                                 for k in range(1, args.copies + 1)]
     model = load_mri_model(args.model, "cpu") if args.model else None
+    read = unclipped_intensity_map if args.unclipped else intensity
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
@@ -115,14 +119,14 @@ def main() -> None:
     scan_scores: dict[str, dict[str, list]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
-        fit = ([intensity(p) for p in others], [healthy_parts(p)[1] for p in others],
+        fit = ([read(p) for p in others], [healthy_parts(p)[1] for p in others],
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
         low, high = fit_healthy_range(*fit)
         statistics = (centre, spread, low, high)
         measured = biased_healthy.get(subject, healthy[subject])
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
-            region, signed, beyond = normative_maps(scan, *statistics)
+            region, signed, beyond = normative_maps(scan, read, *statistics)
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": np.abs(intensity_scan_z(intensity(scan), region))}
@@ -139,7 +143,7 @@ def main() -> None:
                 if scan is healthy[subject]:
                     healthy_values.append(biased_values[-1])
                 else:  # thresholds from the unbiased scan, as calibrated
-                    unbiased_region, *unbiased = normative_maps(healthy[subject], *statistics)
+                    unbiased_region, *unbiased = normative_maps(healthy[subject], read, *statistics)
                     healthy_values.append({n: m[unbiased_region] for n, m in zip(DICE_MAPS, unbiased, strict=True)})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
@@ -148,6 +152,7 @@ def main() -> None:
                         voxel[name].append(maps[name][region])
     labels = np.concatenate(truth)
     result = {"subjects": subjects, "copies": args.copies, "config": args.config, "bias_field": args.bias_field,
+              "unclipped": args.unclipped,
               "voxels": int(labels.size),
               "lesion_voxels": int(labels.sum()),
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()

@@ -190,6 +190,13 @@ def unclipped_intensity_map(prepared: PreparedScan) -> np.ndarray:
     return (prepared.unclipped * prepared.foreground).astype(np.float32)
 
 
+# Which image the intensity's healthy range (its normative map) reads: the model's input, clipped at 1, or the
+# normalised image before the clip, where a lesion brighter than the brightest healthy tissue keeps its
+# brightness. The presets say "unclipped" (chosen on protocol D's development split, docs/results.md); a model
+# folder without the key was calibrated on the clipped image and keeps it (MriConfig.normative_intensity).
+NORMATIVE_INTENSITY_READS = {"clipped": intensity_map, "unclipped": unclipped_intensity_map}
+
+
 def intensity_scan_z(image: np.ndarray, region: np.ndarray) -> np.ndarray:
     """(image - median) / (1.4826 MAD) with median and MAD over ``region`` (zero outside it).
 

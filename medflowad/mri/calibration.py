@@ -3,7 +3,7 @@ per-location statistics of the normative maps (:mod:`medflowad.mri.normative`)."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,10 +11,10 @@ from scipy import ndimage
 
 from medflowad.data.scans import PreparedScan
 from medflowad.mri.analysis import (
+    NORMATIVE_INTENSITY_READS,
     SLICE_SCORES,
     aggregate,
     analyse_scan,
-    intensity_map,
     threshold_at_fpr,
 )
 from medflowad.mri.normative import (
@@ -107,7 +107,8 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
             normative_map(values, mask, level, centre, spread)[mask]
             for values, mask, level in zip(kept_maps[name], healthy_masks, levels, strict=True)]
     model_free = _model_free_calibration(list(healthy_train) + list(healthy_val), subjects, standard,
-                                         model.config.top_fraction)
+                                         model.config.top_fraction,
+                                         NORMATIVE_INTENSITY_READS[model.config.normative_intensity])
     if model_free:
         voxel_values[f"{MODEL_FREE}_normative"] = model_free.pop("voxel")
         calibration.update(model_free)
@@ -133,8 +134,9 @@ def subject_folds(subjects: Sequence[str]) -> list[set[str]]:
 
 
 def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
-                            top_fraction: float) -> dict:
-    """Normative intensity statistics (centre, spread and healthy range) from every healthy scan, and its
+                            top_fraction: float, read: Callable[[PreparedScan], np.ndarray]) -> dict:
+    """Normative intensity statistics (centre, spread and healthy range) of the image ``read`` takes from each
+    healthy scan (analysis.NORMATIVE_INTENSITY_READS), from every healthy scan, and its
     calibration with subjects left out (:func:`subject_folds`: one at a time up to five subjects, then five
     folds): slice and scan scores, and healthy voxel values (under "voxel", a list per scan) of
     :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two subjects: there is no
@@ -144,7 +146,7 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
         raise ValueError(f"{len(subjects)} subject keys for {len(scans)} healthy scans")
     if len(set(subjects)) < 2:
         return {}
-    maps = [intensity_map(p) for p in scans]
+    maps = [read(p) for p in scans]
     parts = [healthy_parts(p) for p in scans]
     levels = [slice_levels(p, standard) for p in scans]
     count = level_count(scans[0], standard)

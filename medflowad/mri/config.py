@@ -12,7 +12,7 @@ import yaml
 from medflowad.config import ConfigError, OutlierConfig, build_dataclass
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
-from medflowad.mri.analysis import MAP_SPREADS, SCAN_Z_MAP, SLICE_SCORES
+from medflowad.mri.analysis import MAP_SPREADS, NORMATIVE_INTENSITY_READS, SCAN_Z_MAP, SLICE_SCORES
 from medflowad.mri.normative import NORMATIVE_MAPS
 
 MODALITIES = ("t1", "t2", "flair", "pd", "ct")
@@ -63,6 +63,9 @@ class MriConfig:
     # How the flow maps' per-location values become pixels (analysis.MAP_SPREADS). The presets say "bilinear";
     # a model folder without the key was calibrated on "nearest" maps and keeps them.
     map_spread: str = "nearest"
+    # The image the normative intensity (the healthy range) reads (analysis.NORMATIVE_INTENSITY_READS). The presets
+    # say "unclipped"; a model folder without the key was calibrated on the clipped model input and keeps it.
+    normative_intensity: str = "clipped"
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:
@@ -84,6 +87,9 @@ class MriConfig:
             raise ConfigError("position_bins and the outlier loss do not go together yet (not measured)")
         if self.map_spread not in MAP_SPREADS:
             raise ConfigError(f"map_spread must be one of {', '.join(MAP_SPREADS)}, got {self.map_spread!r}")
+        if self.normative_intensity not in NORMATIVE_INTENSITY_READS:
+            raise ConfigError(f"normative_intensity must be one of {', '.join(NORMATIVE_INTENSITY_READS)}, "
+                              f"got {self.normative_intensity!r}")
         if self.lesions not in ("mask", "drop_slices"):
             raise ConfigError(f"lesions must be mask or drop_slices, got {self.lesions!r}")
         if not 0 < self.val_fraction < 1 or not 0 < self.top_fraction <= 1 or not 0 < self.fpr < 1:

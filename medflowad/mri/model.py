@@ -38,6 +38,7 @@ from medflowad.devices import resolve_device
 from medflowad.flows.glow import Glow
 from medflowad.mri.analysis import (
     MAP_TYPES,
+    NORMATIVE_INTENSITY_READS,
     OPTIONAL_SCORES,
     SLICE_SCORES,
     ScanAnalysis,
@@ -453,8 +454,9 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
             continue
         spread = model.calibration[f"normative/{name}/spread"]
         if is_healthy_range(model.calibration, name):  # the intensity (older calibrations: its z-score only)
+            image = NORMATIVE_INTENSITY_READS[model.config.normative_intensity](prepared)
             analysis.maps[f"{name}_normative"] = beyond_healthy_range(
-                analysis.maps[name], region, level, model.calibration[f"normative/{name}/low"],
+                image, region, level, model.calibration[f"normative/{name}/low"],
                 model.calibration[f"normative/{name}/high"], spread)
         else:
             analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre, spread)

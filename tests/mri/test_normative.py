@@ -3,6 +3,7 @@
 import nibabel as nib
 import numpy as np
 
+from medflowad.mri.analysis import intensity_map
 from medflowad.mri.normative import MAD_TO_SD, fit_normative, normative_map
 
 
@@ -96,7 +97,7 @@ def test_slice_top_mean_is_the_mean_of_the_k_highest_values_inside_the_region():
     assert np.isnan(got[2])
 
 
-def _prepared(image: np.ndarray):
+def _prepared(image: np.ndarray, unclipped: np.ndarray | None = None):
     """A standard-space-like PreparedScan of a (Z, S, S) 0-1 image, foreground everywhere."""
     import torch
 
@@ -105,7 +106,7 @@ def _prepared(image: np.ndarray):
     slices = torch.from_numpy(np.round(image * 255).astype(np.uint8))[:, None]
     z = len(image)
     return PreparedScan(slices=slices, foreground=np.ones(image.shape, dtype=bool), keep=np.ones(z, dtype=bool),
-                        lesion_slices=None, lesion=None, grid=None, native=None)
+                        lesion_slices=None, lesion=None, grid=None, native=None, unclipped=unclipped)
 
 
 def test_intensity_calibration_leaves_each_subject_out_with_all_its_scans():
@@ -120,8 +121,8 @@ def test_intensity_calibration_leaves_each_subject_out_with_all_its_scans():
     for i in (2, 3, 4, 5):
         scans[i][:, 2:14, 2:14] = 0.9
     prepared = [_prepared(s) for s in scans]
-    grouped = _model_free_calibration(prepared, ["a", "b", "c", "c", "c", "c"], True, 0.5)
-    apart = _model_free_calibration(prepared, ["a", "b", "c", "d", "e", "f"], True, 0.5)
+    grouped = _model_free_calibration(prepared, ["a", "b", "c", "c", "c", "c"], True, 0.5, intensity_map)
+    apart = _model_free_calibration(prepared, ["a", "b", "c", "d", "e", "f"], True, 0.5, intensity_map)
     assert grouped["scan/intensity_normative"][2:].min() > 3 * apart["scan/intensity_normative"][2:].max()
     # the stored statistics come from every scan
     assert grouped["normative/intensity/centre"].shape == (4, 16, 16)
@@ -132,7 +133,7 @@ def test_one_subject_gives_no_intensity_calibration():
     from medflowad.mri.calibration import _model_free_calibration
 
     prepared = [_prepared(np.full((2, 8, 8), 0.4)) for _ in range(2)]
-    assert _model_free_calibration(prepared, ["a", "a"], True, 0.5) == {}
+    assert _model_free_calibration(prepared, ["a", "a"], True, 0.5, intensity_map) == {}
 
 
 def test_intensity_scan_z_is_the_robust_z_of_the_region():
@@ -284,3 +285,50 @@ def test_subject_folds_leave_one_out_for_few_subjects_and_five_folds_for_many():
     many = subject_folds([f"s{i}" for i in range(23)] + ["s0"])
     assert len(many) == 5 and set().union(*many) == {f"s{i}" for i in range(23)}
     assert sum(len(f) for f in many) == 23 and max(map(len, many)) - min(map(len, many)) <= 1
+
+
+def test_intensity_healthy_range_is_fit_to_the_image_it_is_told_to_read():
+    """Healthy scans whose normalised image stands at 1.3 before the clip: the unclipped reading's healthy
+    range is 1.3 wherever it is, the clipped one's the ceiling 1.0."""
+    from medflowad.mri.analysis import intensity_map, unclipped_intensity_map
+    from medflowad.mri.calibration import _model_free_calibration
+
+    prepared = [_prepared(np.ones((3, 8, 8)), unclipped=np.full((3, 8, 8), 1.3, dtype=np.float32)) for _ in range(3)]
+    clipped = _model_free_calibration(prepared, ["a", "b", "c"], True, 0.5, intensity_map)
+    unclipped = _model_free_calibration(prepared, ["a", "b", "c"], True, 0.5, unclipped_intensity_map)
+    for key in ("centre", "low", "high"):
+        assert np.allclose(clipped[f"normative/intensity/{key}"], 1.0)
+        assert np.allclose(unclipped[f"normative/intensity/{key}"], 1.3)
+
+
+def test_analyse_reads_the_image_the_config_names(tiny_mri_model, tmp_path):
+    """A blob at 2.5x the brain's maximum, against a healthy range of [0, 1] with spread 0.1 everywhere: read
+    unclipped, the map is (x - 1) / 0.1 where the normalised image x passes 1; read clipped, it is zero."""
+    import dataclasses
+
+    import pytest
+
+    from medflowad.data.readers import load_scan
+    from medflowad.data.scans import prepare_scan
+    from medflowad.mri.model import analyse, load_mri_model
+    from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+
+    model = load_mri_model(tiny_mri_model, "cpu")
+    assert model.config.normative_intensity == "clipped"  # the fixture's config predates the key
+    volume = brain_like(seed=5)
+    volume[22:25, 26:29, 7:9] = 2.5 * volume.max()  # 18 voxels: above the 99.5th percentile the clip sets
+    prepared = prepare_scan(load_scan(save_nifti(tmp_path / "blob.nii.gz", volume, oblique_lps_affine())),
+                            model.config.preprocessing)
+    size = prepared.slices.shape[-1]
+    statistics = {key: np.full((16, size, size), value, dtype=np.float32)
+                  for key, value in (("centre", 0.5), ("spread", 0.1), ("low", 0.0), ("high", 1.0))}
+    calibration = {**model.calibration, **{f"normative/intensity/{k}": v for k, v in statistics.items()}}
+    region = prepared.foreground & prepared.keep[:, None, None]
+    assert (prepared.unclipped[region] > 1).any()
+    expected = np.where(region, np.maximum(prepared.unclipped - 1.0, 0.0) / 0.1, 0.0)
+    for reading, want in (("unclipped", expected), ("clipped", np.zeros_like(expected))):
+        configured = dataclasses.replace(model, calibration=calibration,
+                                         config=dataclasses.replace(model.config, normative_intensity=reading))
+        assert np.allclose(analyse(configured, prepared).maps["intensity_normative"], want, atol=1e-5), reading
+    with pytest.raises(Exception, match="normative_intensity must be one of clipped, unclipped"):
+        dataclasses.replace(model.config, normative_intensity="raw").validate()
