@@ -39,8 +39,8 @@ from medflowad.mri.analysis import threshold_at_fpr
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice
-from medflowad.mri.model import mri_run_config
 from medflowad.mri.normative import beyond_healthy_range, fit_healthy_range, fit_normative, normative_map, slice_levels
+from medflowad.mri.training import mri_run_config
 from medflowad.prep import prepare
 from medflowad.scores import likelihoods
 from medflowad.storage import load_model

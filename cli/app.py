@@ -202,7 +202,7 @@ def _parse_replace(value: str | None, option: str = "--lesion-masks") -> tuple[s
 def _train_mri(modality, config_name, data, out, pool, general_model, pattern, lesion_masks, outlier_loss,
                steps, general_steps, batch_size, lr, device, seed, calibration_seed, quiet, preparation) -> None:
     from medflowad.mri.config import load_mri_config
-    from medflowad.mri.model import train_mri_model
+    from medflowad.mri.training import train_mri_model
 
     if not data:
         raise ValueError("--modality needs --data with the healthy scans")

@@ -51,13 +51,10 @@ from medflowad.devices import resolve_device
 from medflowad.mri.analysis import analyse_slices
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import SLICE_BASELINES, evaluate_scans, slice_table
-from medflowad.mri.model import (
-    mri_run_config,
-    split_healthy_scans,
-    train_mri_model,
-)
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
+from medflowad.mri.selection import split_healthy_scans
+from medflowad.mri.training import mri_run_config, train_mri_model
 from medflowad.storage import load_model, write_json, write_text
 from medflowad.training import train
 

@@ -35,9 +35,9 @@ from medflowad.data.painting import paint_scan_file
 from medflowad.mri.analysis import SLICE_SCORES
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice, evaluate_scans, metrics_markdown
-from medflowad.mri.model import train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
+from medflowad.mri.training import train_mri_model
 from medflowad.prep import prepare
 from medflowad.storage import write_json, write_text
 

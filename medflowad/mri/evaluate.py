@@ -27,9 +27,10 @@ from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
 from medflowad.data.scans import to_native
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
-from medflowad.mri.model import analyse, load_mri_model, select_scans
+from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.normative import calibrated_normative_maps
 from medflowad.mri.score import scans_the_model_saw
+from medflowad.mri.selection import select_scans
 from medflowad.mri.tables import csv_text
 from medflowad.prep import companion_path, prepare_volume
 from medflowad.prep.stage import mask_on_scan

@@ -50,17 +50,10 @@ from medflowad.mri.analysis import (
     flag_resolution_problem,
     threshold_at_fpr,
 )
-from medflowad.mri.model import (
-    MriModel,
-    analyse,
-    listed,
-    load_mri_model,
-    modality_in_name,
-    model_fingerprint,
-    select_scans,
-)
+from medflowad.mri.model import MriModel, analyse, load_mri_model, model_fingerprint
 from medflowad.mri.normative import is_healthy_range
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
+from medflowad.mri.selection import listed, modality_in_name, select_scans
 from medflowad.mri.tables import (
     BatchResult,
     TableWriter,
@@ -262,9 +255,10 @@ def score_scans(
 ) -> BatchResult:
     """Score every scan found in ``inputs``; never raises for a bad scan (it is reported in the rows).
 
-    ``pattern`` keeps the scans whose file name or id matches (see :func:`matches_pattern`). With
-    ``report``, OUT also gets report.html (see :mod:`medflowad.mri.report`). Earlier results in OUT are
-    kept (see the module's description); ``resume`` skips the scans they hold with all three maps.
+    ``pattern`` keeps the scans whose file name or id matches (see
+    :func:`~medflowad.mri.selection.matches_pattern`). With ``report``, OUT also gets report.html (see
+    :mod:`medflowad.mri.report`). Earlier results in OUT are kept (see the module's description); ``resume``
+    skips the scans they hold with all three maps.
     ``on_start`` hears how many scans were found, ``on_scan`` each one's id and row as it is done.
     ``part=(k, n)`` scores the k-th of n shares of the scans (scans k, k+n, k+2n, ... of the sorted list),
     its maps into OUT and its tables into ``OUT/parts/part-<k>-of-<n>/``; :func:`merge_parts` joins them.

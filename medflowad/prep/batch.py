@@ -28,7 +28,7 @@ def prepare_scans(
     on_start: Callable[[int], None] | None = None, on_scan: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Prepare every scan found in ``inputs`` into ``out``; returns one row per scan (never raises for one)."""
-    from medflowad.mri.model import select_scans  # the same scan selection as the other commands
+    from medflowad.mri.selection import select_scans  # the same scan selection as the other commands
 
     if config.space == "native" and config.brain == "auto" and not config.n4:
         raise ValueError("nothing to prepare: native space with the automatic foreground is computed on the fly; "

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 
 from medflowad.mri.config import mri_config_from_dict
-from medflowad.mri.model import train_mri_model
+from medflowad.mri.training import train_mri_model
 
 
 def rotation(ax: float, az: float) -> np.ndarray:

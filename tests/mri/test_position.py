@@ -16,8 +16,9 @@ from medflowad.config import ConfigError
 from medflowad.data.slice_sets import load_slice_tensors
 from medflowad.flows import Glow, GlowConfig
 from medflowad.mri.config import mri_config_from_dict
-from medflowad.mri.model import load_mri_model, train_mri_model
+from medflowad.mri.model import load_mri_model
 from medflowad.mri.position import position_classes
+from medflowad.mri.training import train_mri_model
 from medflowad.scores import likelihoods
 from medflowad.storage import ModelFolderError, load_weights
 from medflowad.training.trainer import _Objective

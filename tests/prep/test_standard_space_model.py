@@ -9,9 +9,9 @@ import yaml
 
 from medflowad.mri.config import mri_config_from_dict
 from medflowad.mri.evaluate import evaluate_scans
-from medflowad.mri.model import train_mri_model
 from medflowad.mri.pool import build_pool
 from medflowad.mri.score import score_scans
+from medflowad.mri.training import train_mri_model
 from medflowad.prep import stage
 from tests.prep.conftest import head_motion, moved_template_scan, oblique_head_grid
 

@@ -109,7 +109,7 @@ def test_resumed_ddp_run_equals_an_uninterrupted_one(tmp_path, blobs_npz):
 def _mri_worker(rank: int, world: int, port: int, values: dict, healthy: list[str], pool: str, out: str) -> None:
     _rank_environment(rank, world, port)
     from medflowad.mri.config import mri_config_from_dict
-    from medflowad.mri.model import train_mri_model
+    from medflowad.mri.training import train_mri_model
 
     train_mri_model(mri_config_from_dict(values), healthy, Path(out), pool=Path(pool), show_progress=False,
                     echo=lambda message: None)
@@ -117,8 +117,9 @@ def _mri_worker(rank: int, world: int, port: int, values: dict, healthy: list[st
 
 def test_mri_model_trains_under_ddp_like_in_one_process(tmp_path):
     from medflowad.mri.config import mri_config_from_dict
-    from medflowad.mri.model import load_mri_model, train_mri_model
+    from medflowad.mri.model import load_mri_model
     from medflowad.mri.pool import build_pool
+    from medflowad.mri.training import train_mri_model
     from tests.mri.conftest import TINY_MRI, brain_like, oblique_lps_affine, save_nifti
 
     healthy = [str(save_nifti(tmp_path / f"h{i}.nii.gz", brain_like(seed=i), oblique_lps_affine())) for i in range(3)]
