@@ -22,6 +22,13 @@ left-out subject's scans (unpainted and painted) are measured multiplied by a li
 strength S (:func:`medflowad.data.painting.linear_bias_field`), while the statistics and the Dice
 thresholds stay those of the unbiased scans, as a calibration made without the field would be; the output
 adds each map's voxel FPR on the biased unpainted scans at those thresholds.
+
+``--standardised`` reads the unclipped image standardised to the fold's healthy subjects' intensity landmarks
+(:mod:`medflowad.mri.landmarks`). ``--phantoms N`` also measures N healthy T1 heads simulated from the MNI
+template (seeds 300 + i; :mod:`medflowad.data.phantoms`: another anatomy, contrast and shading than IXI's
+scanner, a stand-in for healthy scans of another site) against each fold's statistics: the share of their
+brain voxels above the healthy-range map's thresholds, and how often a painted copy outscores them
+(``scan_auroc["phantoms_..."]``: painted copies against the phantoms, within each fold).
 """
 
 import argparse
@@ -36,11 +43,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import bias_scan_file, paint_scan_file
+from medflowad.data.phantoms import load_template, save_scan, simulate_subject
 from medflowad.mri.analysis import aggregate, intensity_scan_z, threshold_at_fpr, unclipped_intensity_map
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.evaluate import dice
+from medflowad.mri.landmarks import standard_landmarks, standardise
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.normative import (
     beyond_healthy_range,
@@ -52,6 +61,7 @@ from medflowad.mri.normative import (
 )
 from medflowad.prep import prepare
 
+ROOT = Path(__file__).resolve().parents[1]
 MASKS = ("_t1", "_t1_mask")
 DICE_MAPS = ("intensity_normative_signed", "intensity_beyond_healthy_range")
 
@@ -69,9 +79,33 @@ def development_copies(ixi: Path, subject: str, index: int, tmp: Path, painted_d
 def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics,
     of the image that ``read`` takes from the prepared scan."""
-    region = scan.foreground & scan.keep[:, None, None]
+    region = scored_region(scan)
     return (region, normative_map(read(scan), region, slice_levels(scan, True), centre, spread),
             beyond_healthy_range(read(scan), region, slice_levels(scan, True), low, high, spread))
+
+
+def simulated_heads(folder: Path, count: int) -> list[Path]:
+    """``count`` healthy T1 heads simulated from the MNI template in sample_data (seeds 300 + i), written once."""
+    paths = [folder / f"sim-{300 + i}_t1.nii.gz" for i in range(count)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        template = load_template(ROOT / "sample_data" / "mni_icbm152")
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in missing:
+            save_scan(path, simulate_subject(template, int(path.name[4:7])).t1, template.affine)
+    return paths
+
+
+def fold_read(read, others: list, standardised: bool):
+    """``read``, or with ``standardised`` the image it reads mapped onto the intensity landmarks of ``others``."""
+    if not standardised:
+        return read
+    standard = standard_landmarks([read(p) for p in others], [scored_region(p) for p in others])
+    return lambda scan: standardise(read(scan), scored_region(scan), standard)
+
+
+def scored_region(scan) -> np.ndarray:
+    return scan.foreground & scan.keep[:, None, None]
 
 
 def main() -> None:
@@ -84,6 +118,9 @@ def main() -> None:
     parser.add_argument("--bias-field", type=float, default=0.0, help="measure on scans with this field")
     parser.add_argument("--unclipped", action="store_true", help="normative maps of the normalised image before "
                         "its clip at 1 (the model's input is clipped)")
+    parser.add_argument("--standardised", action="store_true", help="the unclipped image standardised to the "
+                        "healthy subjects' intensity landmarks")
+    parser.add_argument("--phantoms", type=int, default=0, help="also measure this many simulated healthy heads")
     args = parser.parse_args()
     ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
@@ -108,8 +145,9 @@ def main() -> None:
                     bias_scan_file(source, biased_dir / f"{subject}_t1.nii.gz", args.bias_field), config)
             painted[subject] = [prepare(measured_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
                                 for k in range(1, args.copies + 1)]
+    phantoms = [prepare(path, config) for path in simulated_heads(args.out / "phantoms", args.phantoms)]
     model = load_mri_model(args.model, "cpu") if args.model else None
-    read = unclipped_intensity_map if args.unclipped else intensity
+    base_read = unclipped_intensity_map if args.unclipped or args.standardised else intensity
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
@@ -117,8 +155,11 @@ def main() -> None:
     # healthy: each subject's unpainted scan against the others' statistics (biased: as measured)
     truth, healthy_values, biased_values = [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
+    phantom_values: list[np.ndarray] = []
+    phantom_wins: dict[str, list[float]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
+        read = fold_read(base_read, others, args.standardised)
         fit = ([read(p) for p in others], [healthy_parts(p)[1] for p in others],
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
@@ -150,9 +191,18 @@ def main() -> None:
                 for name in voxel:
                     if name in maps:
                         voxel[name].append(maps[name][region])
+        for k in args.top:  # painted copies of this fold against the phantoms, under the same statistics
+            name = f"beyond_healthy_range_top{k}"
+            painted_scores = [s for lab, s in scan_scores[name][subject] if lab]
+            for phantom in phantoms:
+                region, _, beyond = normative_maps(phantom, read, *statistics)
+                if k == args.top[0]:
+                    phantom_values.append(beyond[region])
+                score = aggregate(slice_top_mean(beyond, region, k), 0.1)
+                phantom_wins.setdefault(name, []).extend(float(s > score) for s in painted_scores)
     labels = np.concatenate(truth)
     result = {"subjects": subjects, "copies": args.copies, "config": args.config, "bias_field": args.bias_field,
-              "unclipped": args.unclipped,
+              "unclipped": args.unclipped, "standardised": args.standardised, "phantoms": args.phantoms,
               "voxels": int(labels.size),
               "lesion_voxels": int(labels.sum()),
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
@@ -168,6 +218,13 @@ def main() -> None:
         result["dice_at_voxel_fpr"][name] = {str(f): dice(values > t, labels) for f, t in thresholds.items()}
         result["healthy_fpr_measured"][name] = {str(f): float(np.mean(measured_all > t))
                                                 for f, t in thresholds.items()}
+    if phantom_values:
+        healthy_all = np.concatenate([h["intensity_beyond_healthy_range"] for h in healthy_values])
+        values = np.concatenate(phantom_values)
+        result["phantom_voxel_fpr"] = {str(f): float(np.mean(values > threshold_at_fpr(healthy_all, f)))
+                                       for f in (0.05, 0.01, 0.003, 0.001)}
+        for name, wins in phantom_wins.items():
+            result["scan_auroc"][f"phantoms_{name}"] = float(np.mean(wins))
     for name, per_subject in scan_scores.items():
         pairs = [pair for rows in per_subject.values() for pair in rows]
         result["scan_auroc"][name] = float(roc_auc_score([p[0] for p in pairs], [p[1] for p in pairs]))

@@ -17,6 +17,7 @@ from medflowad.mri.analysis import (
     analyse_scan,
     threshold_at_fpr,
 )
+from medflowad.mri.landmarks import LANDMARK_PERCENTILES, standard_landmarks, standardise
 from medflowad.mri.normative import (
     CALIBRATION_FOLDS,
     MODEL_FREE,
@@ -108,7 +109,8 @@ def calibrate(model: MriModel, healthy_val: list[PreparedScan], healthy_train: S
             for values, mask, level in zip(kept_maps[name], healthy_masks, levels, strict=True)]
     model_free = _model_free_calibration(list(healthy_train) + list(healthy_val), subjects, standard,
                                          model.config.top_fraction,
-                                         NORMATIVE_INTENSITY_READS[model.config.normative_intensity])
+                                         NORMATIVE_INTENSITY_READS[model.config.normative_intensity],
+                                         model.config.standardise_intensity)
     if model_free:
         voxel_values[f"{MODEL_FREE}_normative"] = model_free.pop("voxel")
         calibration.update(model_free)
@@ -134,9 +136,11 @@ def subject_folds(subjects: Sequence[str]) -> list[set[str]]:
 
 
 def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
-                            top_fraction: float, read: Callable[[PreparedScan], np.ndarray]) -> dict:
+                            top_fraction: float, read: Callable[[PreparedScan], np.ndarray],
+                            standardise_intensity: bool = False) -> dict:
     """Normative intensity statistics (centre, spread and healthy range) of the image ``read`` takes from each
-    healthy scan (analysis.NORMATIVE_INTENSITY_READS), from every healthy scan, and its
+    healthy scan (analysis.NORMATIVE_INTENSITY_READS; with ``standardise_intensity`` mapped onto the mean of the
+    healthy scans' intensity landmarks, stored as ``normative/intensity/landmarks``), from every healthy scan, and its
     calibration with subjects left out (:func:`subject_folds`: one at a time up to five subjects, then five
     folds): slice and scan scores, and healthy voxel values (under "voxel", a list per scan) of
     :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two subjects: there is no
@@ -147,6 +151,11 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     if len(set(subjects)) < 2:
         return {}
     maps = [read(p) for p in scans]
+    landmarks = None
+    if standardise_intensity:
+        regions = [p.foreground & p.keep[:, None, None] for p in scans]
+        landmarks = standard_landmarks(maps, regions)
+        maps = [standardise(m, r, landmarks) for m, r in zip(maps, regions, strict=True)]
     parts = [healthy_parts(p) for p in scans]
     levels = [slice_levels(p, standard) for p in scans]
     count = level_count(scans[0], standard)
@@ -156,6 +165,8 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     name = f"{MODEL_FREE}_normative"
     result: dict = {f"normative/{MODEL_FREE}/centre": centre, f"normative/{MODEL_FREE}/spread": spread,
                     f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high}
+    if landmarks is not None:
+        result[f"normative/{MODEL_FREE}/landmarks"] = landmarks
     per_scan: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # voxel values, slice scores, scan score
     for fold in subject_folds(subjects):
         rest = [i for i, s in enumerate(subjects) if s not in fold]
@@ -194,6 +205,12 @@ def validate_calibration(calibration: dict[str, np.ndarray], image_size: int, pa
                 raise ValueError(f"{path}: {key} has shape {values.shape}, expected one value per healthy sample")
             continue
         map_name = name.split("/")[0]
+        if name.endswith("/landmarks"):  # intensity landmarks (medflowad.mri.landmarks): increasing, finite
+            if values.shape != (len(LANDMARK_PERCENTILES),) or not np.isfinite(values).all() \
+                    or (np.diff(values) < 0).any():
+                raise ValueError(f"{path}: {key} has shape {values.shape} or values that are not finite and "
+                                 f"increasing, expected {len(LANDMARK_PERCENTILES)} intensity landmarks")
+            continue
         if values.ndim != 3 or values.shape[1:] != (image_size, image_size) or not np.isfinite(values).all():
             raise ValueError(f"{path}: {key} has shape {values.shape} or non-finite values, expected finite "
                              f"(levels, {image_size}, {image_size}) statistics on the model grid")

@@ -66,6 +66,11 @@ class MriConfig:
     # The image the normative intensity (the healthy range) reads (analysis.NORMATIVE_INTENSITY_READS). The presets
     # say "unclipped"; a model folder without the key was calibrated on the clipped model input and keeps it.
     normative_intensity: str = "clipped"
+    # Map that image's brain histogram onto the healthy calibration scans' intensity landmarks before it is
+    # compared with the healthy range (medflowad.mri.landmarks): scans whose sequence or scanner places the
+    # tissues elsewhere between the normalisation's percentiles become comparable. Models calibrated without
+    # it have no landmarks and keep it off.
+    standardise_intensity: bool = False
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:

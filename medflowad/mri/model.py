@@ -37,6 +37,7 @@ from medflowad.mri.analysis import (
 )
 from medflowad.mri.calibration import validate_calibration
 from medflowad.mri.config import MriConfig, mri_config_from_dict
+from medflowad.mri.landmarks import standardise
 from medflowad.mri.normative import (
     MODEL_FREE,
     NORMATIVE_MAPS,
@@ -120,6 +121,8 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
             expected.add(f"scan/{config.scan_score}")
         if config.mask_map is not None:
             expected.add(f"voxel/{config.mask_map}")
+        if config.standardise_intensity:
+            expected.add(f"normative/{MODEL_FREE}/landmarks")
         missing = sorted(expected - set(calibration))
         if missing:
             raise ModelFolderError(f"{folder}: calibration lacks {', '.join(missing)} (made by an older "
@@ -142,6 +145,8 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
         spread = model.calibration[f"normative/{name}/spread"]
         if is_healthy_range(model.calibration, name):  # the intensity (older calibrations: its z-score only)
             image = NORMATIVE_INTENSITY_READS[model.config.normative_intensity](prepared)
+            if model.config.standardise_intensity:
+                image = standardise(image, region, model.calibration[f"normative/{name}/landmarks"])
             analysis.maps[f"{name}_normative"] = beyond_healthy_range(
                 image, region, level, model.calibration[f"normative/{name}/low"],
                 model.calibration[f"normative/{name}/high"], spread)
