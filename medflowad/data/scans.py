@@ -45,6 +45,9 @@ class ScanPreprocessing:
     space: str = "native"
     brain: str = "auto"  # "deepbet": brain extraction; "auto": the intensity foreground, skull included
     n4: bool = False  # N4 bias-field correction (SimpleITK) before anything else
+    # N4's fitting levels: each one halves the B-spline mesh spacing of the field; fewer levels fit a smoother
+    # field, one too coarse to take a lesion's brightness for shading (3: SimpleITK's usual schedule).
+    n4_levels: int = 3
     slice_mm: float = 3.0  # standard space: distance between axial slices
     brain_volume_ml: tuple[float, float] | None = (400.0, 2500.0)  # plausible extracted brains; None: any
     min_template_overlap: float = 0.85  # standard space: Dice of the registered brain and the template's
@@ -73,6 +76,8 @@ class ScanPreprocessing:
             values["intensity_window"] = window
         if values.get("brain_volume_ml") is not None:
             values["brain_volume_ml"] = tuple(float(v) for v in values["brain_volume_ml"])
+        if not 1 <= int(values.get("n4_levels", cls.n4_levels)) <= 4:
+            raise ConfigError(f"preprocessing.n4_levels must be 1 to 4, got {values['n4_levels']}")
         config = cls(**values)
         config.validate()
         return config

@@ -88,6 +88,8 @@ def _key_settings(config: ScanPreprocessing) -> dict:
     """The settings that shape the cached results (checks such as brain_volume_ml are re-applied instead)."""
     settings = {"version": PREP_VERSION, "space": config.space, "brain": config.brain, "n4": config.n4,
                 "foreground_threshold": config.foreground_threshold}
+    if config.n4 and config.n4_levels != 3:  # the usual schedule keeps the keys of caches made before the setting
+        settings["n4_levels"] = config.n4_levels
     if config.space == "standard":
         settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,
                         template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
@@ -106,14 +108,15 @@ def cache_key(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarr
     return digest.hexdigest()[:32]
 
 
-def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """N4 bias-field correction inside ``mask``, fitted on a 4x shrunk copy and applied at full resolution."""
+def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: int = 3) -> np.ndarray:
+    """N4 bias-field correction inside ``mask``, fitted on a 4x shrunk copy in ``levels`` fitting levels (each
+    halves the field's B-spline mesh spacing) and applied at full resolution."""
     source = sitk_image(np.maximum(image, 0) + 1e-3, affine)
     region = sitk.Cast(sitk_image(mask.astype(np.float32), affine), sitk.sitkUInt8)
     shrink = [4] * 3
     small, small_region = sitk.Shrink(source, shrink), sitk.Shrink(region, shrink)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations([50, 50, 30])
+    corrector.SetMaximumNumberOfIterations([50] * (levels - 1) + [30] if levels > 1 else [50])
     corrector.Execute(small, small_region)
     log_bias = corrector.GetLogBiasFieldAsImage(source)
     corrected = source / sitk.Exp(log_bias)
@@ -156,7 +159,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
     preparation = Preparation(key, brain, brain_ml, info, seconds=seconds)
     if config.n4:
         started = time.perf_counter()
-        image = n4_correct(image, affine, brain)
+        image = n4_correct(image, affine, brain, config.n4_levels)
         preparation.image = image
         seconds["n4"] = time.perf_counter() - started
     if config.space == "standard":
