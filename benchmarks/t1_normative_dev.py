@@ -79,9 +79,9 @@ def development_copies(ixi: Path, subject: str, index: int, tmp: Path, painted_d
 def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics,
     of the image that ``read`` takes from the prepared scan."""
-    region = scored_region(scan)
-    return (region, normative_map(read(scan), region, slice_levels(scan, True), centre, spread),
-            beyond_healthy_range(read(scan), region, slice_levels(scan, True), low, high, spread))
+    region, image, level = scored_region(scan), read(scan), slice_levels(scan, True)
+    return (region, normative_map(image, region, level, centre, spread),
+            beyond_healthy_range(image, region, level, low, high, spread))
 
 
 def simulated_heads(folder: Path, count: int) -> list[Path]:
@@ -191,15 +191,14 @@ def main() -> None:
                 for name in voxel:
                     if name in maps:
                         voxel[name].append(maps[name][region])
-        for k in args.top:  # painted copies of this fold against the phantoms, under the same statistics
-            name = f"beyond_healthy_range_top{k}"
-            painted_scores = [s for lab, s in scan_scores[name][subject] if lab]
-            for phantom in phantoms:
-                region, _, beyond = normative_maps(phantom, read, *statistics)
-                if k == args.top[0]:
-                    phantom_values.append(beyond[region])
+        for phantom in phantoms:  # against this fold's painted copies, under the same statistics
+            region, _, beyond = normative_maps(phantom, read, *statistics)
+            phantom_values.append(beyond[region])
+            for k in args.top:
+                name = f"beyond_healthy_range_top{k}"
                 score = aggregate(slice_top_mean(beyond, region, k), 0.1)
-                phantom_wins.setdefault(name, []).extend(float(s > score) for s in painted_scores)
+                phantom_wins.setdefault(name, []).extend(
+                    float(s > score) for lab, s in scan_scores[name][subject] if lab)
     labels = np.concatenate(truth)
     result = {"subjects": subjects, "copies": args.copies, "config": args.config, "bias_field": args.bias_field,
               "unclipped": args.unclipped, "standardised": args.standardised, "phantoms": args.phantoms,

@@ -151,9 +151,9 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     if len(set(subjects)) < 2:
         return {}
     maps = [read(p) for p in scans]
+    regions = [p.foreground & p.keep[:, None, None] for p in scans]
     landmarks = None
     if standardise_intensity:
-        regions = [p.foreground & p.keep[:, None, None] for p in scans]
         landmarks = standard_landmarks(maps, regions)
         maps = [standardise(m, r, landmarks) for m, r in zip(maps, regions, strict=True)]
     parts = [healthy_parts(p) for p in scans]
@@ -175,9 +175,8 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
         left_low, left_high = fit_healthy_range(*others)
         for i in (i for i, s in enumerate(subjects) if s in fold):
             healthy_slices, healthy_voxels = parts[i]
-            region = scans[i].foreground & scans[i].keep[:, None, None]
-            values = beyond_healthy_range(maps[i], region, levels[i], left_low, left_high, left_spread)
-            per_slice = np.where(healthy_slices, slice_top_mean(values, region & healthy_voxels), np.nan)
+            values = beyond_healthy_range(maps[i], regions[i], levels[i], left_low, left_high, left_spread)
+            per_slice = np.where(healthy_slices, slice_top_mean(values, regions[i] & healthy_voxels), np.nan)
             per_scan[i] = (values[healthy_voxels], per_slice[np.isfinite(per_slice)],
                            aggregate(per_slice, top_fraction))
     in_order = [per_scan[i] for i in range(len(scans))]  # as the scans were given, whatever the folds
