@@ -24,8 +24,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+from sklearn.cluster import KMeans
 
-from medflowad.prep.tissue import tissue_classes
 from medflowad.storage import atomic_write
 
 LESION_KINDS = ("hyper", "hypo")
@@ -45,6 +45,22 @@ class PaintedLesion:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def tissue_classes(image: np.ndarray, brain: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, float]]:
+    """(labels, means): 0 outside the brain, 1 CSF, 2 grey, 3 white matter by a 3-class k-means of the
+    brain's intensities (T1 contrast: CSF darkest, white matter brightest); means per class."""
+    values = image[brain].reshape(-1, 1).astype(np.float64)
+    if values.size < 30:
+        raise ValueError(f"the brain mask holds {values.size} voxels, too few to find tissue classes")
+    kmeans = KMeans(n_clusters=3, n_init=4, random_state=seed).fit(values)
+    order = np.argsort(kmeans.cluster_centers_[:, 0])
+    rank = np.empty(3, dtype=np.int64)
+    rank[order] = np.arange(1, 4)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[brain] = rank[kmeans.labels_]
+    means = {name: float(kmeans.cluster_centers_[order[i], 0]) for i, name in enumerate(("csf", "grey", "white"))}
+    return labels, means
 
 
 def paint_lesions(

@@ -48,9 +48,6 @@ class ScanPreprocessing:
     # N4's fitting levels: each one halves the B-spline mesh spacing of the field; fewer levels fit a smoother
     # field, one too coarse to take a lesion's brightness for shading (3: SimpleITK's usual schedule).
     n4_levels: int = 3
-    # Fit N4 a second time without what the first correction leaves beyond every tissue class (a lesion
-    # brighter than white matter on T1), so the field does not bend towards it.
-    n4_exclude_outliers: bool = False
     slice_mm: float = 3.0  # standard space: distance between axial slices
     brain_volume_ml: tuple[float, float] | None = (400.0, 2500.0)  # plausible extracted brains; None: any
     min_template_overlap: float = 0.85  # standard space: Dice of the registered brain and the template's

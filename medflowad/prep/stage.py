@@ -45,7 +45,6 @@ from medflowad.data.scans import (
 from medflowad.prep.brain import check_brain_mask, extract_brain
 from medflowad.prep.registration import ras_to_itk, register_affine, resample, sitk_image, supersampling
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
-from medflowad.prep.tissue import beyond_tissues
 from medflowad.storage import current_umask
 
 PREP_VERSION = 1  # part of every cache key: bump when brain extraction or normalisation change
@@ -91,8 +90,6 @@ def _key_settings(config: ScanPreprocessing) -> dict:
                 "foreground_threshold": config.foreground_threshold}
     if config.n4 and config.n4_levels != 3:  # the usual schedule keeps the keys of caches made before the setting
         settings["n4_levels"] = config.n4_levels
-    if config.n4 and config.n4_exclude_outliers:
-        settings["n4_exclude_outliers"] = True
     if config.space == "standard":
         settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,
                         template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
@@ -111,33 +108,17 @@ def cache_key(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarr
     return digest.hexdigest()[:32]
 
 
-def _n4_log_bias(source: sitk.Image, mask: np.ndarray, affine: np.ndarray, levels: int) -> sitk.Image:
-    """N4's log bias field over the whole of ``source``, fitted inside ``mask`` on a 4x shrunk copy."""
+def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: int = 3) -> np.ndarray:
+    """N4 bias-field correction inside ``mask``, fitted on a 4x shrunk copy in ``levels`` fitting levels (each
+    halves the field's B-spline mesh spacing) and applied at full resolution."""
+    source = sitk_image(np.maximum(image, 0) + 1e-3, affine)
     region = sitk.Cast(sitk_image(mask.astype(np.float32), affine), sitk.sitkUInt8)
     shrink = [4] * 3
     small, small_region = sitk.Shrink(source, shrink), sitk.Shrink(region, shrink)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([50] * (levels - 1) + [30] if levels > 1 else [50])
     corrector.Execute(small, small_region)
-    return corrector.GetLogBiasFieldAsImage(source)
-
-
-def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: int = 3,
-               refit_without_outliers: bool = False) -> np.ndarray:
-    """N4 bias-field correction inside ``mask``, fitted on a 4x shrunk copy in ``levels`` fitting levels (each
-    halves the field's B-spline mesh spacing) and applied at full resolution.
-
-    ``refit_without_outliers``: fit a second time without the voxels that the first correction leaves beyond
-    every tissue class (:func:`medflowad.prep.tissue.beyond_tissues`, grown by 4 mm), so that a lesion
-    brighter than all tissue does not pull the field towards it; the field passes smoothly under it instead."""
-    source = sitk_image(np.maximum(image, 0) + 1e-3, affine)
-    log_bias = _n4_log_bias(source, mask, affine, levels)
-    if refit_without_outliers:
-        first = sitk.GetArrayFromImage(source / sitk.Exp(log_bias)).transpose(2, 1, 0)
-        spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-        typical = mask & ~beyond_tissues(first, mask.astype(bool), spacing)
-        if typical.sum() >= 0.5 * mask.sum():  # outliers are a minority; otherwise the first fit stands
-            log_bias = _n4_log_bias(source, typical, affine, levels)
+    log_bias = corrector.GetLogBiasFieldAsImage(source)
     corrected = source / sitk.Exp(log_bias)
     return sitk.GetArrayFromImage(corrected).transpose(2, 1, 0).astype(np.float32)
 
@@ -178,7 +159,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
     preparation = Preparation(key, brain, brain_ml, info, seconds=seconds)
     if config.n4:
         started = time.perf_counter()
-        image = n4_correct(image, affine, brain, config.n4_levels, config.n4_exclude_outliers)
+        image = n4_correct(image, affine, brain, config.n4_levels)
         preparation.image = image
         seconds["n4"] = time.perf_counter() - started
     if config.space == "standard":
