@@ -156,6 +156,8 @@ def main() -> None:
     truth, healthy_values, biased_values = [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
     phantom_values: list[np.ndarray] = []
+    # share of each scan's scored voxels beyond its location's healthy range (at any distance)
+    beyond_share: dict[str, list[float]] = {"healthy": [], "painted": [], "phantoms": []}
     phantom_wins: dict[str, list[float]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
@@ -168,6 +170,7 @@ def main() -> None:
         measured = biased_healthy.get(subject, healthy[subject])
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
             region, signed, beyond = normative_maps(scan, read, *statistics)
+            beyond_share["painted" if label else "healthy"].append(float(np.mean(beyond[region] > 0)))
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": np.abs(intensity_scan_z(intensity(scan), region))}
@@ -194,6 +197,7 @@ def main() -> None:
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
             region, _, beyond = normative_maps(phantom, read, *statistics)
             phantom_values.append(beyond[region])
+            beyond_share["phantoms"].append(float(np.mean(beyond[region] > 0)))
             for k in args.top:
                 name = f"beyond_healthy_range_top{k}"
                 score = aggregate(slice_top_mean(beyond, region, k), 0.1)
@@ -206,7 +210,7 @@ def main() -> None:
               "lesion_voxels": int(labels.sum()),
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
-              "scan_auroc": {}}
+              "scan_auroc": {}, "beyond_share": beyond_share}
     # Dice at thresholds giving these voxel FPRs on the healthy scans
     result["dice_at_voxel_fpr"], result["healthy_fpr_measured"] = {}, {}
     for name in DICE_MAPS:

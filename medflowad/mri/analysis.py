@@ -68,6 +68,9 @@ def map_names(levels: int) -> tuple[str, ...]:
 class ScanAnalysis:
     slice_scores: dict[str, np.ndarray]  # (Z,) each, NaN on slices that are not scored
     maps: dict[str, np.ndarray]  # (Z, S, S) each, on the model grid, zero outside the foreground; map_names()
+    # share of the scored voxels beyond their location's healthy range (medflowad.mri.normative.BEYOND_SHARE);
+    # NaN where the model has no healthy range of the intensity
+    beyond_range_share: float = math.nan
 
     def scan_scores(self, top_fraction: float) -> dict[str, float]:
         return {name: aggregate(values, top_fraction) for name, values in self.slice_scores.items()}

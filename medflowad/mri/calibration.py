@@ -19,10 +19,12 @@ from medflowad.mri.analysis import (
 )
 from medflowad.mri.landmarks import LANDMARK_PERCENTILES, standard_landmarks, standardise
 from medflowad.mri.normative import (
+    BEYOND_SHARE,
     CALIBRATION_FOLDS,
     MODEL_FREE,
     NORMATIVE_MAPS,
     beyond_healthy_range,
+    beyond_share,
     fit_healthy_range,
     fit_normative,
     level_count,
@@ -142,9 +144,10 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     healthy scan (analysis.NORMATIVE_INTENSITY_READS; with ``standardise_intensity`` mapped onto the mean of the
     healthy scans' intensity landmarks, stored as ``normative/intensity/landmarks``), from every healthy scan, and its
     calibration with subjects left out (:func:`subject_folds`: one at a time up to five subjects, then five
-    folds): slice and scan scores, and healthy voxel values (under "voxel", a list per scan) of
-    :func:`~medflowad.mri.normative.beyond_healthy_range`. Empty with fewer than two subjects: there is no
-    one to leave out against."""
+    folds): slice and scan scores, healthy voxel values (under "voxel", a list per scan) of
+    :func:`~medflowad.mri.normative.beyond_healthy_range`, and each scan's share of healthy voxels beyond the
+    range (``scan/beyond_range_share``, :data:`~medflowad.mri.normative.BEYOND_SHARE`). Empty with fewer than
+    two subjects: there is no one to leave out against."""
     subjects = list(subjects) if subjects is not None else [str(i) for i in range(len(scans))]
     if len(subjects) != len(scans):
         raise ValueError(f"{len(subjects)} subject keys for {len(scans)} healthy scans")
@@ -167,7 +170,7 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
                     f"normative/{MODEL_FREE}/low": low, f"normative/{MODEL_FREE}/high": high}
     if landmarks is not None:
         result[f"normative/{MODEL_FREE}/landmarks"] = landmarks
-    per_scan: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}  # voxel values, slice scores, scan score
+    per_scan: dict[int, tuple[np.ndarray, np.ndarray, float, float]] = {}  # voxels, slices, scan score, share
     for fold in subject_folds(subjects):
         rest = [i for i, s in enumerate(subjects) if s not in fold]
         others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, standard)
@@ -178,12 +181,14 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
             values = beyond_healthy_range(maps[i], regions[i], levels[i], left_low, left_high, left_spread)
             per_slice = np.where(healthy_slices, slice_top_mean(values, regions[i] & healthy_voxels), np.nan)
             per_scan[i] = (values[healthy_voxels], per_slice[np.isfinite(per_slice)],
-                           aggregate(per_slice, top_fraction))
+                           aggregate(per_slice, top_fraction), beyond_share(values, healthy_voxels))
     in_order = [per_scan[i] for i in range(len(scans))]  # as the scans were given, whatever the folds
-    result["voxel"] = [voxels for voxels, _, _ in in_order]
-    scan = np.array([score for _, _, score in in_order], dtype=np.float64)
-    result[f"slice/{name}"] = np.concatenate([per_slice for _, per_slice, _ in in_order])
+    result["voxel"] = [voxels for voxels, _, _, _ in in_order]
+    scan = np.array([score for _, _, score, _ in in_order], dtype=np.float64)
+    result[f"slice/{name}"] = np.concatenate([per_slice for _, per_slice, _, _ in in_order])
     result[f"scan/{name}"] = scan[np.isfinite(scan)]
+    shares = np.array([share for _, _, _, share in in_order], dtype=np.float64)
+    result[f"scan/{BEYOND_SHARE}"] = shares[np.isfinite(shares)]
     return result
 
 

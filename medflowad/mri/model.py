@@ -42,6 +42,7 @@ from medflowad.mri.normative import (
     MODEL_FREE,
     NORMATIVE_MAPS,
     beyond_healthy_range,
+    beyond_share,
     is_healthy_range,
     normative_map,
     slice_levels,
@@ -150,6 +151,7 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
             analysis.maps[f"{name}_normative"] = beyond_healthy_range(
                 image, region, level, model.calibration[f"normative/{name}/low"],
                 model.calibration[f"normative/{name}/high"], spread)
+            analysis.beyond_range_share = beyond_share(analysis.maps[f"{name}_normative"], region)
         else:
             analysis.maps[f"{name}_normative"] = normative_map(analysis.maps[name], region, level, centre, spread)
     if f"{MODEL_FREE}_normative" in analysis.maps:

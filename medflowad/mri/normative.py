@@ -51,6 +51,14 @@ NATIVE_LEVELS = 16
 MIN_VALUES = 10
 SPREAD_FLOOR = 0.01
 MAD_TO_SD = 1.4826
+# A scan's share of scored voxels outside their location's healthy range (at any distance). The calibration
+# stores it for each healthy scan, measured against the other subjects' range (a few per cent by the range's
+# 1st-99th percentiles). A scan above UNLIKE_HEALTHY_FACTOR times the largest of them is unlike every healthy
+# calibration head as a whole, not in one place: another scanner, sequence or contrast agent, or widespread
+# disease. On protocol D's development split (docs/results.md) healthy left-out heads lay at 1.6-2.4 %, painted
+# copies at 1.5-2.6 % and heads simulated with another contrast and shading at 11.8-13.0 %.
+BEYOND_SHARE = "beyond_range_share"
+UNLIKE_HEALTHY_FACTOR = 2.0
 
 
 def calibrated_normative_maps(calibration: dict[str, np.ndarray]) -> tuple[str, ...]:
@@ -182,6 +190,18 @@ def beyond_healthy_range(values: np.ndarray, region: np.ndarray, level: np.ndarr
         beyond = np.maximum(np.maximum(values[z] - high[lz], low[lz] - values[z]), 0.0)
         out[z] = np.where(region[z], beyond / spread[lz], 0.0)
     return out
+
+
+def beyond_share(beyond: np.ndarray, region: np.ndarray) -> float:
+    """Share of ``region``'s voxels whose distance beyond the healthy range (``beyond``) is above zero."""
+    return float(np.mean(beyond[region] > 0)) if region.any() else float("nan")
+
+
+def unlike_healthy_limit(calibration: dict[str, np.ndarray]) -> float | None:
+    """The share beyond the healthy range above which a scan is unlike the healthy calibration heads (None for
+    calibrations made before the share was stored)."""
+    shares = calibration.get(f"scan/{BEYOND_SHARE}")
+    return None if shares is None or not len(shares) else UNLIKE_HEALTHY_FACTOR * float(np.max(shares))
 
 
 def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, centre: np.ndarray,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -145,6 +146,15 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 """
 
 
+def _beyond_range(row: dict) -> str:
+    """The share of the brain beyond its healthy range, marked where the scan is unlike every healthy head."""
+    share = row.get("beyond_range_share")
+    if share is None or not math.isfinite(share):
+        return ""
+    unlike = ' <span class="flag">unlike healthy heads</span>' if row.get("unlike_healthy") is True else ""
+    return f"{100 * share:.1f} %{unlike}"
+
+
 def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], model_name: str, modality: str,
                  fpr: float, n_healthy: int, score: str = "llr", top_fraction: float = 0.1) -> None:
     """Write report.html atomically from the score rows and each scored scan's figures, about scan score
@@ -166,7 +176,7 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
         f"when p &le; {fpr:g}.{problem}</p>",
         f"<p><b>{len(rows)}</b> scans: <b>{flagged}</b> flagged, <b>{failed}</b> failed.</p>",
         "<table><tr><th>scan</th><th>status</th><th>score</th><th>p-value</th><th>flag</th>"
-        "<th>flagged voxels</th><th>scored slices</th></tr>",
+        "<th>flagged voxels</th><th>beyond healthy range</th><th>scored slices</th></tr>",
     ]
     for r in rows:
         sid = e(r["scan_id"])
@@ -175,9 +185,10 @@ def write_report(path: Path, rows: list[dict], figures: dict[str, ScanFigures], 
             name = f'<a href="#{sid}">{sid}</a>' if r["scan_id"] in figures else sid  # earlier runs' scans: no figures
             parts.append(f'<tr><td>{name}</td><td>ok</td><td>{r[score]:.1f}</td>'
                          f"<td>{r[f'{score}_p']:.3f}</td><td>{flag}</td><td>{r['flagged_voxels']}</td>"
+                         f"<td>{_beyond_range(r)}</td>"
                          f"<td>{r['scored_slices']}/{r['slices']}</td></tr>")
         else:
-            parts.append(f'<tr><td>{sid}</td><td class="error">failed</td><td colspan="5" class="error">'
+            parts.append(f'<tr><td>{sid}</td><td class="error">failed</td><td colspan="6" class="error">'
                          f"{e(r['error'])}</td></tr>")
     parts.append("</table>")
     for r in rows:

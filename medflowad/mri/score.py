@@ -51,7 +51,7 @@ from medflowad.mri.analysis import (
     threshold_at_fpr,
 )
 from medflowad.mri.model import MriModel, analyse, load_mri_model, model_fingerprint
-from medflowad.mri.normative import is_healthy_range
+from medflowad.mri.normative import BEYOND_SHARE, is_healthy_range, unlike_healthy_limit
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.mri.selection import listed, modality_in_name, select_scans
 from medflowad.mri.tables import (
@@ -334,6 +334,7 @@ def score_scans(
                         stale.unlink(missing_ok=True)
                 write_outputs(out, sid, outputs, prepared, limits)
                 row["flagged_voxels"] = int(flagged.sum())
+                row.update(unlike_healthy_columns(analysis.beyond_range_share, limits.unlike_limit))
                 row["map"] = f"{sid}{MAP_SUFFIXES[0]}"
                 if report:
                     figures[sid] = scan_figures(prepared, mask_source, mask_threshold, mask_map, row[headline],
@@ -362,6 +363,9 @@ def score_scans(
                 on_scan(sid, row)
     finally:  # an interruption or a crash still leaves tables of every scan finished
         preparer.close()
+        unlike = [r["scan_id"] for r in result.rows if r.get("unlike_healthy") is True]
+        if unlike:
+            result.warn(unlike_healthy_warning(unlike, limits.unlike_limit))
         tables.save(force=True)
     if report:
         write_batch_report(result, model, limits, figures, brain_masks, tables)
@@ -382,6 +386,7 @@ class Thresholds:
     score_threshold: float
     normative: str | None = None  # written as <id>_normative
     normative_is_zscore: bool = False  # else a distance beyond the healthy range
+    unlike_limit: float | None = None  # share beyond the healthy range that marks a scan unlike the healthy heads
 
     @classmethod
     def of(cls, model: MriModel, fpr: float) -> Thresholds:
@@ -394,7 +399,23 @@ class Thresholds:
             "llr_normative" if "voxel/llr_normative" in model.calibration else None)
         zscore = normative is not None and not is_healthy_range(model.calibration, normative.removesuffix("_normative"))
         return cls(fpr, voxel_fpr, mask_map, threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr),
-                   headline, healthy_scores, threshold_at_fpr(healthy_scores, fpr), normative, zscore)
+                   headline, healthy_scores, threshold_at_fpr(healthy_scores, fpr), normative, zscore,
+                   unlike_healthy_limit(model.calibration))
+
+
+def unlike_healthy_columns(share: float, limit: float | None) -> dict[str, float | bool]:
+    """A scan's ``beyond_range_share`` and ``unlike_healthy`` (NaN where the model cannot say: no healthy range
+    of the intensity, or a calibration made before the share was stored)."""
+    return {BEYOND_SHARE: share,
+            "unlike_healthy": bool(share > limit) if limit is not None and math.isfinite(share) else math.nan}
+
+
+def unlike_healthy_warning(scan_ids: list[str], limit: float | None) -> str:
+    which = f"{len(scan_ids)} scans ({listed(scan_ids)}) lie" if len(scan_ids) > 1 else f"{scan_ids[0]} lies"
+    return (f"{which} beyond the healthy range in more than {100 * (limit or 0):.1f} % of the brain, twice as "
+            "much as any healthy calibration head: another scanner, sequence or contrast agent, or widespread "
+            "disease. Masks and scores of such a scan are not comparable with the healthy calibration; calibrate "
+            "the model on healthy heads of that site (`medflowad calibrate`) before reading them")
 
 
 def native_outputs(analysis: ScanAnalysis, prepared: PreparedScan, limits: Thresholds) -> dict[str, np.ndarray]:

@@ -27,7 +27,8 @@ from medflowad.storage import write_json, write_text
 
 SCAN_COLUMNS = ["scan_id", "status", "error", "path", "slices", "scored_slices"]
 SCORE_COLUMNS = [c for name in SLICE_SCORES for c in (name, f"{name}_p", f"{name}_flag")]
-ROW_COLUMNS = SCAN_COLUMNS + SCORE_COLUMNS + ["flagged_voxels", "map", "seconds"]
+ROW_COLUMNS = SCAN_COLUMNS + SCORE_COLUMNS + ["flagged_voxels", "beyond_range_share", "unlike_healthy", "map",
+                                              "seconds"]
 SLICE_COLUMNS = ["scan_id", "slice", "scored"] + [c for n in SLICE_SCORES for c in (n, f"{n}_p")]
 TABLE_INTERVAL_S = 10.0
 

@@ -354,6 +354,9 @@ def test_standardised_calibration_stores_the_mean_landmarks_and_lines_up_other_c
                        np.mean([np.percentile(look, LANDMARK_PERCENTILES) for look in looks], axis=0))
     outside = [np.mean(np.concatenate(result["voxel"]) > 0) for result in (plain, lined_up)]
     assert outside[1] < 0.05 and outside[0] > 3 * outside[1], outside
+    # each scan's share beyond the range, as the calibration stores it for the unlike-healthy check
+    for result in (plain, lined_up):
+        assert np.allclose(result["scan/beyond_range_share"], [np.mean(v > 0) for v in result["voxel"]])
 
 
 def test_analyse_standardises_when_the_config_says_so(tiny_mri_model, tmp_path):
@@ -401,3 +404,52 @@ def test_analyse_standardises_when_the_config_says_so(tiny_mri_model, tmp_path):
         write_tensors(folder / "calibration.safetensors", {**stored, "normative/intensity/landmarks": landmarks})
         with pytest.raises(ModelFolderError, match="intensity landmarks"):
             load_mri_model(folder, "cpu")
+
+
+def test_share_beyond_the_range_and_the_unlike_healthy_limit():
+    from medflowad.mri.normative import beyond_share, unlike_healthy_limit
+
+    beyond = np.zeros((2, 4, 4), dtype=np.float32)
+    beyond[0, :2, :] = 0.5  # 8 voxels beyond, 2 of them outside the region
+    region = np.ones(beyond.shape, dtype=bool)
+    region[0, 0, :2] = False
+    assert beyond_share(beyond, region) == 6 / 30
+    assert np.isnan(beyond_share(beyond, np.zeros_like(region)))
+    assert unlike_healthy_limit({"scan/beyond_range_share": np.array([0.02, 0.03, 0.01])}) == 0.06
+    assert unlike_healthy_limit({}) is None  # calibrations made before the share: no check
+
+
+def test_score_marks_a_scan_unlike_the_healthy_heads(tiny_mri_model, tmp_path):
+    """A head under a strong left-right shading lies beyond the healthy range in far more of its brain than
+    any calibration head: ``unlike_healthy`` and a batch warning say so; a plain head of the same kind does not;
+    a calibration without the stored shares gives no verdict (empty columns, no warning)."""
+    import shutil
+
+    import torch
+
+    from medflowad.mri.model import load_mri_model
+    from medflowad.mri.score import score_scans
+    from medflowad.storage import read_tensors, write_tensors
+    from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
+
+    x = np.linspace(-1, 1, 48)[:, None, None]
+    scans = [save_nifti(tmp_path / "plain.nii.gz", brain_like(seed=22), oblique_lps_affine()),
+             save_nifti(tmp_path / "shaded.nii.gz", (brain_like(seed=23) * np.exp(0.3 * x)).astype(np.int16),
+                        oblique_lps_affine())]
+    limit = 2 * load_mri_model(tiny_mri_model, "cpu").calibration["scan/beyond_range_share"].max()
+    result = score_scans(scans, tiny_mri_model, tmp_path / "out", device="cpu", report=True)
+    rows = {r["scan_id"]: r for r in result.rows}
+    assert (tmp_path / "out" / "report.html").read_text().count("unlike healthy heads") == 1
+    assert rows["plain"]["beyond_range_share"] < limit and rows["plain"]["unlike_healthy"] is False
+    assert rows["shaded"]["beyond_range_share"] > limit and rows["shaded"]["unlike_healthy"] is True
+    assert "shaded lies beyond the healthy range" in result.warning and "plain" not in result.warning
+    header = (tmp_path / "out" / "scores.csv").read_text().splitlines()[0].split(",")
+    assert {"beyond_range_share", "unlike_healthy"} <= set(header)
+
+    older = tmp_path / "older"
+    shutil.copytree(tiny_mri_model, older)
+    stored = {k: v for k, v in read_tensors(older / "calibration.safetensors").items()
+              if k != "scan/beyond_range_share"}
+    write_tensors(older / "calibration.safetensors", {k: torch.as_tensor(v) for k, v in stored.items()})
+    result = score_scans(scans[1:], older, tmp_path / "out_older", device="cpu")
+    assert np.isnan(result.rows[0]["unlike_healthy"]) and "beyond the healthy range" not in (result.warning or "")
