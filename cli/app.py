@@ -489,6 +489,33 @@ def score_merge(
 
 @app.command()
 @_friendly_errors
+def calibrate(
+    data: Annotated[list[Path], typer.Argument(help="Healthy scans of the site: files, folders, DICOM series "
+                                               "folders (two subjects at least; 20 or more for scan flags).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="MRI model folder, or a bundled model's name (demo).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New model folder (the same weights, the new calibration).")],
+    pattern: Annotated[str | None, typer.Option(help=PATTERN_HELP)] = None,
+    lesion_masks: Annotated[str | None, typer.Option(
+        help="OLD=NEW from a scan name to its lesion mask (e.g. _t1=_mask): patients' scans calibrate with their "
+        "healthy parts only.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+) -> None:
+    """Calibrate a trained MRI model on healthy scans of your own scanner, without training: a new model folder
+    with the same weights and the healthy ranges, landmarks and thresholds of these scans."""
+    from medflowad.mri.recalibration import recalibrate_model
+
+    with _status("calibrating", quiet) as status:
+        record = recalibrate_model(model, data, out, pattern, _parse_replace(lesion_masks), device,
+                                   say=lambda message: status.update(message))
+    for skipped in record["skipped_scans"]:
+        err_console.print(f"[yellow]skipped[/] {skipped['error']}", highlight=False)
+    console.print(f"calibrated on {len(record['calibration_scans'])} scans of {record['subjects']} subjects; "
+                  f"model folder: [bold]{out}[/] (score with --model {out})")
+
+
+@app.command()
+@_friendly_errors
 def export(
     model: Annotated[str, typer.Argument(help="MRI model folder, or a bundled model's name (demo).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the bundle to.")],
