@@ -54,7 +54,7 @@ def main() -> None:
 
     def scan_z_on_scan_grid(path: Path) -> np.ndarray:
         prepared = prepare(path, config)
-        region = prepared.foreground & prepared.keep[:, None, None]
+        region = prepared.scored
         image = intensity_map(prepared) if args.clipped else unclipped_intensity_map(prepared)
         scan_z = intensity_scan_z(image, region)
         return to_native(smoothed_within(scan_z, region, args.sigma) if args.sigma else scan_z, prepared)

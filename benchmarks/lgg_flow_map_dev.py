@@ -82,7 +82,7 @@ def main() -> None:
         lesion_file = load_scan(companion_path(path, LESION_MASKS))
         prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
         lesion = mask_on_scan(lesion_file, prepared.native)
-        region = prepared.foreground & prepared.keep[:, None, None]
+        region = prepared.scored
         product = analyse(model, prepared)
         maps = {"intensity": intensity_map(prepared), SCAN_Z_MAP: product.maps[SCAN_Z_MAP],
                 **flow_variants(prepared, model, product, region, args.sigmas)}

@@ -114,7 +114,7 @@ def filled_enclosed(image: np.ndarray, start: float = 1.0, step: float = 0.25) -
 
 
 def scan_maps(prepared, sigmas: list[float]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    region = prepared.foreground & prepared.keep[:, None, None]
+    region = prepared.scored
     image = intensity_map(prepared)
     base = {"intensity": image, "scan_z": intensity_scan_z(image, region),
             "scan_z_unclipped": intensity_scan_z(unclipped_intensity_map(prepared), region)}

@@ -79,7 +79,7 @@ def development_copies(ixi: Path, subject: str, index: int, tmp: Path, painted_d
 def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The scan's scored region, its signed z and its distance beyond the healthy range under these statistics,
     of the image that ``read`` takes from the prepared scan."""
-    region, image, level = scored_region(scan), read(scan), slice_levels(scan, True)
+    region, image, level = scan.scored, read(scan), slice_levels(scan, True)
     return (region, normative_map(image, region, level, centre, spread),
             beyond_healthy_range(image, region, level, low, high, spread))
 
@@ -100,12 +100,8 @@ def fold_read(read, others: list, standardised: bool):
     """``read``, or with ``standardised`` the image it reads mapped onto the intensity landmarks of ``others``."""
     if not standardised:
         return read
-    standard = standard_landmarks([read(p) for p in others], [scored_region(p) for p in others])
-    return lambda scan: standardise(read(scan), scored_region(scan), standard)
-
-
-def scored_region(scan) -> np.ndarray:
-    return scan.foreground & scan.keep[:, None, None]
+    standard = standard_landmarks([read(p) for p in others], [p.scored for p in others])
+    return lambda scan: standardise(read(scan), scan.scored, standard)
 
 
 def main() -> None:

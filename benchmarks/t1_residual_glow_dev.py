@@ -57,7 +57,7 @@ def statistics(scans: list) -> tuple[np.ndarray, ...]:
 
 def residual(scan, centre: np.ndarray, spread: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(region (Z, S, S), signed z (Z, S, S)) of a scan against these statistics."""
-    region = scan.foreground & scan.keep[:, None, None]
+    region = scan.scored
     return region, normative_map(intensity(scan), region, slice_levels(scan, True), centre, spread)
 
 

@@ -127,6 +127,11 @@ class PreparedScan:
     def num_slices(self) -> int:
         return len(self.slices)
 
+    @property
+    def scored(self) -> np.ndarray:
+        """bool (Z, S, S): the foreground of the scored slices, where maps are measured and calibrated."""
+        return self.foreground & self.keep[:, None, None]
+
 
 def orient_ras(volume: MetaTensor) -> MetaTensor:
     """Reorient a (C, X, Y, Z) MetaTensor to RAS; explicit labels keep MONAI from reinterpreting axes."""

@@ -151,7 +151,7 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
             slice_scores[f"{name}_fg"][keep] = maps[name][keep].sum(axis=(1, 2), dtype=np.float64) / pixels
     # Baseline of Meissen et al. (2021): the normalised image itself as the anomaly map.
     maps["intensity"] = intensity_map(prepared)
-    scored = prepared.foreground & prepared.keep[:, None, None]
+    scored = prepared.scored
     maps[TWO_SIDED_BASELINE] = np.abs(intensity_scan_z(maps["intensity"], scored))  # on the model's input
     maps[SCAN_Z_MAP] = smoothed_within(intensity_scan_z(unclipped_intensity_map(prepared), scored), scored,
                                        SCAN_Z_SIGMA)

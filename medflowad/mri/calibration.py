@@ -54,7 +54,7 @@ def healthy_parts(prepared: PreparedScan) -> tuple[np.ndarray, np.ndarray]:
     Without a lesion mask every scored slice and voxel counts as healthy.
     """
     slices = prepared.keep.copy()
-    voxels = prepared.foreground & prepared.keep[:, None, None]
+    voxels = prepared.scored
     if prepared.lesion is not None:
         slices &= ~prepared.lesion_slices
         voxels &= ~lesion_zone(prepared)
@@ -154,7 +154,7 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     if len(set(subjects)) < 2:
         return {}
     maps = [read(p) for p in scans]
-    regions = [p.foreground & p.keep[:, None, None] for p in scans]
+    regions = [p.scored for p in scans]
     landmarks = None
     if standardise_intensity:
         landmarks = standard_landmarks(maps, regions)

@@ -117,7 +117,7 @@ def evaluate_scans(
         for i, z in enumerate(np.nonzero(keep)[0]):
             slice_rows.append({"scan": str(path), "slice": int(z), "lesion": int(prepared.lesion_slices[z]),
                                **{name: float(v[i]) for name, v in this_scan.items()}})
-        scored = prepared.foreground & keep[:, None, None]
+        scored = prepared.scored
         region = to_native(scored.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, values in voxel_scores.items():
             values.append(to_native(analysis.maps[name], prepared)[region])

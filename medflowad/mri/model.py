@@ -138,7 +138,7 @@ def analyse(model: MriModel, prepared: PreparedScan, batch_size: int = 64) -> Sc
                             scan_position_classes(model.config, prepared), model.config.map_spread)
     standard = model.config.preprocessing.space == "standard"
     level = slice_levels(prepared, standard)
-    region = prepared.foreground & prepared.keep[:, None, None]
+    region = prepared.scored
     for name in NORMATIVE_MAPS:
         centre = model.calibration.get(f"normative/{name}/centre")
         if centre is None:

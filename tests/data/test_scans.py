@@ -116,3 +116,16 @@ def test_maps_resampled_together_equal_maps_resampled_alone():
     assert together.shape == (3, *prepared.native.shape[1:])
     for k in range(3):
         assert np.array_equal(together[k], to_native(maps[k], prepared))
+
+
+def test_scored_region_is_the_foreground_of_kept_slices_only():
+    volume = _head_ct()
+    volume[:, :, :2] = -1000.0  # two slices of air: no foreground, not kept
+    prepared = _prepare(volume, ScanPreprocessing(image_size=64, margin=0.0, intensity_window=(0.0, 80.0)))
+    assert prepared.keep.sum() == 6 and prepared.scored.shape == prepared.foreground.shape
+    for z in range(prepared.num_slices):
+        expected = prepared.foreground[z] if prepared.keep[z] else np.zeros_like(prepared.foreground[z])
+        assert np.array_equal(prepared.scored[z], expected)
+    kept = int(np.argmax(prepared.keep))
+    prepared.foreground[kept, 0, 0] = True
+    assert prepared.scored[kept, 0, 0]  # computed from the current foreground, never a stale copy

@@ -98,7 +98,7 @@ def test_calibration_voxels_are_the_scored_foreground_and_its_thresholds_their_q
     expected = []
     for source in sources:
         prepared = prepare(source["path"], config.preprocessing)
-        region = prepared.foreground & prepared.keep[:, None, None]
+        region = prepared.scored
         assert region.sum() < prepared.keep.sum() * region.shape[1] * region.shape[2]  # background is left out
         expected.append(analyse_scan(prepared, model.in_model, model.general_model).maps["llr"][region])
     expected = np.sort(np.concatenate(expected).astype(np.float32))

@@ -323,7 +323,7 @@ def test_analyse_reads_the_image_the_config_names(tiny_mri_model, tmp_path):
     statistics = {key: np.full((16, size, size), value, dtype=np.float32)
                   for key, value in (("centre", 0.5), ("spread", 0.1), ("low", 0.0), ("high", 1.0))}
     calibration = {**model.calibration, **{f"normative/intensity/{k}": v for k, v in statistics.items()}}
-    region = prepared.foreground & prepared.keep[:, None, None]
+    region = prepared.scored
     assert (prepared.unclipped[region] > 1).any()
     expected = np.where(region, np.maximum(prepared.unclipped - 1.0, 0.0) / 0.1, 0.0)
     for reading, want in (("unclipped", expected), ("clipped", np.zeros_like(expected))):
@@ -386,7 +386,7 @@ def test_analyse_standardises_when_the_config_says_so(tiny_mri_model, tmp_path):
                    "normative/intensity/landmarks": standard}
     config = dataclasses.replace(model.config, normative_intensity="unclipped", standardise_intensity=True)
     got = analyse(dataclasses.replace(model, calibration=calibration, config=config), prepared)
-    region = prepared.foreground & prepared.keep[:, None, None]
+    region = prepared.scored
     values = prepared.unclipped[region].astype(np.float64)
     own = np.percentile(values, LANDMARK_PERCENTILES)
     mapped = np.interp(values, own, standard)  # the scan's own voxels lie within its end landmarks but a few
