@@ -32,7 +32,7 @@ global spread so that a near-constant location cannot blow a z-score up.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -59,6 +59,7 @@ MAD_TO_SD = 1.4826
 # copies at 1.5-2.6 % and heads simulated with another contrast and shading at 11.8-13.0 %.
 BEYOND_SHARE = "beyond_range_share"
 UNLIKE_HEALTHY_FACTOR = 2.0
+LIMIT_SETTER_FACTOR = 3.0  # calibration scans this far above the median share are pointed out
 
 
 def calibrated_normative_maps(calibration: dict[str, np.ndarray]) -> tuple[str, ...]:
@@ -202,6 +203,31 @@ def unlike_healthy_limit(calibration: dict[str, np.ndarray]) -> float | None:
     calibrations made before the share was stored)."""
     shares = calibration.get(f"scan/{BEYOND_SHARE}")
     return None if shares is None or not len(shares) else UNLIKE_HEALTHY_FACTOR * float(np.max(shares))
+
+
+def calibration_shares(calibration: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, float]:
+    """Each healthy calibration scan's share beyond the others' healthy range, by name (``names`` in the
+    order the calibration took the scans, training scans first); empty where the calibration has no shares
+    or left a scan without one."""
+    shares = calibration.get(f"scan/{BEYOND_SHARE}")
+    if shares is None or len(shares) != len(names):
+        return {}
+    return {name: float(share) for name, share in zip(names, shares, strict=True)}
+
+
+def limit_setter_note(shares: dict[str, float]) -> str | None:
+    """A note when the unlike-healthy limit is set by one calibration scan far beyond the others (its share
+    above LIMIT_SETTER_FACTOR times their median): a patient, another protocol or a failed preparation among
+    the healthy scans would make the check blind."""
+    if len(shares) < 3:
+        return None
+    name, largest = max(shares.items(), key=lambda item: item[1])
+    median = float(np.median(list(shares.values())))
+    if not largest > LIMIT_SETTER_FACTOR * median:
+        return None
+    return (f"{name} lies beyond the other healthy scans' range in {100 * largest:.1f} % of its brain (median "
+            f"of the calibration scans {100 * median:.1f} %) and so sets the limit of unlike_healthy "
+            f"({100 * UNLIKE_HEALTHY_FACTOR * largest:.1f} %); check that it is healthy and of the same protocol")
 
 
 def normative_map(values: np.ndarray, region: np.ndarray, level: np.ndarray, centre: np.ndarray,

@@ -20,6 +20,7 @@ import torch
 from medflowad.data.readers import ScanError, absolute_scan_path, scan_id
 from medflowad.mri.calibration import calibrate, calibration_summary
 from medflowad.mri.model import MRI_CONFIG, SCORING_FILES, load_mri_model, model_fingerprint, resolve_model_dir
+from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.selection import listed, select_scans, subject_of
 from medflowad.prep import prepare
 from medflowad.storage import write_json, write_tensors
@@ -70,6 +71,8 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
                          "1 / (n + 1))")
     say(f"calibrating on {len(used)} scans of {len(set(subjects))} subjects")
     calibration = calibrate(loaded, prepared, (), subjects)
+    shares = calibration_shares(calibration, [absolute_scan_path(p) for p in used])
+    note = limit_setter_note(shares)
     out.mkdir(parents=True, exist_ok=True)
     for name in WEIGHT_FILES:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +83,7 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
     record = {
         "source_model": str(source), "source_model_sha256": model_fingerprint(source),
         "calibration_scans": [absolute_scan_path(p) for p in used], "subjects": len(set(subjects)),
-        "skipped_scans": skipped, "calibration": summary,
+        "skipped_scans": skipped, "beyond_range_shares": shares, "limit_note": note, "calibration": summary,
     }
     write_json(out / RECALIBRATION_FILE, record)  # last: a folder with it is complete
     return record

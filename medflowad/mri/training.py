@@ -24,6 +24,7 @@ from medflowad.devices import resolve_device
 from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone
 from medflowad.mri.config import MriConfig
 from medflowad.mri.model import MRI_CONFIG, load_mri_model
+from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.position import scan_position_classes
 from medflowad.mri.selection import listed, modality_in_name, split_healthy_scans, subject_of
 from medflowad.prep import prepare
@@ -152,13 +153,17 @@ def train_mri_model(
     calibration = calibrate(model, [p for _, p in prepared["val"]], [p for _, p in prepared["train"]],
                             [subject_of(path) for split in ("train", "val") for path, _ in prepared[split]])
     write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
+    note = limit_setter_note(calibration_shares(
+        calibration, [absolute_scan_path(path) for split in ("train", "val") for path, _ in prepared[split]]))
+    if note:
+        say(f"note: {note}")
     summary = calibration_summary(calibration, config.fpr)
     write_json(out / "calibration.json", summary)
     metrics = {
         "modality": config.modality, "train_scans": len(prepared["train"]), "val_scans": len(prepared["val"]),
         "skipped_scans": skipped, "in_model_test_bpd": result.test_bpd,
         "train_slices": healthy_slices["train"], "val_slices": healthy_slices["val"],
-        "calibration": summary,
+        "calibration": summary, "limit_note": note,
     }
     write_json(out / "metrics.json", metrics)
     distributed.barrier(group)

@@ -453,3 +453,17 @@ def test_score_marks_a_scan_unlike_the_healthy_heads(tiny_mri_model, tmp_path):
     write_tensors(older / "calibration.safetensors", {k: torch.as_tensor(v) for k, v in stored.items()})
     result = score_scans(scans[1:], older, tmp_path / "out_older", device="cpu")
     assert np.isnan(result.rows[0]["unlike_healthy"]) and "beyond the healthy range" not in (result.warning or "")
+
+
+def test_a_calibration_scan_far_beyond_the_others_is_pointed_out():
+    from medflowad.mri.normative import calibration_shares, limit_setter_note
+
+    alike = {"a": 0.02, "b": 0.025, "c": 0.015, "e": 0.02}
+    assert limit_setter_note(alike) is None
+    note = limit_setter_note({**alike, "d": 0.2})
+    assert note.startswith("d lies beyond the other healthy scans' range in 20.0 %")
+    assert "median of the calibration scans 2.0 %" in note and "(40.0 %)" in note  # 2x its share
+    assert limit_setter_note({"a": 0.01, "d": 0.2}) is None  # too few to tell the odd one out
+    shares = {"scan/beyond_range_share": np.array([0.1, 0.2])}
+    assert calibration_shares(shares, ["x", "y"]) == {"x": 0.1, "y": 0.2}
+    assert calibration_shares(shares, ["x"]) == {} and calibration_shares({}, ["x"]) == {}

@@ -35,6 +35,8 @@ def test_recalibrated_model_keeps_the_weights_and_takes_the_new_sites_healthy_ra
     assert json.loads((folder / RECALIBRATION_FILE).read_text()) == record
     assert sorted(record["calibration_scans"]) == sorted(str(p.resolve()) for p in site)
     assert record["subjects"] == 3 and record["source_model_sha256"] == model_fingerprint(tiny_mri_model)
+    assert sorted(record["beyond_range_shares"]) == sorted(record["calibration_scans"])
+    assert record["limit_note"] is None  # three heads alike
     assert len(load_mri_model(folder, "cpu").calibration["scan/beyond_range_share"]) == 3
 
     new_head = _site_head(tmp_path / "new.nii.gz", 23)
@@ -67,3 +69,20 @@ def test_calibrate_command_writes_a_model_that_scores(tiny_mri_model, tmp_path):
     result = runner.invoke(app, ["score", str(tmp_path / "site" / "head_0.nii.gz"), "--model",
                                  str(tmp_path / "model"), "--out", str(tmp_path / "scored"), "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_head_unlike_the_other_calibration_heads_is_named(tiny_mri_model, tmp_path):
+    """Three plain heads and one shaded one calibrate: the shaded one would set the unlike-healthy limit, and
+    calibrate says so by name."""
+    (tmp_path / "site").mkdir()
+    for i in range(3):
+        save_nifti(tmp_path / "site" / f"plain_{i}.nii.gz", brain_like(seed=70 + i), oblique_lps_affine())
+    _site_head(tmp_path / "site" / "odd.nii.gz", 73)
+    result = CliRunner().invoke(app, ["calibrate", str(tmp_path / "site"), "--model", str(tiny_mri_model),
+                                      "--out", str(tmp_path / "model"), "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "model" / RECALIBRATION_FILE).read_text())
+    shares = record["beyond_range_shares"]
+    odd = next(name for name in shares if name.endswith("odd.nii.gz"))
+    assert shares[odd] == max(shares.values()) and record["limit_note"].startswith(f"{odd} lies beyond")
+    assert "check that it is healthy" in " ".join(result.output.split())
