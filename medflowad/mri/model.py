@@ -52,6 +52,7 @@ from medflowad.mri.position import scan_position_classes
 from medflowad.storage import ModelFolderError, load_model, read_tensors, read_yaml_mapping
 
 MRI_CONFIG = "mri.yaml"
+RECALIBRATION_FILE = "recalibration.json"  # written by `medflowad calibrate` (medflowad.mri.recalibration)
 # What `score` needs of a model folder (what a bundled model or an exported bundle ships).
 SCORING_FILES = (MRI_CONFIG, "general/config.yaml", "general/model.safetensors", "in/config.yaml",
                  "in/model.safetensors", "calibration.safetensors", "calibration.json")

@@ -19,13 +19,19 @@ import torch
 
 from medflowad.data.readers import ScanError, absolute_scan_path, scan_id
 from medflowad.mri.calibration import calibrate, calibration_summary
-from medflowad.mri.model import MRI_CONFIG, SCORING_FILES, load_mri_model, model_fingerprint, resolve_model_dir
+from medflowad.mri.model import (
+    MRI_CONFIG,
+    RECALIBRATION_FILE,
+    SCORING_FILES,
+    load_mri_model,
+    model_fingerprint,
+    resolve_model_dir,
+)
 from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.selection import listed, select_scans, subject_of
 from medflowad.prep import prepare
 from medflowad.storage import write_json, write_tensors
 
-RECALIBRATION_FILE = "recalibration.json"
 # Files copied from the source model: its weights and settings. Its calibration is replaced, its training
 # records (data/, metrics.json) describe scans that do not calibrate the new folder, so they stay behind.
 WEIGHT_FILES = tuple(name for name in SCORING_FILES if not name.startswith("calibration."))

@@ -50,7 +50,7 @@ from medflowad.mri.analysis import (
     flag_resolution_problem,
     threshold_at_fpr,
 )
-from medflowad.mri.model import MriModel, analyse, load_mri_model, model_fingerprint
+from medflowad.mri.model import RECALIBRATION_FILE, MriModel, analyse, load_mri_model, model_fingerprint
 from medflowad.mri.normative import BEYOND_SHARE, is_healthy_range, unlike_healthy_limit
 from medflowad.mri.report import ScanFigures, scan_figures, write_report
 from medflowad.mri.selection import listed, modality_in_name, select_scans
@@ -115,8 +115,20 @@ def write_nifti(path: Path, data: np.ndarray, reference: PreparedScan,
 
 def scans_the_model_saw(folder: Path) -> dict[str, str]:
     """Absolute path -> "trained" or "calibrated", from the model folder's healthy slice-set manifests (a
-    bundled or exported model has none). Paths recorded relative to another working folder are missed."""
+    bundled or exported model has none), or for a folder of ``medflowad calibrate`` from its
+    ``recalibration.json`` (its calibration scans) and the source model's training scans, when the source
+    folder is still there. Paths recorded relative to another working folder are missed."""
     seen = {}
+    record = Path(folder) / RECALIBRATION_FILE
+    if record.is_file():
+        try:
+            recalibration = json.loads(record.read_text())
+            source = Path(recalibration["source_model"])
+            seen = {absolute_scan_path(path): "calibrated" for path in recalibration["calibration_scans"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFolderError(f"{record}: not a medflowad recalibration record ({exc})") from exc
+        if source.is_dir() and source.resolve() != Path(folder).resolve():
+            seen = {**{p: r for p, r in scans_the_model_saw(source).items() if r == "trained"}, **seen}
     for role, part in (("trained", "healthy_train"), ("calibrated", "healthy_val")):
         manifest = Path(folder) / "data" / part / "manifest.json"
         if manifest.is_file():

@@ -1,14 +1,15 @@
 """`medflowad calibrate`: a trained model calibrated on another site's healthy scans, weights untouched."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
-from medflowad.mri.model import load_mri_model, model_fingerprint
-from medflowad.mri.recalibration import RECALIBRATION_FILE, WEIGHT_FILES, recalibrate_model
+from medflowad.mri.model import RECALIBRATION_FILE, load_mri_model, model_fingerprint
+from medflowad.mri.recalibration import WEIGHT_FILES, recalibrate_model
 from medflowad.mri.score import score_scans
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
@@ -44,6 +45,11 @@ def test_recalibrated_model_keeps_the_weights_and_takes_the_new_sites_healthy_ra
     after = score_scans([new_head], folder, tmp_path / "out_after", device="cpu").rows[0]
     assert before["unlike_healthy"] is True and after["unlike_healthy"] is False
     assert after["beyond_range_share"] < before["beyond_range_share"] / 3
+
+    # a calibration scan, and a scan that trained the source model's weights, are pointed out when scored
+    trained = json.loads((tiny_mri_model / "data" / "healthy_train" / "manifest.json").read_text())["sources"][0]
+    warning = score_scans([site[0], Path(trained["path"])], folder, tmp_path / "out_seen", device="cpu").warning
+    assert "1 of these scans trained the model and 1 calibrated it" in warning
 
 
 def test_recalibration_refuses_one_subject_and_an_existing_model(tiny_mri_model, tmp_path):
