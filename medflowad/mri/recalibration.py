@@ -71,9 +71,11 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
         say(f"prepared {scan_id(path)} ({len(used)} of {len(scans)})")
     subjects = [subject_of(path) for path in used]
     if len(set(subjects)) < 2:
-        raise ValueError(f"{len(set(subjects))} subject among the scans that could be prepared "
-                         f"({listed([scan_id(p) for p in used]) or 'none'}); calibration needs healthy scans of "
-                         "at least two subjects (better 20 or more: with n scans no scan p-value is below "
+        found = len(set(subjects))
+        problems = f"; {len(skipped)} could not be: " + "; ".join(s["error"] for s in skipped[:3]) if skipped else ""
+        raise ValueError(f"{found} subject{'s' if found != 1 else ''} among the scans that could be prepared "
+                         f"({listed([scan_id(p) for p in used]) or 'none'}){problems}. Calibration needs healthy "
+                         "scans of at least two subjects (better 20 or more: with n scans no scan p-value is below "
                          "1 / (n + 1))")
     say(f"calibrating on {len(used)} scans of {len(set(subjects))} subjects")
     calibration = calibrate(loaded, prepared, (), subjects)

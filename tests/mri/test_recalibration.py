@@ -55,7 +55,7 @@ def test_recalibrated_model_keeps_the_weights_and_takes_the_new_sites_healthy_ra
 def test_recalibration_refuses_one_subject_and_an_existing_model(tiny_mri_model, tmp_path):
     for session in (1, 2):  # two sessions of one BIDS subject
         _site_head(tmp_path / "one" / f"sub-01_ses-{session}_T1w.nii.gz", 50 + session)
-    with pytest.raises(ValueError, match="calibration needs healthy scans of at least two subjects"):
+    with pytest.raises(ValueError, match="needs healthy scans of at least two subjects"):
         recalibrate_model(tiny_mri_model, [tmp_path / "one"], tmp_path / "model", device="cpu")
     assert not (tmp_path / "model").exists()  # nothing half-written
     with pytest.raises(ValueError, match="holds a model already"):
