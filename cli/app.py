@@ -109,7 +109,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (created; an interrupted run resumes).")],
     config: Annotated[str | None, typer.Option(
         "--config", "-c", help="YAML file or preset: cifar10_cpu (default), cifar10_paper, sample; "
-        "with --modality: mri_cpu (default), ct_cpu (default for ct: HU brain window).")] = None,
+        "with --modality: mri_cpu (default for flair, t2, pd), t1_cpu (default for t1: the normative intensity as "
+        "map, N4, landmarks), ct_cpu (default for ct: HU brain window).")] = None,
     modality: Annotated[str | None, typer.Option(
         help="Brain-MRI mode: t1, t2, flair, pd or ct. Trains general + in-distribution models and calibrates.")
     ] = None,
@@ -152,10 +153,11 @@ def train(
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --modality (healthy scans: --data; general "
                              "samples: --pool; a trained general model to start from: --general-model)")
-        default = "ct_cpu" if modality == "ct" else "mri_cpu"
-        _train_mri(modality, config or default, data, out, pool, general_model, pattern, lesion_masks,
-                   outlier_loss, steps, general_steps, batch_size, lr, device, seed, calibration_seed, quiet,
-                   {"space": space, "brain": brain, "n4": n4})
+        from medflowad.mri.config import default_mri_preset
+
+        _train_mri(modality, config or default_mri_preset(modality), data, out, pool, general_model, pattern,
+                   lesion_masks, outlier_loss, steps, general_steps, batch_size, lr, device, seed, calibration_seed,
+                   quiet, {"space": space, "brain": brain, "n4": n4})
         return
     mri_only = {"--data": data, "--pool": pool, "--pattern": pattern, "--lesion-masks": lesion_masks,
                 "--general-steps": general_steps, "--calibration-seed": calibration_seed, "--space": space,

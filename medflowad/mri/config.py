@@ -126,6 +126,15 @@ def mri_config_from_dict(values: dict, where: str = "mri config") -> MriConfig:
     return config
 
 
+DEFAULT_PRESETS = {"ct": "ct_cpu", "t1": "t1_cpu"}  # by modality; the others: mri_cpu
+
+
+def default_mri_preset(modality: str) -> str:
+    """The preset ``train --modality`` uses without ``--config``: CT's HU window (ct_cpu), T1's measured choices
+    (t1_cpu: the normative intensity as map and score, N4, landmarks), and mri_cpu for FLAIR, T2 and PD."""
+    return DEFAULT_PRESETS.get(modality, "mri_cpu")
+
+
 def load_mri_config(name_or_path: str) -> MriConfig:
     path = Path(name_or_path)
     if path.exists():

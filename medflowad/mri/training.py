@@ -22,7 +22,7 @@ from medflowad.data.scans import PreparedScan, ScanPreprocessing
 from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
 from medflowad.mri.calibration import calibrate, calibration_summary, lesion_zone
-from medflowad.mri.config import MriConfig
+from medflowad.mri.config import DEFAULT_PRESETS, MriConfig
 from medflowad.mri.model import MRI_CONFIG, load_mri_model
 from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.position import scan_position_classes
@@ -81,7 +81,10 @@ def check_preprocessing(source: Path, stored: dict | None, config: MriConfig) ->
     differing = [f"{key} {theirs[key]} there, {ours[key]} here" for key in ours if theirs.get(key) != ours[key]]
     if differing:
         raise ValueError(f"{source}: prepared with other preprocessing than this model's ({'; '.join(differing)}); "
-                         "rebuild it with the same --config")
+                         "rebuild it with the config the model trains with (`medflowad pool build ... -c CONFIG`; "
+                         "without --config, train --modality uses " + ", ".join(
+                             f"{preset} for {modality}" for modality, preset in DEFAULT_PRESETS.items())
+                         + " and mri_cpu for the others)")
 
 
 def train_mri_model(

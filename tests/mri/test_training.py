@@ -135,3 +135,18 @@ def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_pat
                 assert masks[i, 0, r, c] == (0 if near else 1)
     dropped = _healthy_slices([prepared], "drop_slices")
     assert dropped.masks is None and len(dropped.images) == (prepared.keep & ~prepared.lesion_slices).sum()
+
+
+def test_train_without_config_takes_the_modalitys_preset():
+    """T1 gets its measured choices (the normative intensity as map and score, N4, landmarks, unclipped range,
+    a 0.1 % voxel mask) on mri_cpu's Glow and training; CT its HU window; FLAIR, T2 and PD mri_cpu."""
+    from medflowad.mri.config import default_mri_preset, load_mri_config
+
+    assert [default_mri_preset(m) for m in ("t1", "ct", "flair", "t2", "pd")] == \
+        ["t1_cpu", "ct_cpu", "mri_cpu", "mri_cpu", "mri_cpu"]
+    t1, general, demo = (load_mri_config(name) for name in ("t1_cpu", "mri_cpu", "mri_demo"))
+    assert t1.modality == "t1" and t1.model == general.model and t1.in_steps == general.in_steps
+    for setting in ("mask_map", "scan_score", "voxel_fpr", "normative_intensity", "standardise_intensity"):
+        assert getattr(t1, setting) == getattr(demo, setting), setting
+    assert t1.preprocessing == general.preprocessing.overridden(n4=True)
+    assert general.mask_map is None and not general.preprocessing.n4
