@@ -27,10 +27,13 @@ def main() -> None:
     parser.add_argument("--score-images", type=int, default=1024)
     parser.add_argument("--layout", choices=("config", "nhwc", "default"), default="config",
                         help="convolution layout: the config's channels_last, or force NHWC / the default")
+    parser.add_argument("--train-precision", choices=("float32", "bfloat16"), default="float32",
+                        help="the coupling networks' precision in training steps (scoring stays float32)")
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    result = {**glow_throughput(args.config, device, args.steps, args.score_images, args.score_batch, args.layout),
+    result = {**glow_throughput(args.config, device, args.steps, args.score_images, args.score_batch, args.layout,
+                                args.train_precision),
               **machine(device)}
     print(json.dumps(result, indent=2))
     if args.out:

@@ -9,7 +9,8 @@ measurement runs in a fresh Python process whose ``medflowad`` is imported from 
 through the API both share: ``Glow(GlowConfig(...))(x).log_prob``, Adamax, a seeded batch of uniform pixels,
 ``--warmup`` untimed steps (ActNorm initialisation, allocator) then ``--steps`` timed ones. Base and new code
 alternate within each round and layout, so drifts of a noisy machine hit both alike. Prints the medians and
-new / base ratios.
+new / base ratios. ``--new-precision bfloat16`` runs this checkout's coupling networks in bfloat16 in its steps
+(``train_precision``, which the base lacks; the base stays float32).
 """
 
 import argparse
@@ -33,7 +34,7 @@ import medflowad
 from medflowad.flows import Glow, GlowConfig
 assert medflowad.__file__.startswith(sys.argv[1]), medflowad.__file__
 channels, size, levels, steps, hidden, batch = (int(v) for v in sys.argv[2:8])
-nhwc, warmup, timed = sys.argv[8] == "nhwc", int(sys.argv[9]), int(sys.argv[10])
+nhwc, warmup, timed, precision = sys.argv[8] == "nhwc", int(sys.argv[9]), int(sys.argv[10]), sys.argv[11]
 torch.manual_seed(0)
 config = GlowConfig(in_channels=channels, image_size=(size, size), levels=levels, steps=steps, hidden=hidden)
 model = Glow(config).train()
@@ -42,8 +43,14 @@ if nhwc:
     model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
 optimizer = torch.optim.Adamax(model.parameters(), lr=1e-5)
+def forward():
+    if precision == "float32":
+        return model(x)
+    from medflowad.flows.coupling import coupling_networks_in
+    with coupling_networks_in(model, torch.bfloat16):
+        return model(x)
 def step():
-    loss = -model(x).log_prob.mean() / config.num_dims
+    loss = -forward().log_prob.mean() / config.num_dims
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -56,9 +63,10 @@ print(json.dumps({"images_per_s": batch * timed / (time.perf_counter() - started
 """
 
 
-def measure(tree: Path, architecture: tuple[int, ...], layout: str, warmup: int, steps: int) -> float:
+def measure(tree: Path, architecture: tuple[int, ...], layout: str, warmup: int, steps: int,
+            precision: str = "float32") -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    args = [str(tree), *map(str, architecture), layout, str(warmup), str(steps)]
+    args = [str(tree), *map(str, architecture), layout, str(warmup), str(steps), precision]
     done = subprocess.run([sys.executable, "-c", HARNESS, *args], env=env, cwd=tree, capture_output=True,
                           text=True, check=False)
     if done.returncode:
@@ -74,6 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--new-precision", choices=("float32", "bfloat16"), default="float32",
+                        help="this checkout's train_precision (the base has none: float32)")
     args = parser.parse_args()
     architecture = ARCHITECTURES[args.architecture]
     commit = subprocess.run(["git", "rev-parse", args.base], cwd=REPO, capture_output=True, text=True,
@@ -88,13 +98,15 @@ def main() -> None:
             tar.extractall(base_tree, filter="data")
         for k in range(args.rounds):
             for layout in args.layouts:
-                for name, tree in (("base", base_tree), ("new", REPO)):
-                    figures[layout][name].append(measure(tree, architecture, layout, args.warmup, args.steps))
+                for name, tree, precision in (("base", base_tree, "float32"), ("new", REPO, args.new_precision)):
+                    figures[layout][name].append(measure(tree, architecture, layout, args.warmup, args.steps,
+                                                         precision))
                     print(f"round {k + 1} {layout} {name}: {figures[layout][name][-1]:.1f} images/s", flush=True)
     summary = {layout: {"base_median": statistics.median(f["base"]), "new_median": statistics.median(f["new"]),
                         "new_over_base": statistics.median(f["new"]) / statistics.median(f["base"]), **f}
                for layout, f in figures.items()}
     print(json.dumps({"base": commit, "architecture": args.architecture, "batch": architecture[-1],
+                      "new_precision": args.new_precision,
                       "cpu_cores": os.cpu_count(), **summary}, indent=2))
 
 

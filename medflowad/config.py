@@ -53,6 +53,9 @@ class OutlierConfig:
     batch_size: int = 64  # general samples per step
 
 
+TRAIN_PRECISIONS = ("float32", "bfloat16")  # RunConfig.train_precision
+
+
 @dataclass
 class RunConfig:
     model: GlowConfig = field(default_factory=GlowConfig)
@@ -69,8 +72,16 @@ class RunConfig:
     # NHWC layout of the convolutions: the same numbers to float precision, at another speed. Measured on
     # 2 CPU cores (docs/speed.md): 10-13 % more training images/s for the MRI and CIFAR CPU presets.
     channels_last: bool = False
+    # Precision of the coupling networks' convolutions in training steps: "bfloat16" runs them under autocast
+    # (much faster where the hardware multiplies bfloat16 natively: CPUs with AMX or AVX512-BF16, recent GPUs;
+    # slower elsewhere), the flow's affine maps, log-determinants and loss stay float32; evaluation and
+    # scoring always compute in float32. docs/speed.md measures speed and the trained model's test bits/dim.
+    train_precision: str = "float32"
 
     def validate(self) -> None:
+        if self.train_precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}, got "
+                              f"{self.train_precision!r}")
         if self.optim.optimizer not in ("adamax", "adam"):
             raise ConfigError(f"optim.optimizer must be 'adamax' or 'adam', got {self.optim.optimizer!r}")
         if self.outlier.kind not in ("bce", "margin"):

@@ -61,8 +61,22 @@ class SpeedSettings:
 
 def machine(device: torch.device) -> dict:
     return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "device": str(device),
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
+            # whether oneDNN multiplies bfloat16 natively here (AVX512-BF16 or AMX): train_precision's speed
+            "cpu_bfloat16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:
@@ -103,8 +117,11 @@ def training_setup(model_config: GlowConfig, batch: int, channels_last: bool, de
 
 
 def glow_throughput(name: str, device: torch.device, steps: int, score_images: int, score_batch: int = 128,
-                    layout: str = "config") -> dict:
-    """Training and scoring images/s of architecture ``name`` (``layout``: config, nhwc or default)."""
+                    layout: str = "config", train_precision: str = "float32") -> dict:
+    """Training and scoring images/s of architecture ``name`` (``layout``: config, nhwc or default;
+    ``train_precision``: the coupling networks' precision in training steps, RunConfig.train_precision).
+    Scoring is float32 whatever the training precision, as in ``score``."""
+    from medflowad.flows.coupling import coupling_networks_in
     from medflowad.scores import likelihoods
 
     model_config, batch, channels_last = architecture(name)
@@ -112,8 +129,11 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
     model, optimizer, x = training_setup(model_config, batch, channels_last, device)
     shape = tuple(x.shape)
 
+    network_dtype = torch.bfloat16 if train_precision == "bfloat16" else None
+
     def step() -> None:
-        loss = bits_per_dim(model(x).log_prob, model_config.num_dims).mean()
+        with coupling_networks_in(model, network_dtype):
+            loss = bits_per_dim(model(x).log_prob, model_config.num_dims).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -134,7 +154,8 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
     sync(device)
     return {"architecture": name, "levels": model_config.levels, "steps_per_level": model_config.steps,
             "hidden": model_config.hidden, "image": list(shape[1:]), "train_batch": batch,
-            "channels_last": channels_last, "train_images_per_s": round(train_ips, 1),
+            "channels_last": channels_last, "train_precision": train_precision,
+            "train_images_per_s": round(train_ips, 1),
             "score_images_per_s": round(score_images / (time.perf_counter() - started), 1),
             "peak_rss_mib": peak_rss_mib()}
 

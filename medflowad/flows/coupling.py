@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -26,6 +29,31 @@ def coupling_network(in_channels: int, out_channels: int, hidden: int) -> nn.Seq
     )
 
 
+def run_network(net: nn.Module, x_a: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A coupling network's output; with ``dtype`` its convolutions run under autocast in that precision (the
+    shift and scale they give are then rounded to it) and the output returns as float32, so the affine map and
+    its log-determinant stay in float32."""
+    if dtype is None:
+        return net(x_a)
+    with torch.autocast(x_a.device.type, dtype=dtype):
+        return net(x_a).float()
+
+
+@contextmanager
+def coupling_networks_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run every coupling network of ``model`` in ``dtype`` (None: float32) inside the block: training's fast
+    path on hardware with fast bfloat16 convolutions; what the model computes outside the block is unchanged."""
+    couplings = [m for m in model.modules() if isinstance(m, (AffineCoupling, AdditiveCoupling))]
+    before = [c.network_dtype for c in couplings]
+    for coupling in couplings:
+        coupling.network_dtype = dtype
+    try:
+        yield
+    finally:
+        for coupling, dtype_before in zip(couplings, before, strict=True):
+            coupling.network_dtype = dtype_before
+
+
 class AffineCoupling(InvertibleLayer):
     r"""Affine coupling: the first half of the channels conditions an affine map of the second half.
 
@@ -44,9 +72,10 @@ class AffineCoupling(InvertibleLayer):
             raise ValueError(f"coupling needs at least 2 channels, got {num_channels}")
         self.split = num_channels // 2
         self.net = coupling_network(self.split, 2 * (num_channels - self.split), hidden)
+        self.network_dtype: torch.dtype | None = None  # see coupling_networks_in
 
     def _shift_and_log_scale(self, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, pre_scale = self.net(x_a).chunk(2, dim=1)
+        shift, pre_scale = run_network(self.net, x_a, self.network_dtype).chunk(2, dim=1)
         return shift, nn.functional.logsigmoid(pre_scale + 2.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +100,14 @@ class AdditiveCoupling(InvertibleLayer):
             raise ValueError(f"coupling needs at least 2 channels, got {num_channels}")
         self.split = num_channels // 2
         self.net = coupling_network(self.split, num_channels - self.split, hidden)
+        self.network_dtype: torch.dtype | None = None  # see coupling_networks_in
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_a, x_b = x[:, : self.split], x[:, self.split :]
-        y = torch.cat([x_a, x_b + self.net(x_a)], dim=1)
+        y = torch.cat([x_a, x_b + run_network(self.net, x_a, self.network_dtype)], dim=1)
         return y, x.new_zeros(x.shape[0], x.shape[2], x.shape[3])
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y_a, y_b = y[:, : self.split], y[:, self.split :]
-        x = torch.cat([y_a, y_b - self.net(y_a)], dim=1)
+        x = torch.cat([y_a, y_b - run_network(self.net, y_a, self.network_dtype)], dim=1)
         return x, y.new_zeros(y.shape[0], y.shape[2], y.shape[3])

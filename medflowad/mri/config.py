@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from medflowad.config import ConfigError, OutlierConfig, build_dataclass
+from medflowad.config import TRAIN_PRECISIONS, ConfigError, OutlierConfig, build_dataclass
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
 from medflowad.mri.analysis import MAP_SPREADS, NORMATIVE_INTENSITY_READS, SCAN_Z_MAP, SLICE_SCORES
@@ -60,6 +60,9 @@ class MriConfig:
     calibration_seed: int | None = None  # draws the calibration scans; None: seed. Fix it to vary training alone
     device: str = "auto"
     channels_last: bool = False  # NHWC convolutions: a little faster on CPU, equal only to float precision
+    # The coupling networks' precision in training steps (medflowad.config.RunConfig.train_precision): bfloat16
+    # is faster on CPUs with AMX and recent GPUs, slower elsewhere; scoring and calibration stay float32.
+    train_precision: str = "float32"
     # How the flow maps' per-location values become pixels (analysis.MAP_SPREADS). The presets say "bilinear";
     # a model folder without the key was calibrated on "nearest" maps and keeps them.
     map_spread: str = "nearest"
@@ -73,6 +76,9 @@ class MriConfig:
     standardise_intensity: bool = False
 
     def validate(self) -> None:
+        if self.train_precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}, got "
+                              f"{self.train_precision!r}")
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
         size = self.preprocessing.image_size

@@ -255,6 +255,7 @@ def mri_run_config(config: MriConfig, train_spec: str, steps: int, lr: float, te
                           warmup_steps=min(200, max(1, steps // 10))),
         init_from=init_from, seed=config.seed, device=config.device,
         checkpoint_every=max(50, steps // 10), eval_every=max(50, steps // 4), channels_last=config.channels_last,
+        train_precision=config.train_precision,
     )
 
 

@@ -23,6 +23,7 @@ from medflowad.data.augment import random_hflip, random_translate
 from medflowad.data.natural import DataError, ImageSet, load_image_set, split_spec
 from medflowad.devices import resolve_device
 from medflowad.flows.actnorm import ActNorm
+from medflowad.flows.coupling import coupling_networks_in
 from medflowad.flows.glow import Glow, class_mixture_log_prob
 from medflowad.scores import likelihoods
 from medflowad.storage import (
@@ -48,7 +49,7 @@ MAX_CONSECUTIVE_SKIPS = 50
 # Settings that may change between an interrupted run and its resumption: they do not change the trained
 # weights (test_limit: how many test images the bits/dim report reads).
 RESUMABLE_CHANGES = {("optim", "steps"), ("device",), ("checkpoint_every",), ("eval_every",), ("channels_last",),
-                     ("data", "test_limit")}
+                     ("data", "test_limit"), ("train_precision",)}
 # Settings naming data or model folders: the same place named relatively or absolutely is no change.
 PATH_SETTINGS = {("data", "train"), ("data", "test"), ("data", "general"), ("init_from",), ("general_model",)}
 
@@ -319,6 +320,8 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     objective = _Objective(trained, general, config)
+    # training steps only (the general model's and every evaluation's forward passes stay float32)
+    network_dtype = torch.bfloat16 if config.train_precision == "bfloat16" else None
     total_steps = config.optim.steps
     last_step = min(total_steps, stop_after) if stop_after is not None else total_steps
     consecutive_skips = 0
@@ -340,7 +343,8 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
                                           for t in _global_batch(data, sampler, general_sampler, config, step))
             for param_group in optimizer.param_groups:
                 param_group["lr"] = _lr_at(step, config)
-            loss, parts = objective(x, labels, x_general, mask)
+            with coupling_networks_in(model, network_dtype):
+                loss, parts = objective(x, labels, x_general, mask)
             skipped = not distributed.all_finite(group, loss)  # every rank skips, or none
             if not skipped:
                 optimizer.zero_grad(set_to_none=True)

@@ -148,3 +148,26 @@ def test_flow_sequence_adds_maps():
     _, logdet = seq(x)
     assert logdet.sum().item() == pytest.approx(_brute_force_logdet(seq, x), abs=1e-3)
     assert not math.isnan(logdet.sum().item())
+
+
+@pytest.mark.parametrize("name", ["affine", "additive"])
+def test_coupling_networks_in_bfloat16_round_only_the_network_and_restore(name):
+    """Inside coupling_networks_in the network's output is bfloat16-rounded (the shift and scale agree with
+    float32 to bfloat16's precision), y and the log-det stay float32 and invertible at that precision; outside,
+    the layer computes exactly as before."""
+    from medflowad.flows.coupling import coupling_networks_in
+
+    torch.manual_seed(3)
+    layer = LAYERS[name](4)
+    _randomise(layer)
+    x = torch.randn(2, 4, 6, 6)
+    y32, logdet32 = layer(x)
+    with coupling_networks_in(layer, torch.bfloat16):
+        y16, logdet16 = layer(x)
+        back, _ = layer.inverse(y16)
+    assert y16.dtype == logdet16.dtype == torch.float32
+    assert not torch.equal(y16, y32) and torch.allclose(y16, y32, rtol=0.05, atol=0.05)
+    assert torch.allclose(logdet16, logdet32, rtol=0.05, atol=0.05)
+    assert torch.allclose(back, x, atol=1e-5)  # the same rounded network both ways: inverse still exact
+    y_after, logdet_after = layer(x)
+    assert torch.equal(y_after, y32) and torch.equal(logdet_after, logdet32)
