@@ -23,17 +23,9 @@ import numpy as np
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
 from medflowad.mri.analysis import NORMATIVE_INTENSITY_READS
-from medflowad.mri.calibration import healthy_parts, subject_folds
+from medflowad.mri.calibration import healthy_parts, left_out_beyond_maps
 from medflowad.mri.config import load_mri_config
-from medflowad.mri.normative import (
-    UNLIKE_HEALTHY_FACTOR,
-    beyond_healthy_range,
-    beyond_share,
-    fit_healthy_range,
-    fit_normative,
-    level_count,
-    slice_levels,
-)
+from medflowad.mri.normative import UNLIKE_HEALTHY_FACTOR, beyond_share, level_count, slice_levels
 from medflowad.prep.stage import companion_path, prepare_volume
 
 
@@ -60,17 +52,11 @@ def main() -> None:
     levels = [slice_levels(p, False) for p in prepared]
     count = level_count(prepared[0], False)
     rows = []
-    for fold in subject_folds(patients):
-        rest = [i for i, s in enumerate(patients) if s not in fold]
-        others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, False)
-        _, spread = fit_normative(*others)
-        low, high = fit_healthy_range(*others)
-        for i in (i for i, s in enumerate(patients) if s in fold):
-            beyond = beyond_healthy_range(maps[i], regions[i], levels[i], low, high, spread)
-            lesion = prepared[i].lesion > 0.5
-            rows.append({"patient": patients[i], "healthy_part_share": beyond_share(beyond, healthy[i]),
-                         "whole_brain_share": beyond_share(beyond, regions[i]),
-                         "lesion_share": float(np.mean(lesion[regions[i]]))})
+    for i, beyond in left_out_beyond_maps(maps, healthy, regions, levels, count, False, patients):
+        lesion = prepared[i].lesion > 0.5
+        rows.append({"patient": patients[i], "healthy_part_share": beyond_share(beyond, healthy[i]),
+                     "whole_brain_share": beyond_share(beyond, regions[i]),
+                     "lesion_share": float(np.mean(lesion[regions[i]]))})
     limit = UNLIKE_HEALTHY_FACTOR * max(r["healthy_part_share"] for r in rows)
     whole = np.array([r["whole_brain_share"] for r in rows])
     result = {"patients": len(rows), "limit": limit,

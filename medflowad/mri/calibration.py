@@ -3,7 +3,7 @@ per-location statistics of the normative maps (:mod:`medflowad.mri.normative`)."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -137,6 +137,20 @@ def subject_folds(subjects: Sequence[str]) -> list[set[str]]:
     return [{distinct[j] for j in order[k::folds]} for k in range(folds)]
 
 
+def left_out_beyond_maps(maps: list[np.ndarray], healthy: list[np.ndarray], regions: list[np.ndarray],
+                         levels: list[np.ndarray], count: int, standard: bool,
+                         subjects: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
+    """(i, scan i's distance beyond the healthy range) for every scan, the range fitted on the healthy voxels of
+    the subjects outside its fold (:func:`subject_folds`), never on its own subject's."""
+    for fold in subject_folds(subjects):
+        rest = [i for i, s in enumerate(subjects) if s not in fold]
+        others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, standard)
+        _, spread = fit_normative(*others)
+        low, high = fit_healthy_range(*others)
+        for i in (i for i, s in enumerate(subjects) if s in fold):
+            yield i, beyond_healthy_range(maps[i], regions[i], levels[i], low, high, spread)
+
+
 def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] | None, standard: bool,
                             top_fraction: float, read: Callable[[PreparedScan], np.ndarray],
                             standardise_intensity: bool = False) -> dict:
@@ -171,17 +185,11 @@ def _model_free_calibration(scans: list[PreparedScan], subjects: Sequence[str] |
     if landmarks is not None:
         result[f"normative/{MODEL_FREE}/landmarks"] = landmarks
     per_scan: dict[int, tuple[np.ndarray, np.ndarray, float, float]] = {}  # voxels, slices, scan score, share
-    for fold in subject_folds(subjects):
-        rest = [i for i, s in enumerate(subjects) if s not in fold]
-        others = ([maps[i] for i in rest], [healthy[i] for i in rest], [levels[i] for i in rest], count, standard)
-        _, left_spread = fit_normative(*others)
-        left_low, left_high = fit_healthy_range(*others)
-        for i in (i for i, s in enumerate(subjects) if s in fold):
-            healthy_slices, healthy_voxels = parts[i]
-            values = beyond_healthy_range(maps[i], regions[i], levels[i], left_low, left_high, left_spread)
-            per_slice = np.where(healthy_slices, slice_top_mean(values, regions[i] & healthy_voxels), np.nan)
-            per_scan[i] = (values[healthy_voxels], per_slice[np.isfinite(per_slice)],
-                           aggregate(per_slice, top_fraction), beyond_share(values, healthy_voxels))
+    for i, values in left_out_beyond_maps(maps, healthy, regions, levels, count, standard, subjects):
+        healthy_slices, healthy_voxels = parts[i]
+        per_slice = np.where(healthy_slices, slice_top_mean(values, regions[i] & healthy_voxels), np.nan)
+        per_scan[i] = (values[healthy_voxels], per_slice[np.isfinite(per_slice)],
+                       aggregate(per_slice, top_fraction), beyond_share(values, healthy_voxels))
     in_order = [per_scan[i] for i in range(len(scans))]  # as the scans were given, whatever the folds
     result["voxel"] = [voxels for voxels, _, _, _ in in_order]
     scan = np.array([score for _, _, score, _ in in_order], dtype=np.float64)
