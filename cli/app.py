@@ -448,7 +448,8 @@ def score(
             values = [f"{row[shown[0]]:.2f}", f"{row[shown[0] + '_p']:.3f}",
                       "[red]yes[/]" if row[f"{shown[0]}_flag"] else "no"]
             values += [v for name in shown[1:] for v in (f"{row[name]:.1f}", f"{row[name + '_p']:.3f}")]
-            table.add_row(row["scan_id"], "ok", *values, f"{row['scored_slices']}/{row['slices']}")
+            status = "[yellow]unlike healthy[/]" if row.get("unlike_healthy") is True else "ok"  # see the warning
+            table.add_row(row["scan_id"], status, *values, f"{row['scored_slices']}/{row['slices']}")
         else:
             table.add_row(row["scan_id"], "[red]error[/]", *[""] * (len(columns) - 2))
     console.print(table)

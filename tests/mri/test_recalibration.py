@@ -92,3 +92,12 @@ def test_a_head_unlike_the_other_calibration_heads_is_named(tiny_mri_model, tmp_
     odd = next(name for name in shares if name.endswith("odd.nii.gz"))
     assert shares[odd] == max(shares.values()) and record["limit_note"].startswith(f"{odd} lies beyond")
     assert "check that it is healthy" in " ".join(result.output.split())
+
+
+def test_score_command_marks_an_unlike_scan_in_its_table(tiny_mri_model, tmp_path):
+    head = _site_head(tmp_path / "shaded.nii.gz", 80)
+    result = CliRunner().invoke(app, ["score", str(head), "--model", str(tiny_mri_model), "--out",
+                                      str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "unlike" in text and "shaded lies beyond the healthy range" in text
