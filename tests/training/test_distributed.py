@@ -97,6 +97,14 @@ def test_ddp_ranks_agree_every_step_and_match_one_process(tmp_path, blobs_npz):
     assert difference.max() <= 2 * values["optim"]["lr"] * values["optim"]["steps"], difference.max()
 
 
+def test_ddp_ranks_agree_with_bfloat16_coupling_networks(tmp_path, blobs_npz):
+    """train_precision bfloat16 under DDP: the autocast sits inside each rank's forward, the all-reduced
+    gradients are float32, and both ranks hold identical weights after every step."""
+    values = {**_config(blobs_npz, steps=4), "train_precision": "bfloat16"}
+    ranks = _ddp(tmp_path, values, tmp_path / "ddp_bf16")
+    assert len(ranks[0]) == 4 and torch.equal(ranks[0], ranks[1]) and torch.isfinite(ranks[0]).all()
+
+
 def test_resumed_ddp_run_equals_an_uninterrupted_one(tmp_path, blobs_npz):
     values = _config(blobs_npz, steps=6)
     _ddp(tmp_path, values, tmp_path / "straight")
