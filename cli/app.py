@@ -513,8 +513,9 @@ def calibrate(
                                    say=lambda message: status.update(message))
     for skipped in record["skipped_scans"]:
         err_console.print(f"[yellow]skipped[/] {skipped['error']}", highlight=False)
-    if record["limit_note"]:
-        err_console.print(f"[yellow]note:[/] {record['limit_note']}", highlight=False)
+    for note in [*record["notes"], record["limit_note"]]:
+        if note:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"calibrated on {len(record['calibration_scans'])} scans of {record['subjects']} subjects; "
                   f"model folder: [bold]{out}[/] (score with --model {out})")
 

@@ -28,7 +28,7 @@ from medflowad.mri.model import (
     resolve_model_dir,
 )
 from medflowad.mri.normative import calibration_shares, limit_setter_note
-from medflowad.mri.selection import listed, select_scans, subject_of
+from medflowad.mri.selection import listed, mixed_modality_notes, select_scans, subject_of
 from medflowad.prep import prepare
 from medflowad.storage import write_json, write_tensors
 
@@ -58,6 +58,7 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
     if not scans:
         raise ValueError(f"no scans found in {', '.join(str(h) for h in healthy)}"
                          + (f" matching {pattern!r}" if pattern else ""))
+    notes = mixed_modality_notes(scans, loaded.config.modality, pattern, "calibrate")
     prepared, used, skipped = [], [], []
     for path in scans:
         try:
@@ -91,7 +92,8 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
     record = {
         "source_model": str(source), "source_model_sha256": model_fingerprint(source),
         "calibration_scans": [absolute_scan_path(p) for p in used], "subjects": len(set(subjects)),
-        "skipped_scans": skipped, "beyond_range_shares": shares, "limit_note": note, "calibration": summary,
+        "skipped_scans": skipped, "notes": notes, "beyond_range_shares": shares, "limit_note": note,
+        "calibration": summary,
     }
     write_json(out / RECALIBRATION_FILE, record)  # last: a folder with it is complete
     return record

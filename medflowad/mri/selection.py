@@ -85,3 +85,18 @@ def split_healthy_scans(
 
 
 __all__ = ["listed", "matches_pattern", "modality_in_name", "select_scans", "split_healthy_scans", "subject_of"]
+
+
+def mixed_modality_notes(scans: Sequence[Path], modality: str, pattern: str | None, use: str) -> list[str]:
+    """Notes on healthy scans that may be of another modality than the model's: series of DICOM folders holding
+    several series (when no pattern picks among them) and scans named as another modality. ``use``: what the
+    scans do to the model ("train", "calibrate")."""
+    mixed = {
+        "are series of DICOM folders holding several series":
+            [s for s in scans if pattern is None and split_series(s)[1] is not None],
+        f"are named as another modality than {modality}":
+            [s for s in scans if modality_in_name(s) not in (None, modality)],
+    }
+    return [f"{len(found)} of {len(scans)} healthy scans {what} ({listed([scan_id(s) for s in found])}); all "
+            f"{use} the {modality} model. To keep only {modality} scans, pass a pattern (e.g. --pattern "
+            f"'*{modality}*')." for what, found in mixed.items() if found]

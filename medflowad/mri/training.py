@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medflowad.config import DataConfig, OptimConfig, RunConfig
-from medflowad.data.readers import ScanError, absolute_scan_path, scan_id, split_series
+from medflowad.data.readers import ScanError, absolute_scan_path
 from medflowad.data.scans import PreparedScan, ScanPreprocessing
 from medflowad.data.slice_sets import SLICES_FILE, load_slice_set_manifest, save_slice_set
 from medflowad.devices import resolve_device
@@ -26,7 +26,7 @@ from medflowad.mri.config import DEFAULT_PRESETS, MriConfig
 from medflowad.mri.model import MRI_CONFIG, load_mri_model
 from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.position import scan_position_classes
-from medflowad.mri.selection import listed, modality_in_name, split_healthy_scans, subject_of
+from medflowad.mri.selection import mixed_modality_notes, split_healthy_scans, subject_of
 from medflowad.prep import prepare
 from medflowad.storage import ModelFolderError, load_model, read_yaml_mapping, write_json, write_tensors, write_yaml
 from medflowad.training import distributed, train
@@ -110,17 +110,8 @@ def train_mri_model(
         check_preprocessing(Path(general_model), stored.get("preprocessing"), config)
     train_scans, val_scans = split_healthy_scans(healthy, config, pattern, mask_replace)
     healthy_scans = train_scans + val_scans
-    mixed = {  # healthy scans that may be of another modality than the model's
-        "are series of DICOM folders holding several series":
-            [s for s in healthy_scans if pattern is None and split_series(s)[1] is not None],
-        f"are named as another modality than {config.modality}":
-            [s for s in healthy_scans if modality_in_name(s) not in (None, config.modality)],
-    }
-    for what, scans in mixed.items():
-        if scans:
-            say(f"note: {len(scans)} of {len(healthy_scans)} healthy scans {what} "
-                f"({listed([scan_id(s) for s in scans])}); all train the {config.modality} model. To keep only "
-                f"{config.modality} scans, pass a pattern (e.g. --pattern '*{config.modality}*').")
+    for note in mixed_modality_notes(healthy_scans, config.modality, pattern, "train"):
+        say(f"note: {note}")
     general_dir = out / "general"
     if group.is_main:  # under torchrun, rank 0 prepares the scans; every rank trains on the slice sets it writes
         prepared, skipped, healthy_slices = _prepare_healthy_slices(config, train_scans, val_scans, out, pool,

@@ -63,8 +63,9 @@ def test_recalibration_refuses_one_subject_and_an_existing_model(tiny_mri_model,
 
 
 def test_calibrate_command_writes_a_model_that_scores(tiny_mri_model, tmp_path):
-    for i in range(2):
-        _site_head(tmp_path / "site" / f"head_{i}.nii.gz", 60 + i)
+    """... and says so when a healthy scan is named as another modality than the model's (a FLAIR model here)."""
+    _site_head(tmp_path / "site" / "head_0.nii.gz", 60)
+    _site_head(tmp_path / "site" / "head_1_T1w.nii.gz", 61)
     (tmp_path / "site" / "notes.nii.gz").write_bytes(b"not a scan")
     runner = CliRunner()
     result = runner.invoke(app, ["calibrate", str(tmp_path / "site"), "--model", str(tiny_mri_model),
@@ -72,6 +73,7 @@ def test_calibrate_command_writes_a_model_that_scores(tiny_mri_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "calibrated on 2 scans of 2 subjects" in result.output
     assert "skipped" in result.output and "notes.nii.gz" in result.output
+    assert "1 of 3 healthy scans are named as another modality than flair" in " ".join(result.output.split())
     result = runner.invoke(app, ["score", str(tmp_path / "site" / "head_0.nii.gz"), "--model",
                                  str(tmp_path / "model"), "--out", str(tmp_path / "scored"), "-q"])
     assert result.exit_code == 0, result.output
