@@ -2,7 +2,9 @@
 
 - Glow throughput per architecture (CPU presets, the paper's, the MRI configs at 64 and 128 pixels): training
   images/s of one optimiser step (forward, backward, Adamax) at the preset's batch, scoring images/s (forward,
-  bin-centre inputs), on random pixels (throughput does not depend on content);
+  bin-centre inputs), on random pixels (throughput does not depend on content); where the device multiplies
+  bfloat16 natively, also training with bfloat16 coupling networks (``train_precision``) in NHWC, in a process
+  of its own;
 - seconds per 3D scan end to end with the bundled demo model, split by stage: read, prepare, models (both Glows
   and the maps on the model grid), maps back to the scan's grid, write (gzipped NIfTI);
 - how the cost grows with the number of scans (1, 4, 16 copies of a sample scan through ``score``);
@@ -255,6 +257,27 @@ def ddp_scaling(processes: Sequence[int], steps: int, device: torch.device, work
     return rows
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bfloat16_throughput(name: str, device: torch.device, steps: int, score_images: int) -> dict:
+    """glow_throughput in NHWC with bfloat16 coupling networks in training, in a fresh process: after bfloat16
+    steps, float32 work measured in the same process ran slower (docs/speed.md), which would skew the other
+    rows of the benchmark."""
+    code = ("import json, sys, torch\nfrom medflowad.bench.speed import glow_throughput\n"
+            "print(json.dumps(glow_throughput(sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3]), "
+            "int(sys.argv[4]), layout='nhwc', train_precision='bfloat16')))")
+    done = subprocess.run([sys.executable, "-c", code, name, str(device), str(steps), str(score_images)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"bfloat16 throughput of {name} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_speed_bench(settings: SpeedSettings, out: Path, echo: Callable[[str], None] = print) -> dict:
     """Every measurement of the module docstring into OUT/speed.json and OUT/speed.md; returns the result."""
     out = Path(out)
@@ -271,6 +294,10 @@ def run_speed_bench(settings: SpeedSettings, out: Path, echo: Callable[[str], No
             echo(f"glow throughput: {name}, {layout} layout")
             result["glow"].append({**glow_throughput(name, device, settings.train_steps, settings.score_images,
                                                      layout=layout), "layout": layout})
+        if native_bfloat16(device):  # the fast path against its off switch, where the hardware has it
+            echo(f"glow throughput: {name}, nhwc layout, bfloat16 coupling networks in training")
+            result["glow"].append({**bfloat16_throughput(name, device, settings.train_steps, settings.score_images),
+                                   "layout": "nhwc"})
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         demo = load_mri_model("demo", str(device))
         echo("seconds per scan, by stage")
@@ -287,14 +314,17 @@ def run_speed_bench(settings: SpeedSettings, out: Path, echo: Callable[[str], No
 
 def speed_markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cpu_cores']} CPU cores, {m['torch_threads']} torch threads, {m['machine']}, torch "
+    lines = [f"Machine: {m['cpu_cores']} CPU cores ({m['cpu']}; native bfloat16: "
+             f"{'yes' if m['cpu_bfloat16'] else 'no'}), {m['torch_threads']} torch threads, {m['machine']}, torch "
              f"{m['torch']}, device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}.", "",
-             "| architecture | image | L, K, hidden | batch | layout | train img/s | score img/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| architecture | image | L, K, hidden | batch | layout | training precision | train img/s "
+             "| score img/s (float32) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in result["glow"]:
         lines.append(f"| {g['architecture']} | {'x'.join(map(str, g['image']))} | {g['levels']}, "
                      f"{g['steps_per_level']}, {g['hidden']} | {g['train_batch']} | {g['layout']} | "
-                     f"{g['train_images_per_s']} | {g['score_images_per_s']} | {g['peak_rss_mib']} |")
+                     f"{g['train_precision']} | {g['train_images_per_s']} | {g['score_images_per_s']} | "
+                     f"{g['peak_rss_mib']} |")
     stages = result["scan_stages"]
     uncached = stages["prepare_uncached_seconds"]
     lines += ["", f"One sample head (2 mm, {SAMPLE_SCAN}) with the demo model, median seconds per stage "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from medflowad.cli.app import app
 from typer.testing import CliRunner
 
@@ -15,8 +16,11 @@ def test_quick_speed_bench_reports_every_part(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "speed", "-o", str(tmp_path / "speed"), "--quick", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
-    assert [(g["architecture"], g["layout"]) for g in speed["glow"]] == [("cifar10_cpu", "default"),
-                                                                       ("cifar10_cpu", "nhwc")]
+    from medflowad.bench.speed import native_bfloat16
+
+    rows = [(g["architecture"], g["layout"], g["train_precision"]) for g in speed["glow"]]
+    fast_path = [("cifar10_cpu", "nhwc", "bfloat16")] if native_bfloat16(torch.device("cpu")) else []
+    assert rows == [("cifar10_cpu", "default", "float32"), ("cifar10_cpu", "nhwc", "float32"), *fast_path]
     assert all(g["train_images_per_s"] > 0 and g["score_images_per_s"] > 0 for g in speed["glow"])
     stages = speed["scan_stages"]["seconds_per_stage"]
     assert set(stages) == {"read", "prepare", "models", "maps", "write"} and all(v > 0 for v in stages.values())
