@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,7 +21,6 @@ import torch
 from medflowad.data.readers import ScanError, absolute_scan_path, scan_id
 from medflowad.mri.calibration import calibrate, calibration_summary
 from medflowad.mri.model import (
-    MRI_CONFIG,
     RECALIBRATION_FILE,
     SCORING_FILES,
     load_mri_model,
@@ -30,7 +30,7 @@ from medflowad.mri.model import (
 from medflowad.mri.normative import calibration_shares, limit_setter_note
 from medflowad.mri.selection import listed, mixed_modality_notes, select_scans, subject_of
 from medflowad.prep import prepare
-from medflowad.storage import write_json, write_tensors
+from medflowad.storage import current_umask, write_json, write_tensors
 
 # Files copied from the source model: its weights and settings. Its calibration is replaced, its training
 # records (data/, metrics.json) describe scans that do not calibrate the new folder, so they stay behind.
@@ -47,12 +47,13 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
     subject_of` says who a scan belongs to). With ``mask_replace`` (OLD=NEW of lesion-mask names), patients'
     scans give their healthy parts. Scans that cannot be prepared are skipped with their reasons.
 
-    Refuses an ``out`` that holds a model already (nothing is overwritten) and fewer than two subjects (no
-    healthy range could be measured on left-out subjects). Returns what ``recalibration.json`` records."""
+    Refuses an ``out`` that holds anything (nothing is overwritten) and fewer than two subjects (no healthy
+    range could be measured on left-out subjects). The folder is written beside ``out`` and renamed into place
+    when complete, so an interruption leaves no half model. Returns what ``recalibration.json`` records."""
     source = resolve_model_dir(model)
     out = Path(out)
-    if (out / MRI_CONFIG).exists() or (out / RECALIBRATION_FILE).exists():
-        raise ValueError(f"{out}: holds a model already; give a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; give a new folder for the calibrated model")
     loaded = load_mri_model(source, device, calibrated=False)
     scans = select_scans(healthy, pattern, mask_replace)
     if not scans:
@@ -82,18 +83,27 @@ def recalibrate_model(model: str | Path, healthy: Sequence[str | Path], out: Pat
     calibration = calibrate(loaded, prepared, (), subjects)
     shares = calibration_shares(calibration, [absolute_scan_path(p) for p in used])
     note = limit_setter_note(shares)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in WEIGHT_FILES:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, out / name)
-    write_tensors(out / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     summary = calibration_summary(calibration, loaded.config.fpr)
-    write_json(out / "calibration.json", summary)
     record = {
         "source_model": str(source), "source_model_sha256": model_fingerprint(source),
         "calibration_scans": [absolute_scan_path(p) for p in used], "subjects": len(set(subjects)),
         "skipped_scans": skipped, "notes": notes, "beyond_range_shares": shares, "limit_note": note,
         "calibration": summary,
     }
-    write_json(out / RECALIBRATION_FILE, record)  # last: a folder with it is complete
+    try:
+        for name in WEIGHT_FILES:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, staging / name)
+        write_tensors(staging / "calibration.safetensors", {k: torch.from_numpy(v) for k, v in calibration.items()})
+        write_json(staging / "calibration.json", summary)
+        write_json(staging / RECALIBRATION_FILE, record)
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from other users
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): the complete folder takes its place
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return record

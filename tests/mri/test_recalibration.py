@@ -27,8 +27,10 @@ def test_recalibrated_model_keeps_the_weights_and_takes_the_new_sites_healthy_ra
     model as trained marks it unlike them; its weight files are the source's byte for byte, its calibration is
     new, and what calibrated it is recorded."""
     site = [_site_head(tmp_path / "site" / f"head_{i}.nii.gz", 40 + i) for i in range(3)]
+    (tmp_path / "model").mkdir()  # an empty folder is taken; the model is staged beside it and renamed in
     record = recalibrate_model(tiny_mri_model, [tmp_path / "site"], tmp_path / "model", device="cpu")
     folder = tmp_path / "model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "site"]  # no staging folder left
     for name in WEIGHT_FILES:
         assert (folder / name).read_bytes() == (tiny_mri_model / name).read_bytes(), name
     calibration = "calibration.safetensors"
@@ -58,7 +60,7 @@ def test_recalibration_refuses_one_subject_and_an_existing_model(tiny_mri_model,
     with pytest.raises(ValueError, match="needs healthy scans of at least two subjects"):
         recalibrate_model(tiny_mri_model, [tmp_path / "one"], tmp_path / "model", device="cpu")
     assert not (tmp_path / "model").exists()  # nothing half-written
-    with pytest.raises(ValueError, match="holds a model already"):
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
         recalibrate_model(tiny_mri_model, [tmp_path / "one"], tiny_mri_model, device="cpu")
 
 
@@ -103,3 +105,16 @@ def test_score_command_marks_an_unlike_scan_in_its_table(tiny_mri_model, tmp_pat
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "unlike" in text and "shaded lies beyond the healthy range" in text
+
+
+def test_an_interrupted_calibration_leaves_no_folder(tiny_mri_model, tmp_path, monkeypatch):
+    for i in range(2):
+        _site_head(tmp_path / "site" / f"head_{i}.nii.gz", 90 + i)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("medflowad.mri.recalibration.write_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate_model(tiny_mri_model, [tmp_path / "site"], tmp_path / "model", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]  # neither the model nor its staging folder
