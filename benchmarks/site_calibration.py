@@ -34,7 +34,7 @@ TEST_SEEDS = (300, 301, 302)
 def simulated_site(folder: Path, calibration_heads: int) -> tuple[list[Path], list[Path], list[Path]]:
     """(calibration heads, healthy test heads, painted test heads), written once under ``folder``."""
     template = load_template(ROOT / "sample_data" / "mni_icbm152")
-    calibration, healthy, painted = [], [], []
+    calibration, healthy = [], []
     for seed in (*range(310, 310 + calibration_heads), *TEST_SEEDS):
         group = "test" if seed in TEST_SEEDS else "calibration"
         path = folder / group / f"sim-{seed}_t1.nii.gz"
@@ -48,8 +48,7 @@ def simulated_site(folder: Path, calibration_heads: int) -> tuple[list[Path], li
                 save_scan(brain, (subject.t1 > 0.02).astype(np.uint8), template.affine)
                 paint_scan_file(path, brain, folder / "painted", copies=2, seed=3000 + 10 * seed)
         (healthy if group == "test" else calibration).append(path)
-    painted = sorted((folder / "painted").glob("*-painted?_t1.nii.gz"))
-    return calibration, healthy, painted
+    return calibration, healthy, sorted((folder / "painted").glob("*-painted?_t1.nii.gz"))
 
 
 def measure(model: str | Path, healthy: list[Path], painted: list[Path], out: Path) -> dict:

@@ -53,6 +53,7 @@ from medflowad.mri.landmarks import standard_landmarks, standardise
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.normative import (
     beyond_healthy_range,
+    beyond_share,
     fit_healthy_range,
     fit_normative,
     normative_map,
@@ -153,7 +154,7 @@ def main() -> None:
     scan_scores: dict[str, dict[str, list]] = {}
     phantom_values: list[np.ndarray] = []
     # share of each scan's scored voxels beyond its location's healthy range (at any distance)
-    beyond_share: dict[str, list[float]] = {"healthy": [], "painted": [], "phantoms": []}
+    shares: dict[str, list[float]] = {"healthy": [], "painted": [], "phantoms": []}
     phantom_wins: dict[str, list[float]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
@@ -166,7 +167,7 @@ def main() -> None:
         measured = biased_healthy.get(subject, healthy[subject])
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
             region, signed, beyond = normative_maps(scan, read, *statistics)
-            beyond_share["painted" if label else "healthy"].append(float(np.mean(beyond[region] > 0)))
+            shares["painted" if label else "healthy"].append(beyond_share(beyond, region))
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": np.abs(intensity_scan_z(intensity(scan), region))}
@@ -193,7 +194,7 @@ def main() -> None:
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
             region, _, beyond = normative_maps(phantom, read, *statistics)
             phantom_values.append(beyond[region])
-            beyond_share["phantoms"].append(float(np.mean(beyond[region] > 0)))
+            shares["phantoms"].append(beyond_share(beyond, region))
             for k in args.top:
                 name = f"beyond_healthy_range_top{k}"
                 score = aggregate(slice_top_mean(beyond, region, k), 0.1)
@@ -206,7 +207,7 @@ def main() -> None:
               "lesion_voxels": int(labels.sum()),
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
-              "scan_auroc": {}, "beyond_share": beyond_share}
+              "scan_auroc": {}, "beyond_share": shares}
     # Dice at thresholds giving these voxel FPRs on the healthy scans
     result["dice_at_voxel_fpr"], result["healthy_fpr_measured"] = {}, {}
     for name in DICE_MAPS:

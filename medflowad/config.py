@@ -56,6 +56,12 @@ class OutlierConfig:
 TRAIN_PRECISIONS = ("float32", "bfloat16")  # RunConfig.train_precision
 
 
+def check_train_precision(precision: str) -> None:
+    """Refuse a ``train_precision`` other than TRAIN_PRECISIONS (run configs and MRI configs alike)."""
+    if precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {precision!r}")
+
+
 @dataclass
 class RunConfig:
     model: GlowConfig = field(default_factory=GlowConfig)
@@ -79,9 +85,7 @@ class RunConfig:
     train_precision: str = "float32"
 
     def validate(self) -> None:
-        if self.train_precision not in TRAIN_PRECISIONS:
-            raise ConfigError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}, got "
-                              f"{self.train_precision!r}")
+        check_train_precision(self.train_precision)
         if self.optim.optimizer not in ("adamax", "adam"):
             raise ConfigError(f"optim.optimizer must be 'adamax' or 'adam', got {self.optim.optimizer!r}")
         if self.outlier.kind not in ("bce", "margin"):

@@ -65,7 +65,7 @@ def machine(device: torch.device) -> dict:
     return {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
             # whether oneDNN multiplies bfloat16 natively here (AVX512-BF16 or AMX): train_precision's speed
-            "cpu_bfloat16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "device": str(device),
+            "cpu_bfloat16": native_bfloat16(torch.device("cpu")), "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -123,7 +123,7 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
     """Training and scoring images/s of architecture ``name`` (``layout``: config, nhwc or default;
     ``train_precision``: the coupling networks' precision in training steps, RunConfig.train_precision).
     Scoring is float32 whatever the training precision, as in ``score``."""
-    from medflowad.flows.coupling import coupling_networks_in
+    from medflowad.flows.coupling import coupling_networks_in, training_dtype
     from medflowad.scores import likelihoods
 
     model_config, batch, channels_last = architecture(name)
@@ -131,7 +131,7 @@ def glow_throughput(name: str, device: torch.device, steps: int, score_images: i
     model, optimizer, x = training_setup(model_config, batch, channels_last, device)
     shape = tuple(x.shape)
 
-    network_dtype = torch.bfloat16 if train_precision == "bfloat16" else None
+    network_dtype = training_dtype(train_precision)
 
     def step() -> None:
         with coupling_networks_in(model, network_dtype):

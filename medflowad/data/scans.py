@@ -76,8 +76,6 @@ class ScanPreprocessing:
             values["intensity_window"] = window
         if values.get("brain_volume_ml") is not None:
             values["brain_volume_ml"] = tuple(float(v) for v in values["brain_volume_ml"])
-        if not 1 <= int(values.get("n4_levels", cls.n4_levels)) <= 4:
-            raise ConfigError(f"preprocessing.n4_levels must be 1 to 4, got {values['n4_levels']}")
         config = cls(**values)
         config.validate()
         return config
@@ -89,6 +87,8 @@ class ScanPreprocessing:
         return changed
 
     def validate(self) -> None:
+        if not 1 <= self.n4_levels <= 4:
+            raise ConfigError(f"preprocessing.n4_levels must be 1 to 4, got {self.n4_levels}")
         if self.space not in SPACES:
             raise ConfigError(f"preprocessing.space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.brain not in ("auto", "deepbet"):

@@ -39,6 +39,11 @@ def run_network(net: nn.Module, x_a: torch.Tensor, dtype: torch.dtype | None) ->
         return net(x_a).float()
 
 
+def training_dtype(precision: str) -> torch.dtype | None:
+    """The coupling networks' dtype in training steps for a ``train_precision`` (None: float32, as the model)."""
+    return torch.bfloat16 if precision == "bfloat16" else None
+
+
 @contextmanager
 def coupling_networks_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
     """Run every coupling network of ``model`` in ``dtype`` (None: float32) inside the block: training's fast

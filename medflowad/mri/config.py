@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from medflowad.config import TRAIN_PRECISIONS, ConfigError, OutlierConfig, build_dataclass
+from medflowad.config import ConfigError, OutlierConfig, build_dataclass, check_train_precision
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
 from medflowad.mri.analysis import MAP_SPREADS, NORMATIVE_INTENSITY_READS, SCAN_Z_MAP, SLICE_SCORES
@@ -76,9 +76,7 @@ class MriConfig:
     standardise_intensity: bool = False
 
     def validate(self) -> None:
-        if self.train_precision not in TRAIN_PRECISIONS:
-            raise ConfigError(f"train_precision must be one of {', '.join(TRAIN_PRECISIONS)}, got "
-                              f"{self.train_precision!r}")
+        check_train_precision(self.train_precision)
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
         size = self.preprocessing.image_size

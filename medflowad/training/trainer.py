@@ -23,7 +23,7 @@ from medflowad.data.augment import random_hflip, random_translate
 from medflowad.data.natural import DataError, ImageSet, load_image_set, split_spec
 from medflowad.devices import resolve_device
 from medflowad.flows.actnorm import ActNorm
-from medflowad.flows.coupling import coupling_networks_in
+from medflowad.flows.coupling import coupling_networks_in, training_dtype
 from medflowad.flows.glow import Glow, class_mixture_log_prob
 from medflowad.scores import likelihoods
 from medflowad.storage import (
@@ -321,7 +321,7 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     objective = _Objective(trained, general, config)
     # training steps only (the general model's and every evaluation's forward passes stay float32)
-    network_dtype = torch.bfloat16 if config.train_precision == "bfloat16" else None
+    network_dtype = training_dtype(config.train_precision)
     total_steps = config.optim.steps
     last_step = min(total_steps, stop_after) if stop_after is not None else total_steps
     consecutive_skips = 0

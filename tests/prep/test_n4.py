@@ -36,6 +36,8 @@ def test_n4_takes_a_smooth_field_out(levels):
 def test_n4_levels_are_checked_and_key_the_cache():
     with pytest.raises(ConfigError, match="n4_levels must be 1 to 4, got 0"):
         ScanPreprocessing.from_dict({"n4_levels": 0})
+    with pytest.raises(ConfigError, match="n4_levels must be 1 to 4, got 5"):  # every way a config is made
+        ScanPreprocessing().overridden(n4_levels=5)
     usual = _key_settings(ScanPreprocessing(n4=True))
     assert "n4_levels" not in usual  # caches made before the setting keep their keys
     assert _key_settings(ScanPreprocessing(n4=True, n4_levels=3)) == usual
