@@ -32,11 +32,23 @@ def coupling_network(in_channels: int, out_channels: int, hidden: int) -> nn.Seq
 def run_network(net: nn.Module, x_a: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A coupling network's output; with ``dtype`` its convolutions run under autocast in that precision (the
     shift and scale they give are then rounded to it) and the output returns as float32, so the affine map and
-    its log-determinant stay in float32."""
+    its log-determinant stay in float32.
+
+    In reduced precision the network's input is made NHWC whatever the model's layout: oneDNN (and cuDNN's
+    tensor cores) run bfloat16 convolutions on NHWC, and on an NCHW input every convolution reorders its
+    operands, forward and backward (a fifth of a default-layout training step in copies, docs/speed.md). The
+    output comes back in the model's layout."""
     if dtype is None:
         return net(x_a)
     with torch.autocast(x_a.device.type, dtype=dtype):
-        return net(x_a).float()
+        out = net(x_a.contiguous(memory_format=torch.channels_last))
+    return out.float().contiguous(memory_format=_layout_of(x_a))
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """NHWC for a tensor whose channels are its innermost dimension (as in a channel slice of an NHWC tensor),
+    else NCHW."""
+    return torch.channels_last if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
 
 
 def training_dtype(precision: str) -> torch.dtype | None:

@@ -171,3 +171,28 @@ def test_coupling_networks_in_bfloat16_round_only_the_network_and_restore(name):
     assert torch.allclose(back, x, atol=1e-5)  # the same rounded network both ways: inverse still exact
     y_after, logdet_after = layer(x)
     assert torch.equal(y_after, y32) and torch.equal(logdet_after, logdet32)
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_reduced_precision_network_runs_nhwc_and_answers_in_the_models_layout(nhwc):
+    """In bfloat16 the coupling network's convolutions get an NHWC input whatever the model's layout (oneDNN's
+    fast path), and its output comes back in the layout of the channel slice it was given, with the values of
+    the same network run on the NCHW input to bfloat16's precision."""
+    from medflowad.flows.coupling import coupling_network, run_network
+
+    torch.manual_seed(4)
+    net = coupling_network(3, 6, 8)
+    _randomise(net)
+    x = torch.randn(2, 6, 5, 7)
+    if nhwc:
+        net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_a = x[:, :3]
+    seen = []
+    net[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    out = run_network(net, x_a, torch.bfloat16)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # autocast casts it inside each convolution
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=layout)
+    reference = net(x_a.contiguous())
+    assert torch.allclose(out, reference, rtol=0.05, atol=0.05) and not torch.equal(out, reference)
