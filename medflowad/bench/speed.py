@@ -265,9 +265,10 @@ def native_bfloat16(device: torch.device) -> bool:
 
 
 def bfloat16_throughput(name: str, device: torch.device, steps: int, score_images: int) -> dict:
-    """glow_throughput in NHWC with bfloat16 coupling networks in training, in a fresh process: after bfloat16
-    steps, float32 work measured in the same process ran slower (docs/speed.md), which would skew the other
-    rows of the benchmark."""
+    """glow_throughput in NHWC with bfloat16 coupling networks in training, in a fresh process: its activations are
+    half the size of float32's, so running it among the other rows would change the state of the heap they
+    reuse (float32 scoring measured after bfloat16 steps in one process ran at half speed with glibc's default
+    thresholds, docs/speed.md)."""
     code = ("import json, sys, torch\nfrom medflowad.bench.speed import glow_throughput\n"
             "print(json.dumps(glow_throughput(sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3]), "
             "int(sys.argv[4]), layout='nhwc', train_precision='bfloat16')))")
