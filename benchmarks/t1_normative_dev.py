@@ -13,7 +13,11 @@ unpainted scans and measures on the left-out subject's painted copies:
 - Dice of the signed z and the healthy-range map at thresholds that give voxel FPRs of 5 %, 1 %, 0.3 %
   and 0.1 % on the left-out subjects' unpainted scans;
 - scan AUROC of painted copies against the left-out subject's own unpainted scan, for slice scores that
-  are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices.
+  are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices;
+- voxel AUPRC per lesion kind (``voxel_auprc_by_kind``): lesion voxels brighter, or not, than the unpainted
+  scan at the same place, each against every lesion-free voxel.
+
+``--low-radius R`` fits the healthy range's low bound within R pixels instead of the high bound's radius.
 
 With ``--model``, the model's llr and llr_normative maps on the same painted copies are measured too.
 Those subjects trained the model, so its figures here are in-sample (favourable to the model).
@@ -36,9 +40,11 @@ import json
 import os
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
@@ -85,6 +91,15 @@ def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, n
             beyond_healthy_range(image, region, level, low, high, spread))
 
 
+def local_contrast(scan, read, sigma: float) -> np.ndarray:
+    """The image minus its Gaussian-weighted mean over the scored region, slice by slice (zero outside it): a
+    voxel against its surroundings, which a dark blob in white matter stands out from and thin sulcal CSF less."""
+    image, region = read(scan), scan.scored.astype(np.float32)
+    weight = ndimage.gaussian_filter(region, (0, sigma, sigma))
+    mean = ndimage.gaussian_filter(image * region, (0, sigma, sigma)) / np.maximum(weight, 1e-6)
+    return np.where(region > 0, image - mean, 0.0).astype(np.float32)
+
+
 def simulated_heads(folder: Path, count: int) -> list[Path]:
     """``count`` healthy T1 heads simulated from the MNI template in sample_data (seeds 300 + i), written once."""
     paths = [folder / f"sim-{300 + i}_t1.nii.gz" for i in range(count)]
@@ -118,6 +133,11 @@ def main() -> None:
     parser.add_argument("--standardised", action="store_true", help="the unclipped image standardised to the "
                         "healthy subjects' intensity landmarks")
     parser.add_argument("--phantoms", type=int, default=0, help="also measure this many simulated healthy heads")
+    parser.add_argument("--local-contrast", type=float, default=0.0, help="also measure the healthy range of the "
+                        "image minus its Gaussian-weighted mean over the brain within this sigma (pixels), and the "
+                        "larger of both ranges' distances")
+    parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
+                        "bound (default: the high bound's, normative.RANGE_RADIUS)")
     args = parser.parse_args()
     ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
@@ -148,9 +168,10 @@ def main() -> None:
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
-                                              "intensity", "intensity_abs_z", "llr", "llr_normative")}
+                                              "intensity", "intensity_abs_z", "llr", "llr_normative",
+                                              "contrast_beyond_healthy_range", "larger_beyond_healthy_range")}
     # healthy: each subject's unpainted scan against the others' statistics (biased: as measured)
-    truth, healthy_values, biased_values = [], [], []
+    truth, healthy_values, biased_values, brighter = [], [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
     phantom_values: list[np.ndarray] = []
     # share of each scan's scored voxels beyond its location's healthy range (at any distance)
@@ -163,7 +184,13 @@ def main() -> None:
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
         low, high = fit_healthy_range(*fit)
+        if args.low_radius is not None:
+            low = fit_healthy_range(*fit, radius=args.low_radius)[0]
         statistics = (centre, spread, low, high)
+        if args.local_contrast:
+            contrast_read = partial(local_contrast, read=read, sigma=args.local_contrast)
+            contrast_fit = ([contrast_read(p) for p in others], *fit[1:])
+            contrast_statistics = (*fit_normative(*contrast_fit), *fit_healthy_range(*contrast_fit))
         measured = biased_healthy.get(subject, healthy[subject])
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
             region, signed, beyond = normative_maps(scan, read, *statistics)
@@ -171,6 +198,10 @@ def main() -> None:
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
                     "intensity": intensity(scan), "intensity_abs_z": np.abs(intensity_scan_z(intensity(scan), region))}
+            if args.local_contrast:
+                contrast_beyond = normative_maps(scan, contrast_read, *contrast_statistics)[2]
+                maps["contrast_beyond_healthy_range"] = contrast_beyond
+                maps["larger_beyond_healthy_range"] = np.maximum(beyond, contrast_beyond)
             if model is not None:
                 analysis = analyse(model, scan)
                 maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]
@@ -188,6 +219,8 @@ def main() -> None:
                     healthy_values.append({n: m[unbiased_region] for n, m in zip(DICE_MAPS, unbiased, strict=True)})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
+                # lesion kind by how the painted copy differs from its unpainted scan on the same grid
+                brighter.append((read(scan) > read(healthy[subject]))[region])
                 for name in voxel:
                     if name in maps:
                         voxel[name].append(maps[name][region])
@@ -208,6 +241,14 @@ def main() -> None:
               "voxel_auprc": {n: float(average_precision_score(labels, np.concatenate(v))) for n, v in voxel.items()
                               if v},
               "scan_auroc": {}, "beyond_share": shares}
+    # each lesion kind against every lesion-free voxel (the other kind's voxels left out)
+    bright = np.concatenate(brighter)
+    result["voxel_auprc_by_kind"] = {
+        kind: {n: float(average_precision_score(labels[keep], np.concatenate(v)[keep])) for n, v in voxel.items()
+               if v}
+        for kind, keep in (("brighter", ~labels | bright), ("darker", ~labels | ~bright))}
+    result["lesion_voxels_by_kind"] = {"brighter": int((labels & bright).sum()),
+                                       "darker": int((labels & ~bright).sum())}
     # Dice at thresholds giving these voxel FPRs on the healthy scans
     result["dice_at_voxel_fpr"], result["healthy_fpr_measured"] = {}, {}
     for name in DICE_MAPS:

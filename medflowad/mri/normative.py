@@ -165,15 +165,15 @@ def fit_normative(maps: list[np.ndarray], healthy: list[np.ndarray], levels: lis
 
 
 def fit_healthy_range(maps: list[np.ndarray], healthy: list[np.ndarray], levels: list[np.ndarray], count: int,
-                      neighbour_levels: bool) -> tuple[np.ndarray, np.ndarray]:
+                      neighbour_levels: bool, radius: int = RANGE_RADIUS) -> tuple[np.ndarray, np.ndarray]:
     """Per-location (low, high), each (count, S, S): the ``RANGE_QUANTILE`` and 100 - ``RANGE_QUANTILE``
-    percentiles of the healthy values within ``RANGE_RADIUS`` pixels (and the neighbouring levels);
+    percentiles of the healthy values within ``radius`` pixels (and the neighbouring levels);
     locations with fewer than ``MIN_VALUES`` values take the global percentiles."""
     size = maps[0].shape[-1]
     global_low, global_high = np.percentile(_everything(maps, healthy), [RANGE_QUANTILE, 100 - RANGE_QUANTILE])
     low = np.full((count, size, size), global_low, dtype=np.float32)
     high = np.full((count, size, size), global_high, dtype=np.float32)
-    for level, pooled, enough in _neighbourhoods(maps, healthy, levels, count, neighbour_levels, RANGE_RADIUS):
+    for level, pooled, enough in _neighbourhoods(maps, healthy, levels, count, neighbour_levels, radius):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             bounds = np.nanpercentile(pooled, [RANGE_QUANTILE, 100 - RANGE_QUANTILE], axis=0)
