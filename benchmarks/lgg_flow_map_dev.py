@@ -15,7 +15,10 @@ product's scan z:
 - ``bilinear``: each scale's grid of locations upsampled bilinearly to pixels (a location's value at its
   block's centre), then summed over scales; the same total mass per scale up to the edges
   (``analysis.spread_to_pixels``, which the product uses with ``map_spread: bilinear``);
-- ``_s<sigma>``: either of those smoothed in-plane within the scored brain (``analysis.smoothed_within``).
+- ``_s<sigma>``: either of those smoothed in-plane within the scored brain (``analysis.smoothed_within``);
+- with ``--with-scan-z W ...``: ``intensity_scan_z+W*<map>_z``, the product's scan z plus W times the flow map
+  (the model's own spread) read as a robust z against the scan's own scored brain, as the scan z reads the
+  intensity: does the flow add to the intensity? No labels enter the sum.
 
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
 training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
@@ -59,6 +62,15 @@ def flow_variants(prepared, model, product, region: np.ndarray, sigmas: list[flo
     return out
 
 
+def scan_z_of(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``image`` as a robust z against its own values over the scan's scored brain (median, 1.4826 MAD): how the
+    scan z reads the intensity, applied to a flow map, so the two can be added without labels."""
+    values = image[region]
+    centre = np.median(values)
+    spread = max(1.4826 * float(np.median(np.abs(values - centre))), 1e-6)
+    return np.where(region, (image - centre) / spread, 0.0).astype(np.float32)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path, required=True)
@@ -66,6 +78,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0])
     parser.add_argument("--maps", nargs="+", help="report only these maps (the test split: the chosen ones)")
+    parser.add_argument("--with-scan-z", type=float, nargs="*", default=[], metavar="W",
+                        help="also measure scan z + W x (the flow map's z against the scan's own brain), per W")
     args = parser.parse_args()
     model = load_mri_model(args.model, "cpu")
     if args.split == "calibration":
@@ -86,9 +100,13 @@ def main() -> None:
         product = analyse(model, prepared)
         maps = {"intensity": intensity_map(prepared), SCAN_Z_MAP: product.maps[SCAN_Z_MAP],
                 **flow_variants(prepared, model, product, region, args.sigmas)}
+        for w in args.with_scan_z:  # the flow map read against the scan's own brain, added to the scan z
+            for name in FLOW_MAPS:
+                flow = maps[name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"]
+                maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * scan_z_of(flow, region)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
-            if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP):
+            if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP) or "_z" in name:
                 values.setdefault(name, []).append(to_native(image, prepared)[native_region])
         truth = lesion[native_region]
         labels.append(truth)
