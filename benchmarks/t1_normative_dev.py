@@ -220,7 +220,7 @@ def main() -> None:
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 # lesion kind by how the painted copy differs from its unpainted scan on the same grid
-                brighter.append((read(scan) > read(healthy[subject]))[region])
+                brighter.append((read(scan) > read(measured))[region])
                 for name in voxel:
                     if name in maps:
                         voxel[name].append(maps[name][region])
