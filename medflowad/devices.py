@@ -20,3 +20,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N, or mps")
     return device
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX):
+    where ``train_precision: bfloat16`` pays."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from medflowad.config import ConfigError
-from medflowad.devices import resolve_device
+from medflowad.devices import native_bfloat16, resolve_device
 from medflowad.flows import Glow, GlowConfig
 from medflowad.mri.model import MriModel, load_mri_model
 from medflowad.storage import write_json, write_text
@@ -255,13 +255,6 @@ def ddp_scaling(processes: Sequence[int], steps: int, device: torch.device, work
         rows.append({"processes": count, "train_images_per_s": round(metrics["images_per_second"], 1),
                      "steps": metrics["steps"], "batch": mri.batch_size})
     return rows
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bfloat16_throughput(name: str, device: torch.device, steps: int, score_images: int) -> dict:

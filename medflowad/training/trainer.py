@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from medflowad.config import ConfigError, RunConfig, config_to_dict
 from medflowad.data.augment import random_hflip, random_translate
 from medflowad.data.natural import DataError, ImageSet, load_image_set, split_spec
-from medflowad.devices import resolve_device
+from medflowad.devices import native_bfloat16, resolve_device
 from medflowad.flows.actnorm import ActNorm
 from medflowad.flows.coupling import coupling_networks_in, training_dtype
 from medflowad.flows.glow import Glow, class_mixture_log_prob
@@ -322,6 +322,10 @@ def train(config: RunConfig, out_dir: Path, data: TrainData | None = None, show_
     objective = _Objective(trained, general, config)
     # training steps only (the general model's and every evaluation's forward passes stay float32)
     network_dtype = training_dtype(config.train_precision)
+    if network_dtype is not None and not native_bfloat16(device) and group.is_main:
+        log.warning("train_precision %s on %s, which does not multiply it natively: training steps will likely be "
+                    "slower than in float32 (docs/speed.md); set train_precision: float32 there",
+                    config.train_precision, device)
     total_steps = config.optim.steps
     last_step = min(total_steps, stop_after) if stop_after is not None else total_steps
     consecutive_skips = 0

@@ -16,7 +16,7 @@ def test_quick_speed_bench_reports_every_part(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["bench", "speed", "-o", str(tmp_path / "speed"), "--quick", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
-    from medflowad.bench.speed import native_bfloat16
+    from medflowad.devices import native_bfloat16
 
     rows = [(g["architecture"], g["layout"], g["train_precision"]) for g in speed["glow"]]
     fast_path = [("cifar10_cpu", "nhwc", "bfloat16")] if native_bfloat16(torch.device("cpu")) else []

@@ -344,3 +344,17 @@ def test_bfloat16_coupling_training_learns_and_evaluates_in_float32(tmp_path, bl
     assert all(m.network_dtype is None for m in model.modules() if isinstance(m, AffineCoupling))
     with pytest.raises(ConfigError, match="train_precision must be one of float32, bfloat16"):
         tiny_config(blobs_npz, train_precision="float16")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_a_device_without_native_bfloat16_is_pointed_out(tmp_path, blobs_npz, blobs_test_npz,
+                                                                     monkeypatch, caplog, native):
+    """Where the device does not multiply bfloat16 natively, train_precision bfloat16 emulates it and slows
+    training down: the run says so (and only then)."""
+    monkeypatch.setattr("medflowad.training.trainer.native_bfloat16", lambda device: native)
+    with caplog.at_level("WARNING", logger="medflowad.train"):
+        train(tiny_config(blobs_npz, blobs_test_npz, optim__steps=2, eval_every=2, train_precision="bfloat16"),
+              tmp_path / "run", show_progress=False)
+    pointed_out = [r for r in caplog.records if "does not multiply it natively" in r.getMessage()]
+    assert len(pointed_out) == (0 if native else 1)
+    assert native or "train_precision: float32" in pointed_out[0].getMessage()
