@@ -3,8 +3,8 @@
 - Glow throughput per architecture (CPU presets, the paper's, the MRI configs at 64 and 128 pixels): training
   images/s of one optimiser step (forward, backward, Adamax) at the preset's batch, scoring images/s (forward,
   bin-centre inputs), on random pixels (throughput does not depend on content); where the device multiplies
-  bfloat16 natively, also training with bfloat16 coupling networks (``train_precision``) in NHWC, in a process
-  of its own;
+  bfloat16 natively, also training with bfloat16 coupling networks (``train_precision``) in either layout, each in
+  a process of its own;
 - seconds per 3D scan end to end with the bundled demo model, split by stage: read, prepare, models (both Glows
   and the maps on the model grid), maps back to the scan's grid, write (gzipped NIfTI);
 - how the cost grows with the number of scans (1, 4, 16 copies of a sample scan through ``score``);
@@ -82,7 +82,18 @@ def cpu_model() -> str:
 
 
 def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory. Linux: VmHWM of /proc/self/status, which starts afresh at exec; the
+    rusage maximum would carry the parent's peak into a process that a large one started (bench speed's
+    bfloat16 rows). Elsewhere: the rusage maximum (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def sync(device: torch.device) -> None:
@@ -257,15 +268,15 @@ def ddp_scaling(processes: Sequence[int], steps: int, device: torch.device, work
     return rows
 
 
-def bfloat16_throughput(name: str, device: torch.device, steps: int, score_images: int) -> dict:
-    """glow_throughput in NHWC with bfloat16 coupling networks in training, in a fresh process: its activations are
-    half the size of float32's, so running it among the other rows would change the state of the heap they
-    reuse (float32 scoring measured after bfloat16 steps in one process ran at half speed with glibc's default
-    thresholds, docs/speed.md)."""
+def bfloat16_throughput(name: str, device: torch.device, steps: int, score_images: int, layout: str) -> dict:
+    """glow_throughput in ``layout`` with bfloat16 coupling networks in training, in a fresh process: its
+    activations are half the size of float32's, so running it among the other rows would change the state of the
+    heap they reuse (float32 scoring measured after bfloat16 steps in one process ran at half speed with glibc's
+    default thresholds, docs/speed.md)."""
     code = ("import json, sys, torch\nfrom medflowad.bench.speed import glow_throughput\n"
             "print(json.dumps(glow_throughput(sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3]), "
-            "int(sys.argv[4]), layout='nhwc', train_precision='bfloat16')))")
-    done = subprocess.run([sys.executable, "-c", code, name, str(device), str(steps), str(score_images)],
+            "int(sys.argv[4]), layout=sys.argv[5], train_precision='bfloat16')))")
+    done = subprocess.run([sys.executable, "-c", code, name, str(device), str(steps), str(score_images), layout],
                           capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"bfloat16 throughput of {name} failed: {done.stderr.strip()[-500:]}")
@@ -288,10 +299,10 @@ def run_speed_bench(settings: SpeedSettings, out: Path, echo: Callable[[str], No
             echo(f"glow throughput: {name}, {layout} layout")
             result["glow"].append({**glow_throughput(name, device, settings.train_steps, settings.score_images,
                                                      layout=layout), "layout": layout})
-        if native_bfloat16(device):  # the fast path against its off switch, where the hardware has it
-            echo(f"glow throughput: {name}, nhwc layout, bfloat16 coupling networks in training")
-            result["glow"].append({**bfloat16_throughput(name, device, settings.train_steps, settings.score_images),
-                                   "layout": "nhwc"})
+        for layout in ("default", "nhwc") if native_bfloat16(device) else ():  # the fast path, where it pays
+            echo(f"glow throughput: {name}, {layout} layout, bfloat16 coupling networks in training")
+            result["glow"].append({**bfloat16_throughput(name, device, settings.train_steps, settings.score_images,
+                                                         layout), "layout": layout})
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         demo = load_mri_model("demo", str(device))
         echo("seconds per scan, by stage")
