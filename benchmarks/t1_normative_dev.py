@@ -18,6 +18,8 @@ unpainted scans and measures on the left-out subject's painted copies:
   scan at the same place, each against every lesion-free voxel.
 
 ``--low-radius R`` fits the healthy range's low bound within R pixels instead of the high bound's radius.
+``--local-contrast S`` also measures the healthy range of the image minus its Gaussian-weighted mean over the
+brain (sigma S pixels), and the larger of that range's and the intensity's distances.
 
 With ``--model``, the model's llr and llr_normative maps on the same painted copies are measured too.
 Those subjects trained the model, so its figures here are in-sample (favourable to the model).
