@@ -17,8 +17,8 @@ product's scan z:
   (``analysis.spread_to_pixels``, which the product uses with ``map_spread: bilinear``);
 - ``_s<sigma>``: either of those smoothed in-plane within the scored brain (``analysis.smoothed_within``);
 - with ``--with-scan-z W ...``: ``intensity_scan_z+W*<map>_z``, the product's scan z plus W times the flow map
-  (the model's own spread) read as a robust z against the scan's own scored brain, as the scan z reads the
-  intensity: does the flow add to the intensity? No labels enter the sum.
+  (the model's own spread) read as a robust z against the scan's own scored brain (``analysis.intensity_scan_z``,
+  as the scan z reads the intensity): does the flow add to the intensity? No labels enter the sum.
 
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
 training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
@@ -38,7 +38,14 @@ from scipy import ndimage
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
 from medflowad.data.scans import to_native
-from medflowad.mri.analysis import MAP_SPREADS, SCAN_Z_MAP, analyse_scan, intensity_map, smoothed_within
+from medflowad.mri.analysis import (
+    MAP_SPREADS,
+    SCAN_Z_MAP,
+    analyse_scan,
+    intensity_map,
+    intensity_scan_z,
+    smoothed_within,
+)
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.position import scan_position_classes
 from medflowad.mri.score import scans_the_model_saw
@@ -60,15 +67,6 @@ def flow_variants(prepared, model, product, region: np.ndarray, sigmas: list[flo
             for sigma in sigmas:
                 out[f"{name}:{mode}_s{sigma:g}"] = smoothed_within(maps[name], region, sigma)
     return out
-
-
-def scan_z_of(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """``image`` as a robust z against its own values over the scan's scored brain (median, 1.4826 MAD): how the
-    scan z reads the intensity, applied to a flow map, so the two can be added without labels."""
-    values = image[region]
-    centre = np.median(values)
-    spread = max(1.4826 * float(np.median(np.abs(values - centre))), 1e-6)
-    return np.where(region, (image - centre) / spread, 0.0).astype(np.float32)
 
 
 def main() -> None:
@@ -103,7 +101,7 @@ def main() -> None:
         for w in args.with_scan_z:  # the flow map read against the scan's own brain, added to the scan z
             for name in FLOW_MAPS:
                 flow = maps[name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"]
-                maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * scan_z_of(flow, region)
+                maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * intensity_scan_z(flow, region)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
             if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP) or "_z" in name:
