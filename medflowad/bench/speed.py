@@ -69,29 +69,31 @@ def machine(device: torch.device) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+def _proc_field(path: str, key: str) -> str | None:
+    """The value after ``key:`` in a Linux /proc file of "key: value" lines; None where there is none."""
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        with open(path) as lines:
+            for line in lines:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform says."""
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory. Linux: VmHWM of /proc/self/status, which starts afresh at exec; the
     rusage maximum would carry the parent's peak into a process that a large one started (bench speed's
     bfloat16 rows). Elsewhere: the rusage maximum (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    peak_kib = _proc_field("/proc/self/status", "VmHWM")  # "1234 kB"
+    if peak_kib is not None:
+        return round(int(peak_kib.split()[0]) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
 
