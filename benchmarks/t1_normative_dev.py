@@ -194,6 +194,7 @@ def main() -> None:
             contrast_fit = ([contrast_read(p) for p in others], *fit[1:])
             contrast_statistics = (*fit_normative(*contrast_fit), *fit_healthy_range(*contrast_fit))
         measured = biased_healthy.get(subject, healthy[subject])
+        measured_image = read(measured)  # what each painted copy's lesion kind is read against
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
             region, signed, beyond = normative_maps(scan, read, *statistics)
             shares["painted" if label else "healthy"].append(beyond_share(beyond, region))
@@ -222,7 +223,7 @@ def main() -> None:
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 # lesion kind by how the painted copy differs from its unpainted scan on the same grid
-                brighter.append((read(scan) > read(measured))[region])
+                brighter.append((read(scan) > measured_image)[region])
                 for name in voxel:
                     if name in maps:
                         voxel[name].append(maps[name][region])
