@@ -79,9 +79,9 @@ class RunConfig:
     # 2 CPU cores (docs/speed.md): 10-13 % more training images/s for the MRI and CIFAR CPU presets.
     channels_last: bool = False
     # Precision of the coupling networks' convolutions in training steps: "bfloat16" runs them under autocast
-    # (much faster where the hardware multiplies bfloat16 natively: CPUs with AMX or AVX512-BF16, recent GPUs;
-    # slower elsewhere), the flow's affine maps, log-determinants and loss stay float32; evaluation and
-    # scoring always compute in float32. docs/speed.md measures speed and the trained model's test bits/dim.
+    # (much faster where the hardware multiplies bfloat16 natively: CPUs with AMX or AVX512-BF16; GPUs with
+    # bfloat16 support, not measured; slower elsewhere), the flow's affine maps, log-determinants and loss stay
+    # float32; evaluation and scoring always compute in float32. docs/speed.md measures speed and test bits/dim.
     train_precision: str = "float32"
 
     def validate(self) -> None:

@@ -61,7 +61,7 @@ class MriConfig:
     device: str = "auto"
     channels_last: bool = False  # NHWC convolutions: a little faster on CPU, equal only to float precision
     # The coupling networks' precision in training steps (medflowad.config.RunConfig.train_precision): bfloat16
-    # is faster on CPUs with AMX and recent GPUs, slower elsewhere; scoring and calibration stay float32.
+    # is faster on CPUs with AMX (GPUs not measured), slower elsewhere; scoring and calibration stay float32.
     train_precision: str = "float32"
     # How the flow maps' per-location values become pixels (analysis.MAP_SPREADS). The presets say "bilinear";
     # a model folder without the key was calibrated on "nearest" maps and keeps them.

@@ -84,9 +84,6 @@ def split_healthy_scans(
             sorted(s for s in scans if subject[s] in held_apart))
 
 
-__all__ = ["listed", "matches_pattern", "modality_in_name", "select_scans", "split_healthy_scans", "subject_of"]
-
-
 def mixed_modality_notes(scans: Sequence[Path], modality: str, pattern: str | None, use: str) -> list[str]:
     """Notes on healthy scans that may be of another modality than the model's: series of DICOM folders holding
     several series (when no pattern picks among them) and scans named as another modality. ``use``: what the
@@ -100,3 +97,7 @@ def mixed_modality_notes(scans: Sequence[Path], modality: str, pattern: str | No
     return [f"{len(found)} of {len(scans)} healthy scans {what} ({listed([scan_id(s) for s in found])}); all "
             f"{use} the {modality} model. To keep only {modality} scans, pass a pattern (e.g. --pattern "
             f"'*{modality}*')." for what, found in mixed.items() if found]
+
+
+__all__ = ["listed", "matches_pattern", "mixed_modality_notes", "modality_in_name", "select_scans",
+           "split_healthy_scans", "subject_of"]
