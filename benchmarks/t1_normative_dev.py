@@ -102,6 +102,17 @@ def local_contrast(scan, read, sigma: float) -> np.ndarray:
     return np.where(region > 0, image - mean, 0.0).astype(np.float32)
 
 
+def mirrored_low(scan, read, low_wide: np.ndarray, low_here: np.ndarray, radius: int) -> np.ndarray:
+    """The scan's own low bound: the healthy range's wide low bound, raised where the scan's mirror-image side
+    (left-right, about the standard grid's midline) holds nothing as dark within ``radius`` pixels (and the
+    neighbouring slices) to the healthy range's low bound at the location itself: darkness that neither this
+    place in healthy heads nor the scan's own other side explains (CSF lies on both sides of a healthy brain)."""
+    image, region = read(scan), scan.scored
+    flipped = np.flip(np.where(region, image, np.inf), axis=-1)
+    mirror = ndimage.minimum_filter(flipped, size=(3, 2 * radius + 1, 2 * radius + 1), mode="constant", cval=np.inf)
+    return np.maximum(low_wide, np.minimum(low_here, mirror)).astype(np.float32)
+
+
 def simulated_heads(folder: Path, count: int) -> list[Path]:
     """``count`` healthy T1 heads simulated from the MNI template in sample_data (seeds 300 + i), written once."""
     paths = [folder / f"sim-{300 + i}_t1.nii.gz" for i in range(count)]
@@ -138,6 +149,11 @@ def main() -> None:
     parser.add_argument("--local-contrast", type=float, default=0.0, help="also measure the healthy range of the "
                         "image minus its Gaussian-weighted mean over the brain within this sigma (pixels), and the "
                         "larger of both ranges' distances")
+    parser.add_argument("--mirror", type=int, default=None, help="raise the healthy range's low bound to the "
+                        "location's own (radius --mirror-here) where the scan's mirror side has nothing as dark within "
+                        "this many pixels")
+    parser.add_argument("--mirror-here", type=int, default=0,
+                        help="radius of the location's own low bound for --mirror")
     parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
     args = parser.parse_args()
@@ -189,6 +205,14 @@ def main() -> None:
         if args.low_radius is not None:
             low = fit_healthy_range(*fit, radius=args.low_radius)[0]
         statistics = (centre, spread, low, high)
+        low_here = fit_healthy_range(*fit, radius=args.mirror_here)[0] if args.mirror is not None else None
+
+        def statistics_of(scan, statistics=statistics, low_here=low_here, read=read):
+            """The fold's statistics, with --mirror the low bound raised for this scan (mirrored_low)."""
+            if low_here is None:
+                return statistics
+            centre, spread, low, high = statistics
+            return centre, spread, mirrored_low(scan, read, low, low_here, args.mirror), high
         if args.local_contrast:
             contrast_read = partial(local_contrast, read=read, sigma=args.local_contrast)
             contrast_fit = ([contrast_read(p) for p in others], *fit[1:])
@@ -196,7 +220,7 @@ def main() -> None:
         measured = biased_healthy.get(subject, healthy[subject])
         measured_image = read(measured)  # what each painted copy's lesion kind is read against
         for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
-            region, signed, beyond = normative_maps(scan, read, *statistics)
+            region, signed, beyond = normative_maps(scan, read, *statistics_of(scan))
             shares["painted" if label else "healthy"].append(beyond_share(beyond, region))
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
                     "intensity_beyond_healthy_range": beyond,
@@ -218,7 +242,8 @@ def main() -> None:
                 if scan is healthy[subject]:
                     healthy_values.append(biased_values[-1])
                 else:  # thresholds from the unbiased scan, as calibrated
-                    unbiased_region, *unbiased = normative_maps(healthy[subject], read, *statistics)
+                    unbiased_region, *unbiased = normative_maps(healthy[subject], read,
+                                                                *statistics_of(healthy[subject]))
                     healthy_values.append({n: m[unbiased_region] for n, m in zip(DICE_MAPS, unbiased, strict=True)})
             if label:
                 truth.append(scan.lesion[region] > 0.5)
@@ -228,7 +253,7 @@ def main() -> None:
                     if name in maps:
                         voxel[name].append(maps[name][region])
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
-            region, _, beyond = normative_maps(phantom, read, *statistics)
+            region, _, beyond = normative_maps(phantom, read, *statistics_of(phantom))
             phantom_values.append(beyond[region])
             shares["phantoms"].append(beyond_share(beyond, region))
             for k in args.top:
