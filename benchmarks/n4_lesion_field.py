@@ -4,7 +4,7 @@
 
 For each subject (default: IXI033-HH-1259, a training subject of the fixed split; never the held-apart ones),
 three seeds and each lesion kind (two lesions painted into the 2 mm head inside its DLMUSE brain, seeds
-5001-5003), N4 as the preparation runs it (:func:`medflowad.prep.stage.n4_correct`, 3 levels, inside the brain)
+5001-5003), N4 as the preparation runs it (:func:`medflowad.prep.n4.n4_correct`, 3 levels, inside the brain)
 is fitted to the painted head and to the same head unpainted. The ratio of the two fields, scaled to a median
 of 1 over the brain, is printed inside the lesions and in a 12 mm shell around them: 1 where the lesion leaves
 the field alone, above 1 where the correction dims the lesion's place (the field took some of a bright
@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from medflowad.data.painting import paint_lesions
-from medflowad.prep.stage import n4_correct
+from medflowad.prep.n4 import n4_correct
 
 
 def field(image: np.ndarray, affine: np.ndarray, brain: np.ndarray) -> np.ndarray:

@@ -43,7 +43,8 @@ from medflowad.data.scans import (
     volume_to_display,
 )
 from medflowad.prep.brain import check_brain_mask, extract_brain
-from medflowad.prep.registration import ras_to_itk, register_affine, resample, sitk_image, supersampling
+from medflowad.prep.n4 import N4_VERSION, n4_correct
+from medflowad.prep.registration import ras_to_itk, register_affine, resample, supersampling
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
 from medflowad.storage import current_umask
 
@@ -88,8 +89,10 @@ def _key_settings(config: ScanPreprocessing) -> dict:
     """The settings that shape the cached results (checks such as brain_volume_ml are re-applied instead)."""
     settings = {"version": PREP_VERSION, "space": config.space, "brain": config.brain, "n4": config.n4,
                 "foreground_threshold": config.foreground_threshold}
-    if config.n4 and config.n4_levels != 3:  # the usual schedule keeps the keys of caches made before the setting
-        settings["n4_levels"] = config.n4_levels
+    if config.n4:
+        settings["n4_version"] = N4_VERSION
+        if config.n4_levels != 3:  # the usual schedule keeps the key it had before the setting existed
+            settings["n4_levels"] = config.n4_levels
     if config.space == "standard":
         settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,
                         template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
@@ -106,21 +109,6 @@ def cache_key(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarr
         digest.update(np.packbits(given_brain).tobytes())
     digest.update(json.dumps(_key_settings(config), sort_keys=True).encode())
     return digest.hexdigest()[:32]
-
-
-def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: int = 3) -> np.ndarray:
-    """N4 bias-field correction inside ``mask``, fitted on a 4x shrunk copy in ``levels`` fitting levels (each
-    halves the field's B-spline mesh spacing) and applied at full resolution."""
-    source = sitk_image(np.maximum(image, 0) + 1e-3, affine)
-    region = sitk.Cast(sitk_image(mask.astype(np.float32), affine), sitk.sitkUInt8)
-    shrink = [4] * 3
-    small, small_region = sitk.Shrink(source, shrink), sitk.Shrink(region, shrink)
-    corrector = sitk.N4BiasFieldCorrectionImageFilter()
-    corrector.SetMaximumNumberOfIterations([50] * (levels - 1) + [30] if levels > 1 else [50])
-    corrector.Execute(small, small_region)
-    log_bias = corrector.GetLogBiasFieldAsImage(source)
-    corrected = source / sitk.Exp(log_bias)
-    return sitk.GetArrayFromImage(corrected).transpose(2, 1, 0).astype(np.float32)
 
 
 def _normalised(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float], name: str) -> np.ndarray:

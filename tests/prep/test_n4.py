@@ -6,7 +6,8 @@ import pytest
 
 from medflowad.config import ConfigError
 from medflowad.data.scans import ScanPreprocessing
-from medflowad.prep.stage import _key_settings, n4_correct
+from medflowad.prep.n4 import n4_correct
+from medflowad.prep.stage import _key_settings
 
 
 def _shaded_sphere(strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,3 +44,36 @@ def test_n4_levels_are_checked_and_key_the_cache():
     assert _key_settings(ScanPreprocessing(n4=True, n4_levels=3)) == usual
     assert _key_settings(ScanPreprocessing(n4=True, n4_levels=2)) == {**usual, "n4_levels": 2}
     assert "n4_levels" not in _key_settings(ScanPreprocessing(n4=False, n4_levels=2))
+
+
+def _padded(array: np.ndarray, before: tuple[int, int, int], after: tuple[int, int, int]) -> np.ndarray:
+    return np.pad(array, list(zip(before, after, strict=True)))
+
+
+def test_n4_field_does_not_depend_on_the_field_of_view():
+    """The same head in a wider field of view (zeros added on three sides, the affine moved so every voxel keeps
+    its world position) is corrected exactly as before: the field's domain comes from the brain. Fitted on the
+    whole scan, as before medflowad.prep.n4, the wider view gave a smoother field (differences of about 2 %)."""
+    image, mask, affine = _shaded_sphere(0.2)
+    before, after = (30, 0, 10), (6, 12, 0)
+    wider_affine = affine.copy()
+    wider_affine[:3, 3] -= affine[:3, :3] @ np.array(before, dtype=float)
+    wider = n4_correct(_padded(image, before, after), wider_affine, _padded(mask, before, after))
+    same_voxels = wider[30:78, 0:48, 10:58]
+    np.testing.assert_allclose(same_voxels[mask], n4_correct(image, affine, mask)[mask], rtol=1e-5)
+
+
+def test_n4_field_does_not_depend_on_the_voxel_size():
+    """The shaded ball sampled at 1 mm and at 2 mm: the fields N4 takes out agree within 1 % inside the ball (2 mm
+    voxels against the mean of the eight 1 mm voxels in each)."""
+    coarse, coarse_mask, coarse_affine = _shaded_sphere(0.2)
+    grid = (np.indices((96, 96, 96)).astype(np.float32) - 47.5) / 2  # 1 mm voxels, in units of 2 mm
+    fine_mask = (grid ** 2).sum(axis=0) < 20 ** 2
+    fine = (100.0 * np.exp(0.2 * grid[0] / 20) * fine_mask).astype(np.float32)
+    fine_field = fine / np.maximum(n4_correct(fine, np.diag([1.0, 1.0, 1.0, 1.0]), fine_mask), 1e-6)
+    coarse_field = coarse / np.maximum(n4_correct(coarse, coarse_affine, coarse_mask), 1e-6)
+    fine_in_coarse = fine_field.reshape(48, 2, 48, 2, 48, 2).mean(axis=(1, 3, 5))
+    inner = coarse_mask & fine_mask.reshape(48, 2, 48, 2, 48, 2).all(axis=(1, 3, 5))
+    ratio = fine_in_coarse[inner] / coarse_field[inner]
+    ratio /= np.median(ratio)  # N4's field is defined up to a constant
+    assert np.abs(np.log(ratio)).max() < 0.01, np.abs(np.log(ratio)).max()
