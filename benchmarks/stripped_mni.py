@@ -2,12 +2,14 @@
 
     MEDFLOWAD_CACHE=... python benchmarks/stripped_mni.py -o runs/stripped_mni [--scans sample_data/mri] [--model demo]
     medflowad score runs/stripped_mni/scans --model demo --report --out runs/stripped_mni/score
+    python benchmarks/stripped_mni.py -o runs/zscored_mni --z-score      # the copies z-scored inside the brain too
 
 Each ``*_t1.nii.gz`` of ``--scans`` is brain-extracted (deepbet), registered to the MNI template as the
 preparation does it, and resampled (linear) onto the 1 mm MNI ICBM152 grid in sample_data/mni_icbm152, zero
 outside the brain; its lesion mask (``*_t1_mask.nii.gz``) follows (linear, > 0.5). Public MS and stroke data
-often come so. Then, for each healthy scan (no lesion in its mask, or no mask), both versions are prepared
-with ``--model``'s preprocessing, with its N4 setting and with N4 off, and the script prints:
+often come so, and often z-scored as well (``--z-score``: the brain's mean 0 and standard deviation 1, zero
+outside). Then, for each healthy scan (no lesion in its mask, or no mask), both versions are prepared with
+``--model``'s preprocessing, with its N4 setting and with N4 off, and the script prints:
 
 - the white matter's intensity ratio (copy / original) slice by slice on the standard grid, inside both
   brains where the original's normalised image is above 0.75: the same head should give the same image;
@@ -33,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MNI_1MM = ROOT / "sample_data" / "mni_icbm152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
-def stripped_mni_copy(scan: Path, out: Path) -> Path:
-    """``scan`` skull-stripped and on the 1 mm MNI grid, with its lesion mask when it has one."""
+def stripped_mni_copy(scan: Path, out: Path, z_score: bool) -> Path:
+    """``scan`` skull-stripped and on the 1 mm MNI grid (z-scored inside the brain with ``z_score``), with its
+    lesion mask when it has one."""
     reference = nib.load(MNI_1MM)
     image = nib.as_closest_canonical(nib.load(scan))
     data = image.get_fdata(dtype=np.float32)
@@ -43,6 +46,9 @@ def stripped_mni_copy(scan: Path, out: Path) -> Path:
     template = load_template()
     to_scan = register_affine(template.image, template.affine, stripped, image.affine)
     moved = resample(stripped, image.affine, reference.affine, reference.shape, to_scan)
+    if z_score:
+        inside = moved > 0
+        moved = np.where(inside, (moved - moved[inside].mean()) / moved[inside].std(), 0.0)
     target = out / scan.name
     nib.save(nib.Nifti1Image(moved.astype(np.float32), reference.affine), target)
     mask = scan.with_name(scan.name.replace("_t1.nii.gz", "_t1_mask.nii.gz"))
@@ -73,13 +79,14 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--scans", type=Path, default=ROOT / "sample_data" / "mri")
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--z-score", action="store_true", help="z-score the copies inside the brain")
     args = parser.parse_args()
     copies = args.out / "scans"
     copies.mkdir(parents=True, exist_ok=True)
     scans = sorted(args.scans.glob("*_t1.nii.gz"))
     for scan in scans:
         if not (copies / scan.name).exists():
-            stripped_mni_copy(scan, copies)
+            stripped_mni_copy(scan, copies, args.z_score)
     model = load_mri_model(args.model, "cpu")
     config = model.config.preprocessing
     result: dict = {"model": args.model, "n4": config.n4, "scans": {}}

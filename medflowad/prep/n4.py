@@ -22,6 +22,10 @@ N4_VERSION = 2  # part of the cache keys of N4-corrected preparations (1: fitted
 FIT_MM = 8.0  # voxel size the field is fitted at (IXI's 2 mm scans were shrunk 4x before this module)
 DOMAIN_SCALE = 1.4  # the domain: the brain's box widened 1.4x, about the field of view of a head scan
 MIN_BIN_SHARE = 0.5  # a fitting voxel counts as brain where half of the scan's voxels in it are
+# Scans with negative intensities in the brain (z-scored, or otherwise shifted) are moved so that the brain's 1st
+# percentile lies at this share of its 99th, as in IXI's T1 heads (0.15-0.16): N4's model is multiplicative, and
+# clipped at zero such a scan loses its darker half (40 % of a z-scored head's brain became 0 and failed registration).
+DARK_TO_BRIGHT = 0.15
 
 
 def fitting_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +42,16 @@ def fitting_bins(affine: np.ndarray) -> list[int]:
     return [max(1, round(FIT_MM / s)) for s in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)]
 
 
+def made_positive(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    r"""``image`` clipped at zero or, when its 1st percentile :math:`p_1` inside ``mask`` is negative, shifted by
+    :math:`s = (0.15\,p_{99} - p_1) / 0.85` first, so that :math:`p_1 + s = 0.15\,(p_{99} + s)`: a multiplicative
+    field needs intensities above zero, and the scan's own zero is lost once it has been z-scored."""
+    low, high = np.percentile(image[mask], [1, 99])
+    if low >= 0:
+        return np.maximum(image, 0)
+    return np.maximum(image + (DARK_TO_BRIGHT * high - low) / (1 - DARK_TO_BRIGHT), 0)
+
+
 def _crop(array: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """``array[start:stop]`` per axis, zero where the box reaches beyond the array."""
     out = np.zeros(tuple(stop - start), dtype=array.dtype)
@@ -49,7 +63,9 @@ def _crop(array: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
 
 
 def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: int = 3) -> np.ndarray:
-    r"""``image`` (X, Y, Z) divided by the N4 bias field fitted inside ``mask`` in ``levels`` fitting levels.
+    r"""``image`` (X, Y, Z) divided by the N4 bias field fitted inside ``mask`` in ``levels`` fitting levels (a
+    scan with negative intensities in the brain comes back shifted by :func:`made_positive`'s offset; the
+    preparation normalises by percentiles afterwards, which no shift changes).
 
     With :math:`b` the box of :func:`fitting_box` binned by :math:`f_i = \max(1, \mathrm{round}(8\,\mathrm{mm}
     / \Delta_i))` voxels per axis, N4 fits :math:`\log B` on the bins that are at least half brain (each the
@@ -60,7 +76,8 @@ def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: 
     box_affine = np.asarray(affine, dtype=np.float64).copy()
     box_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
     inside = _crop(mask, start, stop).astype(np.float32)
-    values = _crop(np.maximum(image, 0).astype(np.float32), start, stop) * inside
+    positive = made_positive(image, mask).astype(np.float32)
+    values = _crop(positive, start, stop) * inside
     bins = fitting_bins(affine)
     brain_share = sitk.BinShrink(sitk_image(inside, box_affine), bins)
     brain_mean = sitk.BinShrink(sitk_image(values, box_affine), bins) / sitk.Maximum(brain_share, 1e-6)
@@ -69,10 +86,10 @@ def n4_correct(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, levels: 
     corrector.SetMaximumNumberOfIterations([50] * (levels - 1) + [30] if levels > 1 else [50])
     corrector.Execute(brain_mean + 1e-3, fit_region)
     log_bias = corrector.GetLogBiasFieldAsImage(brain_mean)
-    source = sitk_image(np.maximum(image, 0) + 1e-3, affine)
+    source = sitk_image(positive + 1e-3, affine)
     log_bias_here = sitk.Resample(log_bias, source, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
     corrected = source / sitk.Exp(log_bias_here)
     return sitk.GetArrayFromImage(corrected).transpose(2, 1, 0).astype(np.float32)
 
 
-__all__ = ["DOMAIN_SCALE", "FIT_MM", "N4_VERSION", "fitting_bins", "fitting_box", "n4_correct"]
+__all__ = ["DOMAIN_SCALE", "FIT_MM", "N4_VERSION", "fitting_bins", "fitting_box", "made_positive", "n4_correct"]

@@ -6,7 +6,7 @@ import pytest
 
 from medflowad.config import ConfigError
 from medflowad.data.scans import ScanPreprocessing
-from medflowad.prep.n4 import n4_correct
+from medflowad.prep.n4 import DARK_TO_BRIGHT, made_positive, n4_correct
 from medflowad.prep.stage import _key_settings
 
 
@@ -77,3 +77,24 @@ def test_n4_field_does_not_depend_on_the_voxel_size():
     ratio = fine_in_coarse[inner] / coarse_field[inner]
     ratio /= np.median(ratio)  # N4's field is defined up to a constant
     assert np.abs(np.log(ratio)).max() < 0.01, np.abs(np.log(ratio)).max()
+
+
+def test_n4_corrects_a_z_scored_brain_instead_of_clipping_its_darker_half():
+    """A z-scored scan has negative intensities in half its brain: clipped at zero (as N4's multiplicative model
+    was first fed), that half came out at the floor (1e-3 over the field), hundreds of times darker than the
+    rest. made_positive shifts the scan instead (the brain's 1st percentile at DARK_TO_BRIGHT of its 99th), so
+    no brain voxel is floored and N4 flattens the field it sees in the shifted scan. (A z-scored scan's own zero
+    is lost, so the field of the scan before z-scoring cannot be recovered exactly: here the ball's halves go
+    from 1.97 apart after the shift to 1.20.)"""
+    image, mask, affine = _shaded_sphere(0.2)
+    z_scored = np.where(mask, (image - image[mask].mean()) / image[mask].std(), 0.0).astype(np.float32)
+    assert (z_scored[mask] < 0).mean() > 0.4
+    shifted = made_positive(z_scored, mask)
+    low, high = np.percentile(shifted[mask], [1, 99])
+    assert abs(low / high - DARK_TO_BRIGHT) < 1e-6
+    np.testing.assert_allclose(shifted[mask] - z_scored[mask], shifted[mask][0] - z_scored[mask][0], atol=1e-5)
+    corrected = n4_correct(z_scored, affine, mask)
+    floored = corrected[mask] < 0.01 * np.percentile(corrected[mask], 99)
+    assert floored.mean() < 0.001, floored.mean()  # clipped at zero: 0.5
+    before = _side_ratio(shifted, mask)
+    assert abs(np.log(_side_ratio(corrected, mask))) < 0.3 * abs(np.log(before))
