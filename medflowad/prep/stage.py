@@ -91,7 +91,7 @@ def _key_settings(config: ScanPreprocessing) -> dict:
                 "foreground_threshold": config.foreground_threshold}
     if config.n4:
         settings["n4_version"] = N4_VERSION
-        if config.n4_levels != 3:  # the usual schedule keeps the key it had before the setting existed
+        if config.n4_levels != 3:  # the usual schedule adds nothing to the key
             settings["n4_levels"] = config.n4_levels
     if config.space == "standard":
         settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,

@@ -1,12 +1,12 @@
-"""N4 bias-field correction in the preparation: it takes a smooth field out, and its fitting levels are a
-setting that is checked and that keys the cache."""
+"""N4 bias-field correction in the preparation: it takes a smooth field out, the same whatever grid and field of
+view the brain comes on, keeps a z-scored brain whole, and its fitting levels and version key the cache."""
 
 import numpy as np
 import pytest
 
 from medflowad.config import ConfigError
 from medflowad.data.scans import ScanPreprocessing
-from medflowad.prep.n4 import DARK_TO_BRIGHT, made_positive, n4_correct
+from medflowad.prep.n4 import DARK_TO_BRIGHT, N4_VERSION, made_positive, n4_correct
 from medflowad.prep.stage import _key_settings
 
 
@@ -40,7 +40,9 @@ def test_n4_levels_are_checked_and_key_the_cache():
     with pytest.raises(ConfigError, match="n4_levels must be 1 to 4, got 5"):  # every way a config is made
         ScanPreprocessing().overridden(n4_levels=5)
     usual = _key_settings(ScanPreprocessing(n4=True))
-    assert "n4_levels" not in usual  # caches made before the setting keep their keys
+    assert "n4_levels" not in usual  # the usual schedule adds nothing to the key
+    assert usual["n4_version"] == N4_VERSION  # a change of the fit (medflowad.prep.n4) rekeys every N4 cache
+    assert "n4_version" not in _key_settings(ScanPreprocessing(n4=False))
     assert _key_settings(ScanPreprocessing(n4=True, n4_levels=3)) == usual
     assert _key_settings(ScanPreprocessing(n4=True, n4_levels=2)) == {**usual, "n4_levels": 2}
     assert "n4_levels" not in _key_settings(ScanPreprocessing(n4=False, n4_levels=2))
