@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from medflowad.data.readers import ScanError
-from medflowad.data.scans import automatic_foreground
+from medflowad.data.scans import automatic_foreground, dark_background
 
 BRAIN_METHODS = ("auto", "deepbet")  # auto: the intensity-based foreground (no brain extraction)
 
@@ -30,8 +30,9 @@ def _deepbet(use_gpu: bool):
 
 
 def deepbet_mask(image: np.ndarray, affine: np.ndarray, use_gpu: bool = False) -> np.ndarray:
-    """Boolean brain mask of ``image`` (X, Y, Z) on its own grid, from deepbet."""
-    volume = nib.Nifti1Image(np.asarray(image, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    """Boolean brain mask of ``image`` (X, Y, Z) on its own grid, from deepbet (a z-scored scan's zero background
+    at its minimum first: :func:`medflowad.data.scans.dark_background`)."""
+    volume = nib.Nifti1Image(dark_background(np.asarray(image, dtype=np.float32)), np.asarray(affine, dtype=np.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

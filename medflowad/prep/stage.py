@@ -48,7 +48,10 @@ from medflowad.prep.registration import ras_to_itk, register_affine, resample, s
 from medflowad.prep.template import TEMPLATE_FILE, load_template, standard_grid
 from medflowad.storage import current_umask
 
-PREP_VERSION = 1  # part of every cache key: bump when brain extraction or normalisation change
+# part of every cache key: bump when brain extraction or normalisation change (2: scans with negative values, such as
+# z-scored ones, get their zero background at their minimum before brain extraction, and the skull is removed to the
+# brain's darkest value instead of 0)
+PREP_VERSION = 2
 REGISTRATION_VERSION = 2  # part of standard-space keys: bump when registration or resampling change
 STANDARD_IMAGE_VERSION = 2  # part of standard-space keys: bump when the cached image changes (2: not clipped at 1)
 CACHE_ENV = "MEDFLOWAD_CACHE"
@@ -111,6 +114,14 @@ def cache_key(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarr
     return digest.hexdigest()[:32]
 
 
+def skull_removed(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """``image`` with everything outside ``brain`` set to 0, or to the brain's darkest value where that is negative
+    (a z-scored scan): after the percentile normalisation the outside then lies at or below the brain's darkest
+    voxels, never at mid-grey (0 is about a z-scored brain's mean)."""
+    fill = min(0.0, float(np.nanmin(image[brain]))) if brain.any() else 0.0
+    return np.ascontiguousarray(np.where(brain, image, fill), dtype=np.float32)
+
+
 def _normalised(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float], name: str) -> np.ndarray:
     if brain.sum() < 16:
         raise ScanError(f"{name}: the brain covers almost none of the standard grid (registration failed?)")
@@ -164,7 +175,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
         started = time.perf_counter()
         grid_affine, grid_shape = standard_grid(config.image_size, config.slice_mm)
         factor = supersampling(grid_affine, affine)
-        moved = resample(image * brain, affine, grid_affine, grid_shape, transform, factor=factor)
+        moved = resample(skull_removed(image, brain), affine, grid_affine, grid_shape, transform, factor=factor)
         standard_brain = resample(brain.astype(np.float32), affine, grid_affine, grid_shape, transform,
                                   factor=factor) > 0.5
         preparation.standard = _normalised(moved, standard_brain, config.percentiles, name)
@@ -304,7 +315,7 @@ def prepare_volume(scan: MetaTensor, config: ScanPreprocessing, brain_mask: Meta
     native_brain = preparation.brain
     if config.space == "native":
         image = scan.as_tensor()[0].numpy() if preparation.image is None else preparation.image
-        skull_stripped = torch.from_numpy(np.ascontiguousarray(image * native_brain, dtype=np.float32))[None]
+        skull_stripped = torch.from_numpy(skull_removed(image, native_brain))[None]
         meta = {k: v for k, v in scan.meta.items() if k != "affine"}
         source = MetaTensor(skull_stripped, affine=scan.affine, meta=meta)
         brain = MetaTensor(torch.from_numpy(native_brain.astype(np.float32))[None], affine=scan.affine)

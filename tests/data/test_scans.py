@@ -6,7 +6,7 @@ import torch
 from monai.data import MetaTensor
 
 from medflowad.config import ConfigError
-from medflowad.data.scans import ScanPreprocessing, prepare_image_2d, prepare_scan
+from medflowad.data.scans import ScanPreprocessing, dark_background, prepare_image_2d, prepare_scan
 from medflowad.mri.config import load_mri_config
 
 
@@ -82,6 +82,30 @@ def test_z_scored_scan_gets_the_mask_and_slices_of_the_original():
     assert original.foreground.mean() > 0.3
     difference = shifted.slices.numpy().astype(int) - original.slices.numpy().astype(int)
     assert np.abs(difference).max() <= 1  # the same image up to float rounding before quantisation
+
+
+def test_scan_z_scored_inside_its_brain_with_a_zero_background_gets_the_mask_and_slices_of_the_original():
+    """Public skull-stripped data is often z-scored inside the brain with the outside left at 0, about the brain's
+    mean: the automatic foreground took that background for tissue (the whole volume) until dark_background set it
+    to the scan's minimum. Exact zeros inside the tissue (water in CT's Hounsfield units) are not background."""
+    from tests.mri.conftest import brain_like
+
+    volume = brain_like(shape=(40, 44, 6), seed=3).astype(np.float64)
+    volume[10:14, 12:16, 2:4] = 40.0
+    brain = volume > 0
+    z_scored = np.where(brain, (volume - volume[brain].mean()) / volume[brain].std(), 0.0)
+    config = ScanPreprocessing(image_size=32, margin=0.0, min_foreground=0.05)
+    original, shifted = _prepare(volume, config), _prepare(z_scored, config)
+    np.testing.assert_array_equal(shifted.foreground, original.foreground)
+    assert original.foreground.mean() < 0.9  # not the whole field of view
+    difference = shifted.slices.numpy().astype(int) - original.slices.numpy().astype(int)
+    assert np.abs(difference).max() <= 1
+
+    ct_like = np.full((20, 20, 4), -1000.0)
+    ct_like[4:16, 4:16] = 40.0
+    ct_like[8:10, 8:10] = 0.0  # water inside the head
+    np.testing.assert_array_equal(dark_background(ct_like), ct_like)
+    np.testing.assert_array_equal(dark_background(volume), volume)  # no negative values: as it is
 
 
 def test_unclipped_image_keeps_what_the_clip_cuts():

@@ -239,3 +239,24 @@ def test_standard_space_maps_resampled_together_equal_maps_resampled_alone(plant
     together = to_native(maps, prepared)
     for k in range(2):
         assert np.array_equal(together[k], to_native(maps[k], prepared))
+
+
+def test_a_z_scored_scan_gives_the_slices_of_the_scan_itself(planted, tmp_path):
+    """Percentile normalisation ignores a scan's offset and scale, so a z-scored copy of a scan (negative values in
+    half its brain) must give the model the same slices. The skull was removed by multiplying by the brain mask,
+    which put the outside at 0, about a z-scored brain's mean: mid-grey around the brain after normalisation."""
+    head = nib.load(planted[0])
+    data = head.get_fdata(dtype=np.float32)
+    brain = data > 0.05 * data.max()
+    z_scored = np.where(brain, (data - data[brain].mean()) / data[brain].std(), 0.0).astype(np.float32)
+    assert (z_scored[brain] < 0).mean() > 0.3
+    paths = {}
+    for name, array in (("head", data), ("z_scored", z_scored), ("brain", brain.astype(np.uint8))):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(array, head.affine), str(paths[name]))
+    config = ScanPreprocessing(space="native", brain="deepbet")  # a given mask: no extraction runs
+    mask = load_scan(paths["brain"])
+    plain, shifted = (stage.prepare_volume(load_scan(paths[name]), config, brain_mask=mask, cache=tmp_path / "cache")
+                      for name in ("head", "z_scored"))
+    assert shifted.slices[plain.slices == 0].max() == 0  # was mid-grey around the brain
+    assert (plain.slices.int() - shifted.slices.int()).abs().max() <= 1  # 8-bit rounding of equal values
