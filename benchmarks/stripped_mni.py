@@ -3,6 +3,7 @@
     MEDFLOWAD_CACHE=... python benchmarks/stripped_mni.py -o runs/stripped_mni [--scans sample_data/mri] [--model demo]
     medflowad score runs/stripped_mni/scans --model demo --report --out runs/stripped_mni/score
     python benchmarks/stripped_mni.py -o runs/zscored_mni --z-score      # the copies z-scored inside the brain too
+    python benchmarks/stripped_mni.py -o runs/grid_variants --grid-variants   # which step moves N4's field
 
 Each ``*_t1.nii.gz`` of ``--scans`` is brain-extracted (deepbet), registered to the MNI template as the
 preparation does it, and resampled (linear) onto the 1 mm MNI ICBM152 grid in sample_data/mni_icbm152, zero
@@ -15,6 +16,10 @@ outside). Then, for each healthy scan (no lesion in its mask, or no mask), both 
   brains where the original's normalised image is above 0.75: the same head should give the same image;
 - with N4 as the model has it, each version's share of brain voxels beyond the model's healthy range (what marks a
   scan ``unlike_healthy``) and its scan score (the normative intensity's top-slice mean).
+
+``--grid-variants`` also writes, per healthy scan, the steps of that copy one at a time (skull-stripped on its own
+grid; resampled to MNI with its skull at 2 mm and at 1 mm) and adds each one's white-matter ratio range with the
+model's N4 (``grid_variants``), to tell which step moves N4's field.
 """
 
 import argparse
@@ -59,6 +64,28 @@ def stripped_mni_copy(scan: Path, out: Path, z_score: bool) -> Path:
     return target
 
 
+def grid_variants(scan: Path, out: Path) -> dict[str, Path]:
+    """``scan`` skull-stripped on its own grid, and resampled to MNI with its skull at 2 mm and at 1 mm."""
+    reference = nib.load(MNI_1MM)
+    image = nib.as_closest_canonical(nib.load(scan))
+    data = image.get_fdata(dtype=np.float32)
+    brain = deepbet_mask(data, image.affine)
+    template = load_template()
+    to_scan = register_affine(template.image, template.affine, np.where(brain, data, 0), image.affine)
+    coarse = reference.affine.copy()
+    coarse[:3, :3] *= 2
+    grids = {"mni_2mm_with_skull": (coarse, tuple(int(np.ceil(n / 2)) for n in reference.shape)),
+             "mni_1mm_with_skull": (reference.affine, reference.shape)}
+    stem = scan.name.replace("_t1.nii.gz", "")
+    paths = {"stripped_own_grid": out / f"{stem}-stripped_own_grid_t1.nii.gz"}
+    nib.save(nib.Nifti1Image(np.where(brain, data, 0).astype(np.float32), image.affine), paths["stripped_own_grid"])
+    for name, (affine, shape) in grids.items():
+        paths[name] = out / f"{stem}-{name}_t1.nii.gz"
+        nib.save(nib.Nifti1Image(resample(data, image.affine, affine, shape, to_scan).astype(np.float32), affine),
+                 paths[name])
+    return paths
+
+
 def has_lesion(scan: Path) -> bool:
     """Whether the scan's lesion mask (``*_t1_mask.nii.gz`` beside it) marks any voxel."""
     mask = scan.with_name(scan.name.replace("_t1.nii.gz", "_t1_mask.nii.gz"))
@@ -80,9 +107,11 @@ def main() -> None:
     parser.add_argument("--scans", type=Path, default=ROOT / "sample_data" / "mri")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--z-score", action="store_true", help="z-score the copies inside the brain")
+    parser.add_argument("--grid-variants", action="store_true", help="also measure each step of the copy alone")
     args = parser.parse_args()
     copies = args.out / "scans"
     copies.mkdir(parents=True, exist_ok=True)
+    (args.out / "variants").mkdir(exist_ok=True)
     scans = sorted(args.scans.glob("*_t1.nii.gz"))
     for scan in scans:
         if not (copies / scan.name).exists():
@@ -103,6 +132,12 @@ def main() -> None:
                     row[f"beyond_share_{label}"] = round(analysis.beyond_range_share, 4)
                     scores = analysis.scan_scores(model.config.top_fraction)
                     row[f"score_{label}"] = round(scores["intensity_normative"], 3)
+        if args.grid_variants:
+            original = prepare(scan, config)
+            variants = grid_variants(scan, args.out / "variants")
+            ratios = {name: [r for r in white_matter_ratio(original, prepare(path, config)) if r is not None]
+                      for name, path in variants.items()}
+            row["grid_variants"] = {name: [min(r), max(r)] for name, r in ratios.items()}
         result["scans"][scan.name] = row
     (args.out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
