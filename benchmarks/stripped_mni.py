@@ -40,26 +40,37 @@ ROOT = Path(__file__).resolve().parents[1]
 MNI_1MM = ROOT / "sample_data" / "mni_icbm152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
+def lesion_mask_of(scan: Path) -> Path:
+    """Where the scan's lesion mask lies (``*_t1_mask.nii.gz`` beside it), whether or not it exists."""
+    return scan.with_name(scan.name.replace("_t1.nii.gz", "_t1_mask.nii.gz"))
+
+
+def registered_head(scan: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image, its RAS affine, deepbet brain mask, template-to-scan transform) of ``scan``, registered to the
+    MNI template as the preparation does it."""
+    head = nib.as_closest_canonical(nib.load(scan))
+    data = head.get_fdata(dtype=np.float32)
+    brain = deepbet_mask(data, head.affine)
+    template = load_template()
+    to_scan = register_affine(template.image, template.affine, np.where(brain, data, 0), head.affine)
+    return data, head.affine, brain, to_scan
+
+
 def stripped_mni_copy(scan: Path, out: Path, z_score: bool) -> Path:
     """``scan`` skull-stripped and on the 1 mm MNI grid (z-scored inside the brain with ``z_score``), with its
     lesion mask when it has one."""
     reference = nib.load(MNI_1MM)
-    image = nib.as_closest_canonical(nib.load(scan))
-    data = image.get_fdata(dtype=np.float32)
-    brain = deepbet_mask(data, image.affine)
-    stripped = np.where(brain, data, 0).astype(np.float32)
-    template = load_template()
-    to_scan = register_affine(template.image, template.affine, stripped, image.affine)
-    moved = resample(stripped, image.affine, reference.affine, reference.shape, to_scan)
+    data, affine, brain, to_scan = registered_head(scan)
+    moved = resample(np.where(brain, data, 0), affine, reference.affine, reference.shape, to_scan)
     if z_score:
         inside = moved > 0
         moved = np.where(inside, (moved - moved[inside].mean()) / moved[inside].std(), 0.0)
     target = out / scan.name
     nib.save(nib.Nifti1Image(moved.astype(np.float32), reference.affine), target)
-    mask = scan.with_name(scan.name.replace("_t1.nii.gz", "_t1_mask.nii.gz"))
+    mask = lesion_mask_of(scan)
     if mask.exists():
         lesion = nib.as_closest_canonical(nib.load(mask)).get_fdata(dtype=np.float32)
-        moved_mask = resample(lesion, image.affine, reference.affine, reference.shape, to_scan) > 0.5
+        moved_mask = resample(lesion, affine, reference.affine, reference.shape, to_scan) > 0.5
         nib.save(nib.Nifti1Image(moved_mask.astype(np.uint8), reference.affine), out / mask.name)
     return target
 
@@ -67,28 +78,24 @@ def stripped_mni_copy(scan: Path, out: Path, z_score: bool) -> Path:
 def grid_variants(scan: Path, out: Path) -> dict[str, Path]:
     """``scan`` skull-stripped on its own grid, and resampled to MNI with its skull at 2 mm and at 1 mm."""
     reference = nib.load(MNI_1MM)
-    image = nib.as_closest_canonical(nib.load(scan))
-    data = image.get_fdata(dtype=np.float32)
-    brain = deepbet_mask(data, image.affine)
-    template = load_template()
-    to_scan = register_affine(template.image, template.affine, np.where(brain, data, 0), image.affine)
+    data, affine, brain, to_scan = registered_head(scan)
     coarse = reference.affine.copy()
     coarse[:3, :3] *= 2
     grids = {"mni_2mm_with_skull": (coarse, tuple(int(np.ceil(n / 2)) for n in reference.shape)),
              "mni_1mm_with_skull": (reference.affine, reference.shape)}
     stem = scan.name.replace("_t1.nii.gz", "")
     paths = {"stripped_own_grid": out / f"{stem}-stripped_own_grid_t1.nii.gz"}
-    nib.save(nib.Nifti1Image(np.where(brain, data, 0).astype(np.float32), image.affine), paths["stripped_own_grid"])
-    for name, (affine, shape) in grids.items():
+    nib.save(nib.Nifti1Image(np.where(brain, data, 0).astype(np.float32), affine), paths["stripped_own_grid"])
+    for name, (grid_affine, shape) in grids.items():
         paths[name] = out / f"{stem}-{name}_t1.nii.gz"
-        nib.save(nib.Nifti1Image(resample(data, image.affine, affine, shape, to_scan).astype(np.float32), affine),
+        nib.save(nib.Nifti1Image(resample(data, affine, grid_affine, shape, to_scan).astype(np.float32), grid_affine),
                  paths[name])
     return paths
 
 
 def has_lesion(scan: Path) -> bool:
     """Whether the scan's lesion mask (``*_t1_mask.nii.gz`` beside it) marks any voxel."""
-    mask = scan.with_name(scan.name.replace("_t1.nii.gz", "_t1_mask.nii.gz"))
+    mask = lesion_mask_of(scan)
     return mask.exists() and bool(np.asanyarray(nib.load(mask).dataobj).any())
 
 
@@ -111,7 +118,6 @@ def main() -> None:
     args = parser.parse_args()
     copies = args.out / "scans"
     copies.mkdir(parents=True, exist_ok=True)
-    (args.out / "variants").mkdir(exist_ok=True)
     scans = sorted(args.scans.glob("*_t1.nii.gz"))
     for scan in scans:
         if not (copies / scan.name).exists():
@@ -127,15 +133,16 @@ def main() -> None:
             original, copy = prepare(scan, settings), prepare(copies / scan.name, settings)
             row[f"white_matter_ratio_n4_{n4}"] = white_matter_ratio(original, copy)
             if n4 == config.n4:
+                as_model_prepares = original
                 for label, prepared in (("original", original), ("stripped_mni", copy)):
                     analysis = analyse(model, prepared)
                     row[f"beyond_share_{label}"] = round(analysis.beyond_range_share, 4)
                     scores = analysis.scan_scores(model.config.top_fraction)
                     row[f"score_{label}"] = round(scores["intensity_normative"], 3)
         if args.grid_variants:
-            original = prepare(scan, config)
+            (args.out / "variants").mkdir(exist_ok=True)
             variants = grid_variants(scan, args.out / "variants")
-            ratios = {name: [r for r in white_matter_ratio(original, prepare(path, config)) if r is not None]
+            ratios = {name: [r for r in white_matter_ratio(as_model_prepares, prepare(path, config)) if r is not None]
                       for name, path in variants.items()}
             row["grid_variants"] = {name: [min(r), max(r)] for name, r in ratios.items()}
         result["scans"][scan.name] = row
