@@ -5,8 +5,9 @@ exactly; maps computed on the model grid go back to the native grid by resamplin
 coordinates (MONAI ``ResampleToMatch``), which inverts every step at once.
 
 Steps: orient to RAS -> optional resampling to a target spacing -> foreground mask (given or
-automatic) -> percentile normalisation inside the foreground -> in-plane square crop around the
-foreground -> resize to ``image_size`` x ``image_size`` -> 8-bit quantisation -> axial slices.
+automatic) -> percentile normalisation inside the foreground (``upper_level`` at the upper percentile) ->
+in-plane square crop around the foreground -> resize to ``image_size`` x ``image_size`` -> 8-bit quantisation ->
+axial slices.
 Slices are laid out in radiological display orientation (anterior up, patient right on the left),
 the orientation of 2D image sets, so volumes and pictures can share one general pool.
 """
@@ -32,6 +33,10 @@ class ScanPreprocessing:
     image_size: int = 64
     target_spacing: tuple[float, float, float] | None = None
     percentiles: tuple[float, float] = (0.5, 99.5)
+    # The value the upper percentile takes (the lower takes 0). 1: the percentiles span 0-1. Below 1 the upper
+    # percentile can be a healthy one: percentiles [0.5, 50] with upper_level 0.4 put every brain's median at 0.4,
+    # so a large bright lesion no longer sets its own scan's scale (it does when it holds the 99.5th percentile).
+    upper_level: float = 1.0
     # A fixed intensity range mapped to 0-1 instead of the percentiles, for scans with a physical scale: CT in
     # HU, e.g. [0, 80], the brain window (percentiles of a head CT squeeze the brain into a few grey levels
     # under the bone). The automatic foreground is then everything above the window's lower edge.
@@ -87,6 +92,8 @@ class ScanPreprocessing:
         return changed
 
     def validate(self) -> None:
+        if not 0 < self.upper_level <= 1:
+            raise ConfigError(f"preprocessing.upper_level must lie in (0, 1], got {self.upper_level}")
         if not 1 <= self.n4_levels <= 4:
             raise ConfigError(f"preprocessing.n4_levels must be 1 to 4, got {self.n4_levels}")
         if self.space not in SPACES:
@@ -244,10 +251,11 @@ def prepare_scan(
         raise ScanError(f"{name}: no foreground found (empty mask or blank scan)")
 
     if config.intensity_window is not None:
-        lo, hi = config.intensity_window
+        lo, hi, top = *config.intensity_window, 1.0
     else:
         lo, hi = percentile_range(image, foreground, config.percentiles, name, "the foreground")
-    normalised = np.maximum((image - lo) / (hi - lo), 0.0)
+        top = config.upper_level
+    normalised = np.maximum((image - lo) / (hi - lo) * top, 0.0)
 
     # Square in-plane crop around the foreground, all slices kept.
     xs, ys = np.nonzero(foreground.any(axis=2))

@@ -58,8 +58,9 @@ CACHE_ENV = "MEDFLOWAD_CACHE"
 ENTRY_FILES = {  # file -> what it holds (also written into preparation.json)
     "brain_mask.nii.gz": "brain mask on the scan's own grid (uint8)",
     "n4.nii.gz": "the scan after N4 bias-field correction (float32, scan grid; only with n4)",
-    "standard.nii.gz": "the prepared scan on the standard grid in MNI space, normalised inside the brain: 0 and 1 "
-                       "at the percentiles, brighter voxels above 1 (float32; models see it clipped at 1)",
+    "standard.nii.gz": "the prepared scan on the standard grid in MNI space, normalised inside the brain: 0 and "
+                       "upper_level (1 by default) at the percentiles, brighter voxels above 1 (float32; models "
+                       "see it clipped at 1)",
     "standard_brain_mask.nii.gz": "brain mask on the standard grid (uint8)",
     "transform.tfm": "ITK affine transform (LPS): maps template points to scan points; resamples the scan "
                      "into the template",
@@ -100,6 +101,8 @@ def _key_settings(config: ScanPreprocessing) -> dict:
         settings.update(registration=REGISTRATION_VERSION, standard_image=STANDARD_IMAGE_VERSION,
                         template=TEMPLATE_FILE, image_size=config.image_size, slice_mm=config.slice_mm,
                         percentiles=list(config.percentiles))
+        if config.upper_level != 1:  # the usual level adds nothing to the key, so caches made before it stay valid
+            settings["upper_level"] = config.upper_level
     return settings
 
 
@@ -122,11 +125,11 @@ def skull_removed(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.where(brain, image, fill), dtype=np.float32)
 
 
-def _normalised(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, float], name: str) -> np.ndarray:
+def _normalised(image: np.ndarray, brain: np.ndarray, config: ScanPreprocessing, name: str) -> np.ndarray:
     if brain.sum() < 16:
         raise ScanError(f"{name}: the brain covers almost none of the standard grid (registration failed?)")
-    lo, hi = percentile_range(image, brain, percentiles, name, "the brain")
-    return (np.maximum((image - lo) / (hi - lo), 0.0) * brain).astype(np.float32)
+    lo, hi = percentile_range(image, brain, config.percentiles, name, "the brain")
+    return (np.maximum((image - lo) / (hi - lo) * config.upper_level, 0.0) * brain).astype(np.float32)
 
 
 def template_overlap(brain: np.ndarray, affine: np.ndarray, transform: np.ndarray) -> float:
@@ -178,7 +181,7 @@ def _compute(scan: MetaTensor, config: ScanPreprocessing, given_brain: np.ndarra
         moved = resample(skull_removed(image, brain), affine, grid_affine, grid_shape, transform, factor=factor)
         standard_brain = resample(brain.astype(np.float32), affine, grid_affine, grid_shape, transform,
                                   factor=factor) > 0.5
-        preparation.standard = _normalised(moved, standard_brain, config.percentiles, name)
+        preparation.standard = _normalised(moved, standard_brain, config, name)
         preparation.standard_brain = standard_brain
         preparation.transform = transform
         info["grid_affine"] = grid_affine.tolist()

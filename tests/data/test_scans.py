@@ -6,7 +6,14 @@ import torch
 from monai.data import MetaTensor
 
 from medflowad.config import ConfigError
-from medflowad.data.scans import ScanPreprocessing, dark_background, prepare_image_2d, prepare_scan
+from medflowad.data.scans import (
+    ScanPreprocessing,
+    dark_background,
+    display_to_volume,
+    prepare_image_2d,
+    prepare_scan,
+    volume_to_display,
+)
 from medflowad.mri.config import load_mri_config
 
 
@@ -21,9 +28,11 @@ def _head_ct(shape=(64, 64, 8)) -> np.ndarray:
     return np.repeat(plane[:, :, None], shape[2], axis=2)
 
 
-def _prepare(volume: np.ndarray, config: ScanPreprocessing):
+def _prepare(volume: np.ndarray, config: ScanPreprocessing, whole_brain: bool = False):
+    """``whole_brain``: every voxel is given as brain (no automatic foreground, whose clean-up trims corners)."""
     scan = MetaTensor(torch.from_numpy(volume.astype(np.float32))[None], affine=torch.eye(4, dtype=torch.float64))
-    return prepare_scan(scan, config)
+    brain = MetaTensor(torch.ones_like(scan.as_tensor()), affine=scan.affine) if whole_brain else None
+    return prepare_scan(scan, config, brain_mask=brain)
 
 
 def test_window_maps_hounsfield_units_to_fixed_grey_levels():
@@ -153,3 +162,43 @@ def test_scored_region_is_the_foreground_of_kept_slices_only():
     kept = int(np.argmax(prepared.keep))
     prepared.foreground[kept, 0, 0] = True
     assert prepared.scored[kept, 0, 0]  # computed from the current foreground, never a stale copy
+
+
+def _brain_with_lesion(lesion_value: float | None) -> np.ndarray:
+    """A 32x32x4 'brain' whose healthy voxels run 100-227 in a seeded shuffle, and optionally a bright lesion of
+    a sixteenth of the voxels (rows 0-1, about an LGG lesion's 6 % of the brain) at ``lesion_value``."""
+    values = np.random.default_rng(0).permutation(np.linspace(100.0, 227.0, 32 * 32 * 4)).reshape(32, 32, 4)
+    if lesion_value is not None:
+        values[:2] = lesion_value
+    return values
+
+
+def test_upper_level_puts_the_brain_s_median_at_a_fixed_level_whatever_the_lesion():
+    """percentiles (0, 50) with upper_level 0.4: 0.4 (v - min) / (median - min), by hand; a large bright lesion
+    moves a percentile normalisation's healthy voxels (it holds the upper percentile) far more than this."""
+    config = ScanPreprocessing(image_size=32, margin=0.0, min_foreground=0.0, percentiles=(0.0, 50.0),
+                               upper_level=0.4)
+    usual = ScanPreprocessing(image_size=32, margin=0.0, min_foreground=0.0)
+    healthy = _brain_with_lesion(None)
+    lesioned = _brain_with_lesion(600.0)
+    for volume in (healthy, lesioned):
+        low, median = volume.min(), np.median(volume)
+        expected = 0.4 * (volume - low) / (median - low)
+        prepared = _prepare(volume, config, whole_brain=True)
+        assert prepared.foreground.all()
+        assert np.allclose(display_to_volume(prepared.unclipped), expected, atol=1e-5)
+        assert np.array_equal(prepared.slices[:, 0].numpy(),
+                              np.round(np.minimum(volume_to_display(expected), 1.0) * 255).astype(np.uint8))
+    rows = slice(2, None)  # the healthy voxels of both volumes, equal in value
+    shift = np.abs(display_to_volume(_prepare(healthy, config, whole_brain=True).unclipped)[rows]
+                   - display_to_volume(_prepare(lesioned, config, whole_brain=True).unclipped)[rows]).max()
+    shift_usual = np.abs(display_to_volume(_prepare(healthy, usual, whole_brain=True).unclipped)[rows]
+                         - display_to_volume(_prepare(lesioned, usual, whole_brain=True).unclipped)[rows]).max()
+    # the median moves by the lesion's share only: 0.4 x 127/63.5 x 6 % ~ 0.05 at the brightest healthy voxel
+    assert shift < 0.06 and shift_usual > 0.5, (shift, shift_usual)
+
+
+@pytest.mark.parametrize("level", [0.0, -0.4, 1.5])
+def test_upper_level_outside_zero_to_one_is_refused(level):
+    with pytest.raises(ConfigError, match="upper_level must lie in"):
+        ScanPreprocessing.from_dict({"upper_level": level})

@@ -100,3 +100,11 @@ def test_n4_corrects_a_z_scored_brain_instead_of_clipping_its_darker_half():
     assert floored.mean() < 0.001, floored.mean()  # clipped at zero: 0.5
     before = _side_ratio(shifted, mask)
     assert abs(np.log(_side_ratio(corrected, mask))) < 0.3 * abs(np.log(before))
+
+
+def test_upper_level_keys_standard_caches_only_when_it_is_not_one():
+    usual = _key_settings(ScanPreprocessing(space="standard"))
+    assert "upper_level" not in usual  # caches made before the setting keep their keys
+    assert _key_settings(ScanPreprocessing(space="standard", upper_level=0.4)) == {**usual, "upper_level": 0.4}
+    # the native cache holds no normalised image, so the level does not key it
+    assert _key_settings(ScanPreprocessing(upper_level=0.4)) == _key_settings(ScanPreprocessing())
