@@ -139,7 +139,8 @@ def test_masked_healthy_slices_keep_every_slice_and_mask_the_lesion_zone(tmp_pat
 
 def test_train_without_config_takes_the_modalitys_preset():
     """T1 gets its measured choices (the normative intensity as map and score, N4, landmarks, unclipped range,
-    a 0.1 % voxel mask) on mri_cpu's Glow and training; CT its HU window; FLAIR, T2 and PD mri_cpu."""
+    a 0.1 % voxel mask) on mri_cpu's Glow and training; CT its HU window; FLAIR, T2 and PD mri_cpu, whose brains'
+    medians go to 0.4."""
     from medflowad.mri.config import default_mri_preset, load_mri_config
 
     assert [default_mri_preset(m) for m in ("t1", "ct", "flair", "t2", "pd")] == \
@@ -148,5 +149,7 @@ def test_train_without_config_takes_the_modalitys_preset():
     assert t1.modality == "t1" and t1.model == general.model and t1.in_steps == general.in_steps
     for setting in ("mask_map", "scan_score", "voxel_fpr", "normative_intensity", "standardise_intensity"):
         assert getattr(t1, setting) == getattr(demo, setting), setting
-    assert t1.preprocessing == general.preprocessing.overridden(n4=True)
+    # FLAIR's median anchor was measured on FLAIR only; T1 keeps 0.5-99.5 -> 0-1
+    assert t1.preprocessing == general.preprocessing.overridden(n4=True, percentiles=(0.5, 99.5), upper_level=1.0)
+    assert (general.preprocessing.percentiles, general.preprocessing.upper_level) == ((0.5, 50.0), 0.4)
     assert general.mask_map is None and not general.preprocessing.n4
