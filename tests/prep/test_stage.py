@@ -260,3 +260,15 @@ def test_a_z_scored_scan_gives_the_slices_of_the_scan_itself(planted, tmp_path):
                       for name in ("head", "z_scored"))
     assert shifted.slices[plain.slices == 0].max() == 0  # was mid-grey around the brain
     assert (plain.slices.int() - shifted.slices.int()).abs().max() <= 1  # 8-bit rounding of equal values
+
+
+def test_standard_image_puts_the_brain_s_median_at_upper_level():
+    """The standard grid's normalisation, by hand: 0.4 (v - p0.5) / (median - p0.5) inside the brain, 0 outside."""
+    rng = np.random.default_rng(1)
+    image = rng.uniform(50.0, 250.0, (12, 10, 8)).astype(np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[2:10, 2:8, 1:7] = True
+    config = ScanPreprocessing(space="standard", percentiles=(0.5, 50.0), upper_level=0.4)
+    low, median = np.percentile(image[brain], [0.5, 50.0])
+    expected = np.where(brain, np.maximum(0.4 * (image - low) / (median - low), 0.0), 0.0)
+    assert np.allclose(stage._normalised(image, brain, config, "x"), expected, atol=1e-6)
