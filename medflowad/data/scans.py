@@ -210,13 +210,14 @@ def automatic_foreground(volume: np.ndarray, threshold: float, level: float | No
     return mask
 
 
-def percentile_range(image: np.ndarray, region: np.ndarray, percentiles: tuple[float, float], name: str,
-                     where: str) -> tuple[float, float]:
-    """The intensities at ``percentiles`` inside ``region``: the range that normalisation maps to 0-1."""
-    lo, hi = np.percentile(image[region], percentiles)
+def percentile_normalised(image: np.ndarray, region: np.ndarray, config: ScanPreprocessing, name: str,
+                          where: str) -> np.ndarray:
+    """``image`` with ``region``'s ``config.percentiles`` at 0 and ``config.upper_level``, floored at 0 and not
+    clipped above (brighter voxels keep rising): the normalisation of the native and the standard grid alike."""
+    lo, hi = (float(v) for v in np.percentile(image[region], config.percentiles))
     if not hi > lo:
         raise ScanError(f"{name}: no intensity contrast inside {where}")
-    return float(lo), float(hi)
+    return np.maximum((image - lo) / (hi - lo) * config.upper_level, 0.0)
 
 
 def _as_channel(array: np.ndarray, like: MetaTensor) -> MetaTensor:
@@ -251,11 +252,10 @@ def prepare_scan(
         raise ScanError(f"{name}: no foreground found (empty mask or blank scan)")
 
     if config.intensity_window is not None:
-        lo, hi, top = *config.intensity_window, 1.0
+        lo, hi = config.intensity_window
+        normalised = np.maximum((image - lo) / (hi - lo), 0.0)
     else:
-        lo, hi = percentile_range(image, foreground, config.percentiles, name, "the foreground")
-        top = config.upper_level
-    normalised = np.maximum((image - lo) / (hi - lo) * top, 0.0)
+        normalised = percentile_normalised(image, foreground, config, name, "the foreground")
 
     # Square in-plane crop around the foreground, all slices kept.
     xs, ys = np.nonzero(foreground.any(axis=2))

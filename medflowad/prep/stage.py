@@ -38,7 +38,7 @@ from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
 from medflowad.data.scans import (
     PreparedScan,
     ScanPreprocessing,
-    percentile_range,
+    percentile_normalised,
     prepare_scan,
     volume_to_display,
 )
@@ -128,8 +128,7 @@ def skull_removed(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
 def _normalised(image: np.ndarray, brain: np.ndarray, config: ScanPreprocessing, name: str) -> np.ndarray:
     if brain.sum() < 16:
         raise ScanError(f"{name}: the brain covers almost none of the standard grid (registration failed?)")
-    lo, hi = percentile_range(image, brain, config.percentiles, name, "the brain")
-    return (np.maximum((image - lo) / (hi - lo) * config.upper_level, 0.0) * brain).astype(np.float32)
+    return (percentile_normalised(image, brain, config, name, "the brain") * brain).astype(np.float32)
 
 
 def template_overlap(brain: np.ndarray, affine: np.ndarray, transform: np.ndarray) -> float:
