@@ -21,7 +21,8 @@ unpainted scans and measures on the left-out subject's painted copies:
 ``--local-contrast S`` also measures the healthy range of the image minus its Gaussian-weighted mean over the
 brain (sigma S pixels), and the larger of that range's and the intensity's distances.
 
-With ``--model``, the model's llr and llr_normative maps on the same painted copies are measured too.
+With ``--model``, the model's flow maps (llr, llr per scale, last_scale) and their normative versions on the
+same painted copies are measured too.
 Those subjects trained the model, so its figures here are in-sample (favourable to the model).
 ``--config`` picks the preparation (e.g. a copy of mri_demo with ``n4: true``). With ``--bias-field S`` the
 left-out subject's scans (unpainted and painted) are measured multiplied by a linear left-right field of
@@ -52,7 +53,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import bias_scan_file, paint_scan_file
 from medflowad.data.phantoms import load_template, save_scan, simulate_subject
-from medflowad.mri.analysis import aggregate, intensity_scan_z, threshold_at_fpr, unclipped_intensity_map
+from medflowad.mri.analysis import (
+    aggregate,
+    intensity_scan_z,
+    scale_map_names,
+    threshold_at_fpr,
+    unclipped_intensity_map,
+)
 from medflowad.mri.analysis import intensity_map as intensity
 from medflowad.mri.calibration import healthy_parts
 from medflowad.mri.config import load_mri_config
@@ -182,12 +189,12 @@ def main() -> None:
                                 for k in range(1, args.copies + 1)]
     phantoms = [prepare(path, config) for path in simulated_heads(args.out / "phantoms", args.phantoms)]
     model = load_mri_model(args.model, "cpu") if args.model else None
+    flow_maps = {"llr", "last_scale", *scale_map_names(model.config.model.levels)} if model else set()
     base_read = unclipped_intensity_map if args.unclipped or args.standardised else intensity
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
-                                              "intensity", "intensity_abs_z", "llr", "llr_normative",
-                                              "contrast_beyond_healthy_range", "larger_beyond_healthy_range")}
+                                              "intensity", "intensity_abs_z")}
     # healthy: each subject's unpainted scan against the others' statistics (biased: as measured)
     truth, healthy_values, biased_values, brighter = [], [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
@@ -231,7 +238,10 @@ def main() -> None:
                 maps["larger_beyond_healthy_range"] = np.maximum(beyond, contrast_beyond)
             if model is not None:
                 analysis = analyse(model, scan)
-                maps["llr"], maps["llr_normative"] = analysis.maps["llr"], analysis.maps["llr_normative"]
+                # every flow map (llr, its scales, last_scale) and its normative version; the model's
+                # intensity maps are left to the fold's own statistics above
+                maps.update({name: m for name, m in analysis.maps.items() if name in flow_maps
+                             or name.removesuffix("_normative") in flow_maps})
             for side in ("normative_signed", "normative_two_sided", "beyond_healthy_range"):
                 for k in args.top:
                     name = f"{side}_top{k}"
@@ -249,9 +259,8 @@ def main() -> None:
                 truth.append(scan.lesion[region] > 0.5)
                 # lesion kind by how the painted copy differs from its unpainted scan on the same grid
                 brighter.append((read(scan) > measured_image)[region])
-                for name in voxel:
-                    if name in maps:
-                        voxel[name].append(maps[name][region])
+                for name in maps:
+                    voxel.setdefault(name, []).append(maps[name][region])
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
             region, _, beyond = normative_maps(phantom, read, *statistics_of(phantom))
             phantom_values.append(beyond[region])

@@ -625,7 +625,7 @@ def bench_t1(
     split: Annotated[Path | None, typer.Option(help="Subject split TSV (default: the fixed 5/2 IXI split).")
                      ] = None,
     pool: Annotated[list[str] | None, typer.Option(
-        help="General pool source; repeatable (default: the 2D tumour set, head CT, NIfTI samples, LGG FLAIR).")
+        help="General pool source; repeatable (default: the 2D tumour set's Training split and the NIfTI samples).")
     ] = None,
     copies: Annotated[int, typer.Option(min=1, help="Painted copies of every held-apart subject.")] = 3,
     lesions: Annotated[int, typer.Option(min=1, help="Lesions per painted copy.")] = 2,
