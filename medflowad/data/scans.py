@@ -98,6 +98,10 @@ class ScanPreprocessing:
             raise ConfigError(f"preprocessing.n4_levels must be 1 to 4, got {self.n4_levels}")
         if self.space not in SPACES:
             raise ConfigError(f"preprocessing.space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.space == "standard" and self.intensity_window is not None:
+            # standard space normalises by the extracted brain's percentiles; a window would be ignored silently
+            raise ConfigError("preprocessing.intensity_window applies to native space only (standard space "
+                              "normalises by the brain's percentiles): set intensity_window: null or space: native")
         if self.brain not in ("auto", "deepbet"):
             raise ConfigError(f"preprocessing.brain must be auto or deepbet, got {self.brain!r}")
         if not self.slice_mm > 0 or not 0 <= self.min_template_overlap <= 1 or not self.max_template_scaling >= 1:

@@ -63,6 +63,11 @@ def test_window_is_not_applied_to_pictures_and_is_validated():
     assert torch.equal(prepare_image_2d(picture, config), prepare_image_2d(picture, windowed))
     with pytest.raises(ConfigError, match="intensity_window must be"):
         ScanPreprocessing.from_dict({"intensity_window": [80, 0]})
+    # standard space reads the brain's percentiles; a window there would be silently ignored, so it is refused
+    with pytest.raises(ConfigError, match="intensity_window applies to native space only"):
+        ScanPreprocessing.from_dict({"intensity_window": [0, 80], "space": "standard"})
+    with pytest.raises(ConfigError, match="intensity_window applies to native space only"):
+        load_mri_config("ct_cpu").preprocessing.overridden(space="standard")
     assert load_mri_config("ct_cpu").preprocessing.intensity_window == (0.0, 80.0)
     assert load_mri_config("mri_cpu").preprocessing.intensity_window is None
 
