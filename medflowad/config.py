@@ -51,6 +51,8 @@ class OutlierConfig:
     weight: float = 6000.0  # w
     margin: float = 0.0  # m, nats (margin variant)
     batch_size: int = 64  # general samples per step
+    # bce at every location of every scale instead of on the image's sum (training/losses.py); not the paper's
+    per_location: bool = False
 
 
 TRAIN_PRECISIONS = ("float32", "bfloat16")  # RunConfig.train_precision
@@ -96,6 +98,9 @@ class RunConfig:
             raise ConfigError("the outlier loss (kind bce) needs general_model, a trained model folder")
         if self.outlier.enabled and self.outlier.temperature <= 0:
             raise ConfigError("outlier.temperature must be positive")
+        if self.outlier.enabled and self.outlier.per_location and (self.outlier.kind != "bce" or self.supervised):
+            raise ConfigError("outlier.per_location needs kind bce and an unconditional model (a class mixture has "
+                              "no per-location contributions)")
         if self.supervised and self.model.num_classes < 2:
             raise ConfigError("supervised training needs model.num_classes >= 2")
         if not self.supervised and self.model.num_classes:

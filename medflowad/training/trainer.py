@@ -39,7 +39,7 @@ from medflowad.storage import (
     write_yaml,
 )
 from medflowad.training import distributed
-from medflowad.training.losses import outlier_bce, outlier_margin, wrong_class_bce
+from medflowad.training.losses import outlier_bce, outlier_bce_per_location, outlier_margin, wrong_class_bce
 from medflowad.units import bits_per_dim, to_model_input
 
 log = logging.getLogger("medflowad.train")
@@ -242,7 +242,12 @@ class _Objective:
             parts["class_bce"] = negatives.item()
         if out_g is not None:
             log_p_in_g = class_mixture_log_prob(out_g.log_prob) if cfg.supervised else out_g.log_prob
-            if out_cfg.kind == "bce":
+            if out_cfg.kind == "bce" and out_cfg.per_location:
+                with torch.no_grad():
+                    maps_g_g = self.general(x_general).contribution_maps
+                channels = [z.shape[1] for z in out_g.latents]
+                term = outlier_bce_per_location(out_g.contribution_maps, maps_g_g, channels, out_cfg.temperature)
+            elif out_cfg.kind == "bce":
                 with torch.no_grad():
                     log_p_g_g = self.general(x_general).log_prob
                 term = outlier_bce(log_p_in_g, log_p_g_g, out_cfg.temperature)

@@ -176,6 +176,30 @@ def test_outlier_step_loss_matches_a_hand_computation(kind):
     assert loss.item() == pytest.approx(nll_bpd + 3.0 * term / (d * math.log(2)), rel=1e-5)
 
 
+def test_per_location_outlier_step_loss_matches_a_hand_computation():
+    """The per-location term in plain Python from each scale's maps: z_1 holds half of the 3x8x8 image's
+    dimensions (6 channels at 4x4 locations), z_2 the rest (24 channels at 2x2), METHOD.md's layout."""
+    in_model, general, x, x_general = _fixed_batch()
+    config = tiny_config("unused.npz", outlier__enabled=True, outlier__weight=3.0, outlier__temperature=7.0,
+                         outlier__per_location=True, data__general="unused_general.npz", general_model="g")
+    loss, parts = _Objective(in_model, general, config)(x, None, x_general)
+    with torch.no_grad():
+        maps_in = [m.tolist() for m in in_model(x_general).contribution_maps]
+        maps_g = [m.tolist() for m in general(x_general).contribution_maps]
+        lp_in = in_model(x).log_prob.tolist()
+    d = 3 * 8 * 8
+    term = 0.0
+    for scale, channels in enumerate([6, 24]):
+        temperature = 7.0 * channels / d
+        for image in range(3):
+            for row_in, row_g in zip(maps_in[scale][image], maps_g[scale][image], strict=True):
+                for a, b in zip(row_in, row_g, strict=True):
+                    term += channels / d * math.log1p(math.exp((a - b) / temperature)) / 3
+    nll_bpd = sum((-v + d * math.log(256)) / (d * math.log(2)) for v in lp_in) / 3
+    assert parts["outlier"] == pytest.approx(term, rel=1e-4)
+    assert loss.item() == pytest.approx(nll_bpd + 3.0 * term / (d * math.log(2)), rel=1e-5)
+
+
 def test_supervised_variant(tmp_path, blobs_npz, stripes_npz):
     general_dir = tmp_path / "general"
     train(tiny_config(stripes_npz, optim__steps=4), general_dir, show_progress=False)
@@ -196,6 +220,9 @@ def test_config_errors_are_specific(blobs_npz):
         tiny_config(blobs_npz, outlier__enabled=True, data__general=str(blobs_npz))
     with pytest.raises(ConfigError, match="expected float"):
         config_from_dict({"optim": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="per_location needs kind bce"):
+        tiny_config(blobs_npz, outlier__enabled=True, outlier__kind="margin", outlier__per_location=True,
+                    data__general=str(blobs_npz))
 
 
 def test_atomic_write_leaves_no_partial_file_and_normal_permissions(tmp_path):
