@@ -17,7 +17,6 @@ lgg="$data/medical/lgg_flair128"
 for needed in "$bench/pool/manifest.json" "$bench/flair/general/model.safetensors" "$bench/flair_outlier/mri.yaml"; do
     [ -f "$needed" ] || { echo "$needed: missing; run medflowad bench mri -o $bench first" >&2; exit 2; }
 done
-steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['settings']['in_steps'])" "$bench/metrics.json")
 data_args=() scan_args=()
 while IFS=$'\t' read -r patient split; do
     case "$split" in
@@ -29,10 +28,10 @@ calibration_args=(--calibration-seed "${CALIBRATION_SEED:-0}")
 [ "${CALIBRATION_SEED:-0}" = same ] && calibration_args=()
 for seed in "$@"; do
     model="$bench/seeds/flair_outlier_s$seed"
-    # the bench's own settings (its preparation on the native grid, not the preset's standard space)
+    # the bench's own settings, outlier loss and step count included (its preparation on the native grid, not
+    # the preset's standard space)
     medflowad train --modality flair -c "$bench/flair_outlier/mri.yaml" "${data_args[@]}" --lesion-masks _flair=_mask \
-        --pool "$bench/pool" \
-        --general-model "$bench/flair/general" --outlier-loss --steps "$steps" --seed "$seed" \
+        --pool "$bench/pool" --general-model "$bench/flair/general" --seed "$seed" \
         "${calibration_args[@]}" -o "$model" -q
     medflowad evaluate -m "$model" "${scan_args[@]}" --lesion-masks _flair=_mask -o "$bench/seeds/eval_outlier_s$seed" -q
 done
