@@ -68,14 +68,20 @@ HEALTHY_FPR = 0.05
 SLICE_MAPS = ("intensity", "scan_z_unclipped_s1.5", "scan_z_unclipped_s1.5_filled")  # baseline, product, candidate
 
 
-def voxel_metrics(scores: np.ndarray, truth: np.ndarray, healthy: np.ndarray,
-                  patient: np.ndarray) -> tuple[float, float, float]:
-    """Pooled voxel AUPRC; Dice where each patient's voxels are flagged above the value that 5 % of the *other*
-    patients' healthy voxels exceed; and that value over every patient's healthy voxels."""
-    flagged = np.zeros(truth.size, dtype=bool)
+def flags_at_others_threshold(scores: np.ndarray, healthy: np.ndarray, patient: np.ndarray) -> np.ndarray:
+    """Each patient's voxels above the value that 5 % of the *other* patients' healthy voxels exceed."""
+    flagged = np.zeros(scores.size, dtype=bool)
     for i in np.unique(patient):
         own = patient == i
         flagged[own] = scores[own] > np.quantile(scores[healthy & ~own], 1 - HEALTHY_FPR)
+    return flagged
+
+
+def voxel_metrics(scores: np.ndarray, truth: np.ndarray, healthy: np.ndarray,
+                  patient: np.ndarray) -> tuple[float, float, float]:
+    """Pooled voxel AUPRC; Dice of :func:`flags_at_others_threshold`; and the value 5 % of every patient's healthy
+    voxels exceed."""
+    flagged = flags_at_others_threshold(scores, healthy, patient)
     return (float(average_precision_score(truth, scores)), dice(flagged, truth),
             float(np.quantile(scores[healthy], 1 - HEALTHY_FPR)))
 
