@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
-from medflowad.data.scans import to_native
+from medflowad.data.scans import IN_PLANE_CROSS, to_native
 from medflowad.mri.analysis import (
     MAP_SPREADS,
     SCAN_Z_MAP,
@@ -118,6 +118,9 @@ def main() -> None:
     if not scans:
         raise SystemExit(f"{args.model}: no {args.split} scans")
 
+    # each flow map's key under the model's own map_spread (flow_variants names the nearest one plainly)
+    own_spread = {name: name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"
+                  for name in FLOW_MAPS}
     values: dict[str, list[np.ndarray]] = {}
     labels, healthy_of, patient_of, near_of = [], [], [], []
     for i, path in enumerate(scans):
@@ -130,13 +133,12 @@ def main() -> None:
                 **flow_variants(prepared, model, product, region, args.sigmas)}
         for setting in args.guided:
             radius, eps = setting.split(":")
-            for name in FLOW_MAPS:
-                own = name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"
+            for own in own_spread.values():
                 maps[f"{own}_g{radius}_e{eps}"] = guided_within(maps[own], maps["intensity"], region, int(radius),
                                                                 float(eps))
         for w in args.with_scan_z:  # the flow map read against the scan's own brain, added to the scan z
             for name in FLOW_MAPS:
-                flow = maps[name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"]
+                flow = maps[own_spread[name]]
                 maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * intensity_scan_z(flow, region)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
@@ -145,9 +147,7 @@ def main() -> None:
         truth = lesion[native_region]
         labels.append(truth)
         healthy_of.append(~ndimage.binary_dilation(lesion, iterations=2)[native_region])
-        in_plane = np.zeros((3, 3, 3), dtype=bool)
-        in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)  # LGG's slices are the last axis
-        near_of.append(ndimage.binary_dilation(lesion, in_plane, iterations=NEAR_VOXELS)[native_region])
+        near_of.append(ndimage.binary_dilation(lesion, IN_PLANE_CROSS, iterations=NEAR_VOXELS)[native_region])
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
         print(f"{i + 1}/{len(scans)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
 
@@ -157,8 +157,8 @@ def main() -> None:
               "lesion_voxels": int(truth.sum()), "maps": {}}
     for name, parts in values.items():
         scores = np.concatenate(parts)
-        auprc, dice_lopo, threshold = voxel_metrics(scores, truth, healthy, patient)
         flagged = flags_at_others_threshold(scores, healthy, patient)
+        auprc, dice_lopo, threshold = voxel_metrics(scores, truth, healthy, flagged)
         false_flags = flagged & ~truth
         result["maps"][name] = {"voxel_auprc": auprc, "dice_at_5%_healthy_fpr": dice_lopo,
                                 "healthy_threshold_5%": threshold, "lesion_flagged": float(flagged[truth].mean()),

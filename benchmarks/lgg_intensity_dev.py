@@ -78,10 +78,9 @@ def flags_at_others_threshold(scores: np.ndarray, healthy: np.ndarray, patient: 
 
 
 def voxel_metrics(scores: np.ndarray, truth: np.ndarray, healthy: np.ndarray,
-                  patient: np.ndarray) -> tuple[float, float, float]:
-    """Pooled voxel AUPRC; Dice of :func:`flags_at_others_threshold`; and the value 5 % of every patient's healthy
-    voxels exceed."""
-    flagged = flags_at_others_threshold(scores, healthy, patient)
+                  flagged: np.ndarray) -> tuple[float, float, float]:
+    """Pooled voxel AUPRC; Dice of ``flagged`` (:func:`flags_at_others_threshold`); and the value 5 % of every
+    patient's healthy voxels exceed."""
     return (float(average_precision_score(truth, scores)), dice(flagged, truth),
             float(np.quantile(scores[healthy], 1 - HEALTHY_FPR)))
 
@@ -196,7 +195,8 @@ def main() -> None:
         result["thresholds_from"], result["dice_at_given_threshold"] = str(args.thresholds), {}
     for name, parts in values.items():
         scores = np.concatenate(parts)
-        auprc, dice_lopo, threshold = voxel_metrics(scores, truth, healthy, patient)
+        auprc, dice_lopo, threshold = voxel_metrics(scores, truth, healthy,
+                                                    flags_at_others_threshold(scores, healthy, patient))
         result["voxel_auprc"][name] = auprc
         result["dice_at_5%_healthy_fpr"][name] = dice_lopo
         result["healthy_threshold_5%"][name] = threshold

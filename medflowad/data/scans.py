@@ -159,6 +159,12 @@ def display_to_volume(slices: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(slices.transpose(2, 1, 0), axis=(0, 1)))
 
 
+# 4-connected cross in the plane of the first two axes (slices along the last, as scans are read): opens and
+# dilates within each slice only
+IN_PLANE_CROSS = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE_CROSS[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+IN_PLANE_CROSS.flags.writeable = False
+
 MIN_BACKGROUND_SHARE = 0.1  # a zero region this large, at the border, is a stripped scan's background
 
 
@@ -202,9 +208,7 @@ def automatic_foreground(volume: np.ndarray, threshold: float, level: float | No
         level = background + threshold * (np.percentile(tissue, 99) - background)
     mask = volume > level
     # In-plane opening only: a 3D element would erode away the first and last slices (and 2D images).
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    mask = ndimage.binary_opening(mask, structure=in_plane)
+    mask = ndimage.binary_opening(mask, structure=IN_PLANE_CROSS)
     labels, count = ndimage.label(mask)
     if count > 1:
         sizes = ndimage.sum(mask, labels, index=range(1, count + 1))
