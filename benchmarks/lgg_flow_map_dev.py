@@ -21,9 +21,21 @@ product's scan z:
   where the image has an edge stronger than sqrt(EPS) inside a (2R+1)-pixel window the map follows it, elsewhere
   it is the window's mean. At a 5 % healthy FPR the flow maps cover the lesions but spill 4-8 pixels past them
   (a scale-2 or -3 location is 4 or 8 pixels wide): does snapping them to the image's edges help?
+- with ``--gradient``: ``grad``, the llr's input gradient d llr / d x per pixel (``flow_restoration.gradient_map``),
+  and with ``--restore STEPS:LR:LAM:BETA ...``: ``restore_<setting>``, the residual of restoring the slice towards the
+  in-distribution (``flow_restoration.restoration_residual``); both at pixel resolution, each also smoothed
+  (``_s<sigma>``). They ask whether the flows locate a lesion better through their input than through their
+  per-location contributions, which are one value per 2^i x 2^i block.
 - with ``--with-scan-z W ...``: ``intensity_scan_z+W*<map>_z``, the product's scan z plus W times the flow map
   (the model's own spread) read as a robust z against the scan's own scored brain (``analysis.intensity_scan_z``,
   as the scan z reads the intensity): does the flow add to the intensity? No labels enter the sum.
+- with ``--with-min``: ``min(intensity_scan_z,<map>_z)``, the smaller of the scan z and the flow map's z (as above):
+  a voxel scores high only where it is bright for its brain *and* the flow calls it unlike healthy tissue. An AND
+  where the sum above is an OR: the scan z hugs a lesion's outline and lights bright healthy spots too; the flow
+  covers the lesion and spills past it, so the AND might keep the lesion and drop both kinds of false flag.
+  Controls without a model: ``min(intensity_scan_z,intensity_scan_z_s<sigma>_z)``, the scan z gated by its own
+  blur (sigma in MIN_CONTROL_SIGMAS pixels), read as a z the same way: a gate as coarse as the flow's, which knows
+  nothing the scan z does not.
 
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
 training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
@@ -40,6 +52,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+from flow_restoration import gradient_map, restoration_residual
 from lgg_intensity_dev import flags_at_others_threshold, voxel_metrics
 from scipy import ndimage
 
@@ -60,6 +74,8 @@ from medflowad.mri.score import scans_the_model_saw
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 
 FLOW_MAPS = ("llr", "llr_c2", "last_scale")
+# --with-min's controls: is the flow's gate more than a blur? The llr's coarsest locations are 8 pixels wide.
+MIN_CONTROL_SIGMAS = (2.0, 4.0, 8.0)
 NEAR_VOXELS = 8  # native in-plane voxels, 16 mm nominal: 4-5 pixels of the 64 x 64 grid (a brain cut from 128 x 128)
 
 
@@ -97,6 +113,32 @@ def flow_variants(prepared, model, product, region: np.ndarray, sigmas: list[flo
     return out
 
 
+def pixel_maps(prepared, model, region: np.ndarray, sigmas: list[float], gradient: bool,
+               restore: list[str]) -> dict[str, np.ndarray]:
+    """The input-gradient and restoration maps (module docstring) on the (Z, S, S) model grid, zero outside the
+    scored slices' foreground, each also smoothed within the scored brain."""
+    keep = np.nonzero(prepared.keep)[0]
+    classes = scan_position_classes(model.config, prepared)
+    labels = None if classes is None else torch.as_tensor(np.asarray(classes)[keep], dtype=torch.long)
+    slices, foreground = prepared.slices[keep], prepared.foreground[keep]
+    kept = {}
+    if gradient:
+        kept["grad"] = gradient_map(slices, model.in_model, model.general_model, labels=labels)
+    for setting in restore:
+        steps, lr, lam, beta = setting.split(":")
+        kept[f"restore_{setting}"] = restoration_residual(slices, foreground > 0, model.in_model,
+                                                          model.general_model, int(steps), float(lam), float(beta),
+                                                          lr=float(lr), labels=labels)
+    out = {}
+    for name, values in kept.items():
+        full = np.zeros(prepared.foreground.shape, dtype=np.float32)
+        full[keep] = values * foreground
+        out[name] = full
+        for sigma in sigmas:
+            out[f"{name}_s{sigma:g}"] = smoothed_within(full, region, sigma)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path, required=True)
@@ -106,8 +148,13 @@ def main() -> None:
     parser.add_argument("--maps", nargs="+", help="report only these maps (the test split: the chosen ones)")
     parser.add_argument("--with-scan-z", type=float, nargs="*", default=[], metavar="W",
                         help="also measure scan z + W x (the flow map's z against the scan's own brain), per W")
+    parser.add_argument("--with-min", action="store_true",
+                        help="also measure min(scan z, the flow map's z against the scan's own brain)")
     parser.add_argument("--guided", nargs="*", default=[], metavar="R:EPS",
                         help="also measure each flow map refined by a guided filter of radius R and eps EPS")
+    parser.add_argument("--gradient", action="store_true", help="also measure the llr's input gradient")
+    parser.add_argument("--restore", nargs="*", default=[], metavar="STEPS:LR:LAM:BETA",
+                        help="also measure restoration residuals, one per setting")
     args = parser.parse_args()
     model = load_mri_model(args.model, "cpu")
     if args.split == "calibration":
@@ -130,7 +177,8 @@ def main() -> None:
         region = prepared.scored
         product = analyse(model, prepared)
         maps = {"intensity": intensity_map(prepared), SCAN_Z_MAP: product.maps[SCAN_Z_MAP],
-                **flow_variants(prepared, model, product, region, args.sigmas)}
+                **flow_variants(prepared, model, product, region, args.sigmas),
+                **pixel_maps(prepared, model, region, args.sigmas, args.gradient, args.restore)}
         for setting in args.guided:
             radius, eps = setting.split(":")
             for own in own_spread.values():
@@ -140,6 +188,13 @@ def main() -> None:
             for name in FLOW_MAPS:
                 flow = maps[own_spread[name]]
                 maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * intensity_scan_z(flow, region)
+        if args.with_min:
+            for name in FLOW_MAPS:
+                flow_z = intensity_scan_z(maps[own_spread[name]], region)
+                maps[f"min({SCAN_Z_MAP},{name}_z)"] = np.minimum(maps[SCAN_Z_MAP], flow_z)
+            for sigma in MIN_CONTROL_SIGMAS:  # model-free controls: the scan z gated by a blur of itself
+                blurred_z = intensity_scan_z(smoothed_within(maps[SCAN_Z_MAP], region, sigma), region)
+                maps[f"min({SCAN_Z_MAP},{SCAN_Z_MAP}_s{sigma:g}_z)"] = np.minimum(maps[SCAN_Z_MAP], blurred_z)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
             if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP) or "_z" in name:
