@@ -142,7 +142,8 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     score_scans(test_scans, best, out / "maps", device=settings.device)
     lesion_overlays(best, test_scans, out / "overlays", settings.overlays, settings.device, LESION_MASKS,
                     (("llr map", "llr"), ("llr map, finest scale (llr_c1)", "llr_c1"),
-                     ("intensity baseline", "intensity"), ("robust z against the scan's brain", "intensity_scan_z")))
+                     ("intensity baseline", "intensity"), ("robust z against the scan's brain", "intensity_scan_z"),
+                     ("the scan z where the llr agrees: min of the two z", "scan_z_and_llr")))
     tumor = (_tumor_2d(medical, out, config, settings.tumor_steps, show_progress, settings.device, echo)
              if settings.tumor_2d else None)
 

@@ -37,7 +37,8 @@ LABEL_PATTERNS = ("*mask*", "*roi*", "*seg*", "*label*", "*dlmuse*", "*aparc*")
 MAP_SUFFIXES = ("_anomaly.nii.gz", "_last_scale.nii.gz", "_anomaly_mask.nii.gz")
 NORMATIVE_SUFFIX = "_normative.nii.gz"  # written for models with normative calibration
 SCAN_Z_SUFFIX = "_scan_z.nii.gz"  # written when intensity_scan_z is the mask map
-OUTPUT_SUFFIXES = (*MAP_SUFFIXES, NORMATIVE_SUFFIX, SCAN_Z_SUFFIX)
+SCAN_Z_AND_LLR_SUFFIX = "_scan_z_and_llr.nii.gz"  # written when scan_z_and_llr is the mask map
+OUTPUT_SUFFIXES = (*MAP_SUFFIXES, NORMATIVE_SUFFIX, SCAN_Z_SUFFIX, SCAN_Z_AND_LLR_SUFFIX)
 SERIES_SEPARATOR = "::"
 # Largest scan read, in voxels: 2^29 (2 GiB as float32; a 1 mm head holds 2^24). Preparation keeps a few
 # float32 copies, so a scan beyond this could not be processed on a typical machine; it is refused from its

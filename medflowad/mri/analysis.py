@@ -47,6 +47,12 @@ SCAN_Z_SIGMA = 1.5  # model-grid pixels
 # development split by slice AUROC within position among the 99th percentile, maximum, top-k means and areas
 # above 1.5-3 (docs/results.md).
 SCAN_Z_AREA_LEVEL = 2.0
+# The scan z where the flow agrees: min(scan z, the llr map's robust z against the same brain), an AND of the
+# two. The scan z follows a lesion's outline and lights bright healthy spots too; the llr covers lesions and
+# spills 4-8 pixels past them (its locations are blocks) but stays low on those spots, so the smaller of the two
+# keeps the lesion with the scan z's outline. Measured on LGG: development patients (six flow models of five
+# settings) and, once, the test patients (docs/results.md); older calibrations lack it.
+SCAN_Z_AND_LLR_MAP = "scan_z_and_llr"
 # How per-location values become pixels: "nearest" (blocks; models calibrated before 2026-12-06) or "bilinear"
 # (chosen on LGG's development split: higher voxel AUPRC for the plain and the outlier-loss model,
 # docs/results.md). A model's calibration holds thresholds of the maps it was calibrated with, so the spread is
@@ -61,7 +67,7 @@ def scale_map_names(levels: int) -> tuple[str, ...]:
 
 def map_names(levels: int) -> tuple[str, ...]:
     """Every map ``analyse_scan`` returns for a model with ``levels`` scales."""
-    return (*MAP_TYPES, TWO_SIDED_BASELINE, SCAN_Z_MAP, *scale_map_names(levels))
+    return (*MAP_TYPES, TWO_SIDED_BASELINE, SCAN_Z_MAP, SCAN_Z_AND_LLR_MAP, *scale_map_names(levels))
 
 
 @dataclass
@@ -156,6 +162,7 @@ def analyse_scan(prepared: PreparedScan, in_model: Glow, general_model: Glow, ba
     maps[SCAN_Z_MAP] = smoothed_within(intensity_scan_z(unclipped_intensity_map(prepared), scored), scored,
                                        SCAN_Z_SIGMA)
     slice_scores[SCAN_Z_MAP] = scan_z_area(maps[SCAN_Z_MAP], prepared.keep)
+    maps[SCAN_Z_AND_LLR_MAP] = np.minimum(maps[SCAN_Z_MAP], intensity_scan_z(maps["llr"], scored))
     return ScanAnalysis(slice_scores, maps)
 
 

@@ -12,11 +12,17 @@ import yaml
 from medflowad.config import ConfigError, OutlierConfig, build_dataclass, check_train_precision
 from medflowad.data.scans import ScanPreprocessing
 from medflowad.flows.glow import GlowConfig
-from medflowad.mri.analysis import MAP_SPREADS, NORMATIVE_INTENSITY_READS, SCAN_Z_MAP, SLICE_SCORES
+from medflowad.mri.analysis import (
+    MAP_SPREADS,
+    NORMATIVE_INTENSITY_READS,
+    SCAN_Z_AND_LLR_MAP,
+    SCAN_Z_MAP,
+    SLICE_SCORES,
+)
 from medflowad.mri.normative import NORMATIVE_MAPS
 
 MODALITIES = ("t1", "t2", "flair", "pd", "ct")
-MASK_MAPS = ("llr", SCAN_Z_MAP, *(f"{name}_normative" for name in NORMATIVE_MAPS))
+MASK_MAPS = ("llr", SCAN_Z_MAP, SCAN_Z_AND_LLR_MAP, *(f"{name}_normative" for name in NORMATIVE_MAPS))
 
 
 def _mri_model() -> GlowConfig:
@@ -49,8 +55,9 @@ class MriConfig:
     # intensity_scan_z for FLAIR models calibrated with it (the scan z map's bright area), else llr.
     scan_score: str | None = None
     # The map `score` thresholds into <id>_anomaly_mask and shows in the report: llr, intensity_scan_z (written as
-    # <id>_scan_z) or a normative map (written as <id>_normative). None: intensity_scan_z for FLAIR models
-    # calibrated with it, else llr_normative in standard space and llr on a scan's own grid.
+    # <id>_scan_z), scan_z_and_llr (written as <id>_scan_z_and_llr) or a normative map (written as
+    # <id>_normative). None: intensity_scan_z for FLAIR models calibrated with it, else llr_normative in standard
+    # space and llr on a scan's own grid.
     mask_map: str | None = None
     fpr: float = 0.05  # default false-positive rate for flags
     # Voxel-level false-positive rate of the anomaly mask on healthy calibration voxels; None: fpr. At 5 %,

@@ -1,10 +1,10 @@
 """``score --report``: one self-contained report.html for a scored batch.
 
 Per scan: the model's scan score (``scan_score``), its p-value and flag, a montage of axial slices of the scan
-with the mask map (``mask_map``: llr, intensity_scan_z or a normative map) overlaid where it exceeds the healthy voxel
-threshold, as in the anomaly mask, and the scan's score on the
-histogram of the healthy calibration scans' scores. Figures are PNGs embedded as base64, so the file
-can be mailed or archived alone. Slices are shown in radiological convention (patient right on the
+with the mask map (``mask_map``: llr, intensity_scan_z, scan_z_and_llr or a normative map) overlaid where it
+exceeds the healthy voxel threshold, as in the anomaly mask, and the scan's score on the histogram of the
+healthy calibration scans' scores. Figures are PNGs embedded as base64, so the file can be mailed or archived
+alone. Slices are shown in radiological convention (patient right on the
 image left, anterior up), at the scan's own resolution, with the map as written to the NIfTI file.
 """
 
@@ -43,7 +43,8 @@ MAP_LABELS = {"llr": "llr above healthy voxel threshold (nats/pixel)",
               "llr_normative": "normative llr z above healthy voxel threshold",
               "last_scale_normative": "normative last-scale z above healthy voxel threshold",
               "intensity_normative": "beyond the healthy intensity range (spreads), above the voxel threshold",
-              "intensity_scan_z": "intensity z against the scan's brain, above the voxel threshold"}
+              "intensity_scan_z": "intensity z against the scan's brain, above the voxel threshold",
+              "scan_z_and_llr": "min(intensity z, llr z) against the scan's brain, above the voxel threshold"}
 
 
 @dataclass

@@ -35,6 +35,7 @@ from medflowad.data.readers import (
     NIFTI_SUFFIXES,
     NORMATIVE_SUFFIX,
     OUTPUT_SUFFIXES,
+    SCAN_Z_AND_LLR_SUFFIX,
     SCAN_Z_SUFFIX,
     ScanError,
     absolute_scan_path,
@@ -43,6 +44,7 @@ from medflowad.data.readers import (
 )
 from medflowad.data.scans import PreparedScan, to_native
 from medflowad.mri.analysis import (
+    SCAN_Z_AND_LLR_MAP,
     SCAN_Z_MAP,
     SLICE_SCORES,
     ScanAnalysis,
@@ -201,9 +203,14 @@ def mask_map_of(model: MriModel) -> str:
     return "llr_normative" if standard and "voxel/llr_normative" in model.calibration else "llr"
 
 
+# Maps written only when they are the mask map (z-scores against the scan's own brain), by file suffix
+MASK_ONLY_MAPS = {SCAN_Z_SUFFIX: SCAN_Z_MAP, SCAN_Z_AND_LLR_SUFFIX: SCAN_Z_AND_LLR_MAP}
+
+
 def mask_file_suffix(mask_map: str) -> str:
     """The file (suffix after the scan id) that holds the mask map as ``score`` writes it."""
-    return {"llr": MAP_SUFFIXES[0], SCAN_Z_MAP: SCAN_Z_SUFFIX}.get(mask_map, NORMATIVE_SUFFIX)
+    by_map = {"llr": MAP_SUFFIXES[0], **{name: suffix for suffix, name in MASK_ONLY_MAPS.items()}}
+    return by_map.get(mask_map, NORMATIVE_SUFFIX)
 
 
 def scans_to_score(inputs: Sequence[str | Path], pattern: str | None = None, out: Path | None = None) -> list[Path]:
@@ -432,13 +439,12 @@ def unlike_healthy_warning(scan_ids: list[str], limit: float | None) -> str:
 
 def native_outputs(analysis: ScanAnalysis, prepared: PreparedScan, limits: Thresholds) -> dict[str, np.ndarray]:
     """Every file ``score`` writes for one scan, on the scan's own grid, by suffix: the llr and last-scale
-    maps, the normative map and the scan z where written, and last the anomaly mask (the mask map above its
+    maps, the normative map and the mask map where written, and last the anomaly mask (the mask map above its
     healthy threshold). The maps are resampled together, in one pass."""
     names = {MAP_SUFFIXES[0]: "llr", MAP_SUFFIXES[1]: "last_scale"}
     if limits.normative is not None:
         names[NORMATIVE_SUFFIX] = limits.normative
-    if limits.mask_map == SCAN_Z_MAP:
-        names[SCAN_Z_SUFFIX] = SCAN_Z_MAP
+    names.update({suffix: name for suffix, name in MASK_ONLY_MAPS.items() if name == limits.mask_map})
     native = to_native(np.stack([analysis.maps[name] for name in names.values()]), prepared)
     outputs = dict(zip(names, native, strict=True))
     outputs[MASK_SUFFIX] = (outputs[mask_file_suffix(limits.mask_map)] > limits.mask_threshold).astype(np.uint8)
@@ -451,7 +457,7 @@ def write_outputs(out: Path, sid: str, outputs: dict[str, np.ndarray], prepared:
     exists has all its files; ``--continue`` relies on it)."""
     header = source_header(prepared)
     display = {NORMATIVE_SUFFIX: {"display_window": (0.0, 5.0), "zscore": limits.normative_is_zscore},
-               SCAN_Z_SUFFIX: {"display_window": (0.0, 10.0), "zscore": True}}
+               **{suffix: {"display_window": (0.0, 10.0), "zscore": True} for suffix in MASK_ONLY_MAPS}}
 
     def write(suffix: str) -> None:
         write_nifti(out / f"{sid}{suffix}", outputs[suffix], prepared, header, **display.get(suffix, {}))

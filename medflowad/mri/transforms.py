@@ -66,13 +66,13 @@ class AnomalyMap(Transform):
     ``maps`` are any of ``llr`` (log p_general - log p_in per location, nats), ``last_scale`` (-c_L per
     location), ``llr_c1``.. (each scale's share of ``llr``), ``intensity`` (the normalised image, the
     baseline), ``intensity_abs_z`` (its two-sided robust z against the scan's brain), ``intensity_scan_z``
-    (the signed z of the image before its clip at 1, smoothed within the brain: bright lesions on FLAIR)
-    and, for models with normative calibration, ``<map>_normative`` (llr, last_scale, intensity; the demo's
-    map is ``intensity_normative``). The output's meta
-    holds ``anomaly_maps`` (their names) and ``anomaly_scores``: the scan scores, conformal p-values against
-    the model's healthy calibration scans and flags at ``fpr`` (default: the model's), as in ``medflowad
-    score``'s scores.csv. The scan needs a real affine: read it with :class:`LoadScan` or MONAI's
-    ``LoadImage`` (+ ``EnsureChannelFirst``).
+    (the signed z of the image before its clip at 1, smoothed within the brain: bright lesions on FLAIR),
+    ``scan_z_and_llr`` (the smaller of that and the llr's robust z against the same brain) and, for models with
+    normative calibration, ``<map>_normative`` (llr, last_scale, intensity; the demo's map is
+    ``intensity_normative``). The output's meta holds ``anomaly_maps`` (their names) and ``anomaly_scores``:
+    the scan scores, conformal p-values against the model's healthy calibration scans and flags at ``fpr``
+    (default: the model's), as in ``medflowad score``'s scores.csv. The scan needs a real affine: read it with
+    :class:`LoadScan` or MONAI's ``LoadImage`` (+ ``EnsureChannelFirst``).
     """
 
     def __init__(self, model: str | Path | MriModel, maps: Sequence[str] = ("llr",), fpr: float | None = None,

@@ -169,3 +169,38 @@ def test_flair_models_flag_by_the_scan_z_by_default_and_others_by_the_llr(tiny_m
         later = score_scans([other], model_dir, out, device="cpu", report=True)
         assert later.all_ok and "no report figures" not in (later.warning or ""), later.warning
         assert (out / "report.html").read_text().count("<img") >= 2
+
+
+def test_scan_z_and_llr_is_the_smaller_of_the_scan_z_and_the_llrs_robust_z_and_can_be_the_mask(tiny_mri_model,
+                                                                                                tmp_path):
+    """The map is min(intensity_scan_z, (llr - median) / (1.4826 MAD)) over the scored brain, zero outside it
+    (recomputed here with numpy from the same analysis's llr); chosen as mask_map, ``score`` writes it as
+    <id>_scan_z_and_llr (a z-score on the scan's grid) and the mask is it above its healthy voxel threshold."""
+    import shutil
+
+    model = load_mri_model(tiny_mri_model, "cpu")
+    scan = save_nifti(tmp_path / "s.nii.gz", brain_like(seed=25, blob=(30, 20, 8)), oblique_lps_affine())
+    prepared = prepare(scan, model.config.preprocessing)
+    maps = analyse_scan(prepared, model.in_model, model.general_model).maps
+    region = prepared.scored
+    llr = maps["llr"][region].astype(np.float64)
+    llr_z = (llr - np.median(llr)) / (1.4826 * np.median(np.abs(llr - np.median(llr))))
+    expected = np.minimum(maps["intensity_scan_z"][region], llr_z)
+    np.testing.assert_allclose(maps["scan_z_and_llr"][region], expected, rtol=0, atol=1e-4)
+    assert not maps["scan_z_and_llr"][~region].any()
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_mri_model, model_dir)
+    config = yaml.safe_load((model_dir / "mri.yaml").read_text())
+    config.update(modality="flair", mask_map="scan_z_and_llr")
+    (model_dir / "mri.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert score_scans([scan], model_dir, out, device="cpu").all_ok
+    written = nib.load(str(out / "s_scan_z_and_llr.nii.gz"))
+    assert written.header.get_intent()[0] == "z score"
+    np.testing.assert_allclose(written.affine, nib.load(str(scan)).affine, atol=1e-5)
+    mask = np.asarray(nib.load(str(out / "s_anomaly_mask.nii.gz")).dataobj).astype(bool)
+    healthy = load_mri_model(model_dir, "cpu").calibration["voxel/scan_z_and_llr"]
+    assert np.array_equal(mask, np.asarray(written.dataobj) > _threshold(healthy, 0.05))
+    assert not (out / "s_scan_z.nii.gz").exists()
+    assert json.loads((out / "scores.json").read_text())["mask_map"] == "scan_z_and_llr"

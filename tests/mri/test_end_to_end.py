@@ -70,6 +70,7 @@ def test_cli_end_to_end_on_real_scans(tmp_path):
     assert set(metrics["slice"]) == {"llr", "llr_fg", "last_scale", "last_scale_fg", "nll", "intensity_normative",
                                       "intensity_scan_z", "intensity", "position"}
     assert set(metrics["voxel"]) == {"llr", "last_scale", "intensity", "intensity_abs_z", "intensity_scan_z",
+                                     "scan_z_and_llr",
                                      "llr_c1", "llr_c2",
                                      "llr_normative", "last_scale_normative", "intensity_normative"}
     with open(tmp_path / "eval" / "slices.csv") as f:
