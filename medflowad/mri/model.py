@@ -128,7 +128,8 @@ def load_mri_model(folder: Path | str, device: str = "auto", calibrated: bool = 
         missing = sorted(expected - set(calibration))
         if missing:
             raise ModelFolderError(f"{folder}: calibration lacks {', '.join(missing)} (made by an older "
-                                   "medflowad); rerun `medflowad train --modality` with --general-model")
+                                   "medflowad); calibrate it anew on healthy scans (`medflowad calibrate`) or rerun "
+                                   "`medflowad train --modality` with --general-model")
     return MriModel(config, in_model, general_model, calibration, folder)
 
 
