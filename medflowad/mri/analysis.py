@@ -50,8 +50,8 @@ SCAN_Z_AREA_LEVEL = 2.0
 # The scan z where the flow agrees: min(scan z, the llr map's robust z against the same brain), an AND of the
 # two. The scan z follows a lesion's outline and lights bright healthy spots too; the llr covers lesions and
 # spills 4-8 pixels past them (its locations are blocks) but stays low on those spots, so the smaller of the two
-# keeps the lesion with the scan z's outline. Measured on LGG: development patients (six flow models of five
-# settings) and, once, the test patients (docs/results.md); older calibrations lack it.
+# keeps the lesion with the scan z's outline. Measured on LGG: development patients (seven outlier-loss flows
+# of five settings) and, once, the test patients (docs/results.md); older calibrations lack it.
 SCAN_Z_AND_LLR_MAP = "scan_z_and_llr"
 # How per-location values become pixels: "nearest" (blocks; models calibrated before 2026-12-06) or "bilinear"
 # (chosen on LGG's development split: higher voxel AUPRC for the plain and the outlier-loss model,
