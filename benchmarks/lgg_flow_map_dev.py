@@ -35,7 +35,8 @@ product's scan z:
   covers the lesion and spills past it, so the AND might keep the lesion and drop both kinds of false flag.
   Controls without a model: ``min(intensity_scan_z,intensity_scan_z_s<sigma>_z)``, the scan z gated by its own
   blur (sigma in MIN_CONTROL_SIGMAS pixels), read as a z the same way: a gate as coarse as the flow's, which knows
-  nothing the scan z does not.
+  nothing the scan z does not. And ``min(intensity_z,llr_z)``: the llr's gate on the model's input itself (the
+  clipped intensity, unsmoothed) read as a z against the scan's brain, with its blur control at the middle sigma.
 
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
 training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
@@ -192,6 +193,11 @@ def main() -> None:
             for name in FLOW_MAPS:
                 flow_z = intensity_scan_z(maps[own_spread[name]], region)
                 maps[f"min({SCAN_Z_MAP},{name}_z)"] = np.minimum(maps[SCAN_Z_MAP], flow_z)
+            # the same gate on the intensity (clipped, unsmoothed) read as a z against the scan's brain
+            intensity_z = intensity_scan_z(maps["intensity"], region)
+            maps["min(intensity_z,llr_z)"] = np.minimum(intensity_z, intensity_scan_z(maps[own_spread["llr"]], region))
+            blurred_z = intensity_scan_z(smoothed_within(intensity_z, region, MIN_CONTROL_SIGMAS[1]), region)
+            maps[f"min(intensity_z,intensity_z_s{MIN_CONTROL_SIGMAS[1]:g}_z)"] = np.minimum(intensity_z, blurred_z)
             for sigma in MIN_CONTROL_SIGMAS:  # model-free controls: the scan z gated by a blur of itself
                 blurred_z = intensity_scan_z(smoothed_within(maps[SCAN_Z_MAP], region, sigma), region)
                 maps[f"min({SCAN_Z_MAP},{SCAN_Z_MAP}_s{sigma:g}_z)"] = np.minimum(maps[SCAN_Z_MAP], blurred_z)
