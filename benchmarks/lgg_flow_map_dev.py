@@ -140,6 +140,19 @@ def pixel_maps(prepared, model, region: np.ndarray, sigmas: list[float], gradien
     return out
 
 
+def split_scans(model, split: str) -> list[Path]:
+    """The LGG FLAIR scans of ``split``: ``calibration``, the model's calibration patients (the development
+    split), or ``test``, protocol B's test patients."""
+    if split == "calibration":
+        scans = sorted(Path(p) for p, role in scans_the_model_saw(model.folder).items() if role == "calibrated")
+    else:
+        lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
+        scans = [lgg / f"{p}_flair.nii.gz" for p in read_split(None)["test"]]
+    if not scans:
+        raise SystemExit(f"{model.folder}: no {split} scans")
+    return scans
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", type=Path, required=True)
@@ -158,13 +171,7 @@ def main() -> None:
                         help="also measure restoration residuals, one per setting")
     args = parser.parse_args()
     model = load_mri_model(args.model, "cpu")
-    if args.split == "calibration":
-        scans = sorted(Path(p) for p, role in scans_the_model_saw(model.folder).items() if role == "calibrated")
-    else:
-        lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
-        scans = [lgg / f"{p}_flair.nii.gz" for p in read_split(None)["test"]]
-    if not scans:
-        raise SystemExit(f"{args.model}: no {args.split} scans")
+    scans = split_scans(model, args.split)
 
     # each flow map's key under the model's own map_spread (flow_variants names the nearest one plainly)
     own_spread = {name: name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"
