@@ -197,12 +197,12 @@ def main() -> None:
                 flow = maps[own_spread[name]]
                 maps[f"{SCAN_Z_MAP}+{w:g}*{name}_z"] = maps[SCAN_Z_MAP] + w * intensity_scan_z(flow, region)
         if args.with_min:
+            flow_z = {name: intensity_scan_z(maps[own_spread[name]], region) for name in FLOW_MAPS}
             for name in FLOW_MAPS:
-                flow_z = intensity_scan_z(maps[own_spread[name]], region)
-                maps[f"min({SCAN_Z_MAP},{name}_z)"] = np.minimum(maps[SCAN_Z_MAP], flow_z)
+                maps[f"min({SCAN_Z_MAP},{name}_z)"] = np.minimum(maps[SCAN_Z_MAP], flow_z[name])
             # the same gate on the intensity (clipped, unsmoothed) read as a z against the scan's brain
             intensity_z = intensity_scan_z(maps["intensity"], region)
-            maps["min(intensity_z,llr_z)"] = np.minimum(intensity_z, intensity_scan_z(maps[own_spread["llr"]], region))
+            maps["min(intensity_z,llr_z)"] = np.minimum(intensity_z, flow_z["llr"])
             blurred_z = intensity_scan_z(smoothed_within(intensity_z, region, MIN_CONTROL_SIGMAS[1]), region)
             maps[f"min(intensity_z,intensity_z_s{MIN_CONTROL_SIGMAS[1]:g}_z)"] = np.minimum(intensity_z, blurred_z)
             for sigma in MIN_CONTROL_SIGMAS:  # model-free controls: the scan z gated by a blur of itself
