@@ -38,6 +38,9 @@ product's scan z:
   nothing the scan z does not. And ``min(intensity_z,llr_z)``: the llr's gate on the model's input itself (the
   clipped intensity, unsmoothed) read as a z against the scan's brain, with its blur control at the middle sigma.
 
+With ``--crossfit DIR`` (``lgg_crossfit.py``'s folder) instead of ``--model``, every train patient is read by the
+fold model that left it out: a development split of up to 60 patients.
+
 The development split is the model's calibration patients (``data/healthy_val``: unseen by both models'
 training; lesion slices too); ``--split test`` reads protocol B's test patients. Metrics as
 ``lgg_intensity_dev.py``: pooled voxel AUPRC over the scored slices' brain voxels, and Dice at the value 5 % of
@@ -140,22 +143,42 @@ def pixel_maps(prepared, model, region: np.ndarray, sigmas: list[float], gradien
     return out
 
 
+def lgg_scan(patient: str) -> Path:
+    return (Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+            / "lgg_flair128" / f"{patient}_flair.nii.gz")
+
+
 def split_scans(model, split: str) -> list[Path]:
     """The LGG FLAIR scans of ``split``: ``calibration``, the model's calibration patients (the development
     split), or ``test``, protocol B's test patients."""
     if split == "calibration":
         scans = sorted(Path(p) for p, role in scans_the_model_saw(model.folder).items() if role == "calibrated")
     else:
-        lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
-        scans = [lgg / f"{p}_flair.nii.gz" for p in read_split(None)["test"]]
+        scans = [lgg_scan(p) for p in read_split(None)["test"]]
     if not scans:
         raise SystemExit(f"{model.folder}: no {split} scans")
     return scans
 
 
+def crossfit_pairs(folder: Path) -> list[tuple]:
+    """(model, scan) for every held-out patient of ``lgg_crossfit.py``'s trained folds in ``folder``."""
+    pairs = []
+    for fold in json.loads((folder / "folds.json").read_text())["folds"]:
+        if not (folder / fold["model"] / "calibration.safetensors").exists():
+            print(f"{folder / fold['model']}: not trained (yet), its patients left out", flush=True)
+            continue
+        model = load_mri_model(folder / fold["model"], "cpu")
+        pairs += [(model, lgg_scan(p)) for p in fold["held_out"]]
+    if not pairs:
+        raise SystemExit(f"{folder}: no trained fold")
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", type=Path, required=True)
+    parser.add_argument("-m", "--model", type=Path, help="the model (else --crossfit)")
+    parser.add_argument("--crossfit", type=Path, help="lgg_crossfit.py's folder: each train patient by the fold "
+                        "model that left it out (instead of --model and --split)")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0])
@@ -170,15 +193,20 @@ def main() -> None:
     parser.add_argument("--restore", nargs="*", default=[], metavar="STEPS:LR:LAM:BETA",
                         help="also measure restoration residuals, one per setting")
     args = parser.parse_args()
-    model = load_mri_model(args.model, "cpu")
-    scans = split_scans(model, args.split)
+    if args.crossfit:
+        pairs = crossfit_pairs(args.crossfit)
+    elif args.model:
+        model = load_mri_model(args.model, "cpu")
+        pairs = [(model, scan) for scan in split_scans(model, args.split)]
+    else:
+        raise SystemExit("give --model or --crossfit")
 
-    # each flow map's key under the model's own map_spread (flow_variants names the nearest one plainly)
-    own_spread = {name: name if model.config.map_spread == "nearest" else f"{name}:{model.config.map_spread}"
-                  for name in FLOW_MAPS}
+    # each flow map's key under the models' own map_spread (flow_variants names the nearest one plainly)
+    spread = pairs[0][0].config.map_spread
+    own_spread = {name: name if spread == "nearest" else f"{name}:{spread}" for name in FLOW_MAPS}
     values: dict[str, list[np.ndarray]] = {}
     labels, healthy_of, patient_of, near_of = [], [], [], []
-    for i, path in enumerate(scans):
+    for i, (model, path) in enumerate(pairs):
         lesion_file = load_scan(companion_path(path, LESION_MASKS))
         prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
         lesion = mask_on_scan(lesion_file, prepared.native)
@@ -217,11 +245,12 @@ def main() -> None:
         healthy_of.append(~ndimage.binary_dilation(lesion, iterations=2)[native_region])
         near_of.append(ndimage.binary_dilation(lesion, IN_PLANE_CROSS, iterations=NEAR_VOXELS)[native_region])
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
-        print(f"{i + 1}/{len(scans)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
+        print(f"{i + 1}/{len(pairs)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
 
     truth, healthy, patient = np.concatenate(labels), np.concatenate(healthy_of), np.concatenate(patient_of)
     near = np.concatenate(near_of)
-    result = {"model": str(args.model), "split": args.split, "patients": len(scans), "voxels": int(truth.size),
+    result = {"model": str(args.crossfit or args.model), "split": "crossfit" if args.crossfit else args.split,
+              "patients": len(pairs), "voxels": int(truth.size),
               "lesion_voxels": int(truth.sum()), "maps": {}}
     for name, parts in values.items():
         scores = np.concatenate(parts)
