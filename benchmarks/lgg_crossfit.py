@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medflowad.bench.mri import LESION_MASKS, TUMOR_ZIP, read_split
+from medflowad.bench.mri import LESION_MASKS, general_pool_sources, read_split
 from medflowad.mri.config import load_mri_config
 from medflowad.mri.pool import build_pool
 from medflowad.mri.selection import split_healthy_scans
@@ -48,7 +48,6 @@ def main() -> None:
                                        "folds": [{"model": f"fold{k}", "held_out": held}
                                                  for k, held in enumerate(folds)]})
     lgg = medical / "lgg_flair128"
-    ixi = sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz"))
     for k, held in enumerate(folds):
         fold = args.out / f"fold{k}"
         if (fold / "calibration.safetensors").exists():
@@ -57,8 +56,7 @@ def main() -> None:
         pool = args.out / f"pool{k}"
         if not (pool / "manifest.json").exists():
             pool_flair = split_healthy_scans(scans, config, mask_replace=LESION_MASKS)[0]
-            build_pool([f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *ixi,
-                        *pool_flair], pool, config.preprocessing)
+            build_pool(general_pool_sources(medical, pool_flair), pool, config.preprocessing)
         print(f"fold {k}: training on {len(scans)} patients, {len(held)} held out", flush=True)
         train_mri_model(config, scans, fold, pool=pool, mask_replace=LESION_MASKS, show_progress=False, echo=print)
 

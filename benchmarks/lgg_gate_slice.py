@@ -21,7 +21,7 @@ from medflowad.bench.mri import LESION_MASKS
 from medflowad.data.readers import load_scan
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SCAN_Z_AND_LLR_MAP, SCAN_Z_MAP, scan_z_area
-from medflowad.mri.evaluate import POSITION_STRATA, slice_centrality
+from medflowad.mri.evaluate import position_strata, slice_centrality
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.prep.stage import companion_path, prepare_volume
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_mri_model(args.model, "cpu")
     scores: dict[str, list[np.ndarray]] = {}
-    labels, positions = [], []
+    labels = []
     for path in split_scans(model, args.split):
         prepared = prepare_volume(load_scan(path), model.config.preprocessing,
                                   lesion_mask=load_scan(companion_path(path, LESION_MASKS)))
@@ -45,9 +45,8 @@ def main() -> None:
         for name, values in per_slice.items():
             scores.setdefault(name, []).append(values[keep])
         labels.append(prepared.lesion_slices[keep])
-        positions.append(per_slice["position"][keep])
     truth = np.concatenate(labels)
-    strata = np.minimum(np.floor(np.concatenate(positions) * POSITION_STRATA), POSITION_STRATA - 1)
+    strata = position_strata(np.concatenate(scores["position"]))
     print(f"{args.split}: {len(labels)} patients, {truth.size} slices, {int(truth.sum())} with lesion")
     for name, parts in scores.items():
         values = np.concatenate(parts)

@@ -61,7 +61,7 @@ from medflowad.mri.analysis import (
     unclipped_intensity_map,
 )
 from medflowad.mri.config import load_mri_config
-from medflowad.mri.evaluate import POSITION_STRATA, dice, slice_centrality
+from medflowad.mri.evaluate import dice, position_strata, slice_centrality
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 
 HEALTHY_FPR = 0.05
@@ -203,7 +203,7 @@ def main() -> None:
         if name in given:
             result["dice_at_given_threshold"][name] = dice(scores > given[name], truth)
     lesion_slice = np.concatenate(slice_labels).astype(bool)
-    stratum = np.minimum(np.floor(np.concatenate(centrality) * POSITION_STRATA), POSITION_STRATA - 1)
+    stratum = position_strata(np.concatenate(centrality))
     result["slices"], result["lesion_slices"], result["slice"] = int(lesion_slice.size), int(lesion_slice.sum()), {}
     for name, parts in slice_values.items():
         if args.slice_scores and name not in args.slice_scores:

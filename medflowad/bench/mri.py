@@ -112,10 +112,8 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     # The calibration patients stay out of the pool, so that their healthy slices remain unseen by both models.
     pool_flair = (split_healthy_scans(train_scans, config, mask_replace=LESION_MASKS)[0]
                   if settings.pool_train_flair else [])
-    ixi = sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz"))  # not their DLMUSE label maps
     stages.run("building the general pool", (pool / "manifest.json").exists(), lambda: build_pool(
-        [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *ixi, *pool_flair],
-        pool, config.preprocessing))
+        general_pool_sources(medical, pool_flair), pool, config.preprocessing))
     _check_pool_flair(pool, train_scans, pool_flair)
     stages.run("training the FLAIR models", (out / "flair" / "calibration.safetensors").exists(),
                lambda: train_mri_model(config, train_scans, out / "flair", pool=pool, mask_replace=LESION_MASKS,
@@ -153,6 +151,13 @@ def run_mri_bench(settings: MriBenchSettings, out: Path, show_progress: bool = T
     write_json(out / "metrics.json", result)
     write_text(out / "results.md", mri_markdown(result))
     return result
+
+
+def general_pool_sources(medical: Path, pool_flair: list[Path]) -> list[str | Path]:
+    """What protocol B's general pool is built from: the 2D tumour set's Training split, head CT, the NIfTI
+    samples, the IXI T1 heads (not their DLMUSE label maps) and ``pool_flair``, LGG FLAIR scans (every slice)."""
+    ixi = sorted((medical / "ixi_t1_2mm").glob("*_T1.nii.gz"))
+    return [f"{medical / TUMOR_ZIP}::Training", medical / "head_ct", medical / "nifti_samples", *ixi, *pool_flair]
 
 
 def _check_pool_flair(pool: Path, train_scans: list[Path], expected: list[Path]) -> None:

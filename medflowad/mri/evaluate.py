@@ -48,6 +48,12 @@ def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) ->
     return values
 
 
+def position_strata(centrality: np.ndarray) -> np.ndarray:
+    """Each slice's eighth of :func:`slice_centrality` (0 .. POSITION_STRATA - 1): slices of about the same brain
+    level, for AUROC within position (:func:`medflowad.metrics.stratified_auroc`)."""
+    return np.minimum(np.floor(centrality * POSITION_STRATA), POSITION_STRATA - 1)
+
+
 def slice_centrality(keep: np.ndarray) -> np.ndarray:
     """Per slice: 1 for the middle of the scan's scored slices, falling linearly to 0 at the first and last.
 
@@ -128,8 +134,7 @@ def evaluate_scans(
         raise ValueError("no scan could be evaluated: " + "; ".join(f["error"] for f in failed))
 
     labels = np.concatenate(slice_labels)
-    position_stratum = np.minimum(np.floor(np.concatenate(slice_scores["position"]) * POSITION_STRATA),
-                                  POSITION_STRATA - 1)
+    position_stratum = position_strata(np.concatenate(slice_scores["position"]))
     truth = np.concatenate(voxel_labels)
     result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr, "voxel_fpr": voxel_fpr,
                     "trained_or_calibrated": leaked,
