@@ -17,11 +17,11 @@ on its scored slices, the scan prepared as the model says.
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from data_root import data_root
 from t1_blob_peaks import blob_peaks  # benchmarks/, beside this script
 
 from medflowad.data.scans import to_native
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a FLAIR model folder: its --map instead of the scan z")
     parser.add_argument("--map", default="llr", help="with --model: which of its maps (default llr)")
     args = parser.parse_args()
-    medical = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+    medical = data_root() / "medical"
     model = load_mri_model(args.model, "cpu") if args.model else None
     config = model.config.preprocessing if model else dataclasses.replace(
         load_mri_config("mri_cpu").preprocessing.overridden(space="native", brain="deepbet"), brain_volume_ml=None)

@@ -16,7 +16,6 @@ scan z map, the written mask).
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import yaml
+from data_root import data_root
 
 from medflowad.bench.mri import read_split
 from medflowad.mri.config import load_mri_config
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=30, help="steps of each flow (the mask does not use them)")
     args = parser.parse_args()
-    data = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+    data = data_root() / "medical"
     lgg = data / "lgg_flair128"
     patients = read_split(None)["train"]
     out = args.out

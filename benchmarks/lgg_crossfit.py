@@ -16,10 +16,10 @@ comparing settings, not the test's. A finished fold is not retrained (an interru
 """
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
+from data_root import data_root
 
 from medflowad.bench.mri import LESION_MASKS, general_pool_sources, read_split
 from medflowad.mri.config import load_mri_config
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="how the patients are dealt into folds")
     args = parser.parse_args()
     config = load_mri_config(args.config)
-    medical = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+    medical = data_root() / "medical"
     patients = read_split(None)["train"]
     order = np.random.default_rng(args.seed).permutation(len(patients))
     folds = [sorted(patients[j] for j in order[k::args.folds]) for k in range(args.folds)]

@@ -37,6 +37,12 @@ product's scan z:
   blur (sigma in MIN_CONTROL_SIGMAS pixels), read as a z the same way: a gate as coarse as the flow's, which knows
   nothing the scan z does not. And ``min(intensity_z,llr_z)``: the llr's gate on the model's input itself (the
   clipped intensity, unsmoothed) read as a z against the scan's brain, with its blur control at the middle sigma.
+- with ``--reconstruct`` (needs ``--with-min``): ``rec(<base>|<gate>)``, each gate above grown back inside its base
+  map by greyscale reconstruction (:func:`reconstruct_within`): a voxel keeps its base value (scan z or intensity
+  z) where a path of voxels at least that high joins it to a voxel the gate holds at that height too, in-plane
+  (``rec``) or in 3D (``rec3d``). The gate is an AND per voxel, so lesion parts the flow's coarse map misses are
+  lost; as an AND per bright region, a lesion confirmed anywhere keeps its whole outline and an isolated bright
+  healthy spot that the gate drops stays dropped (hysteresis thresholding, continuous).
 
 With ``--crossfit DIR`` (``lgg_crossfit.py``'s folder) instead of ``--model``, every train patient is read by the
 fold model that left it out: a development split of up to 60 patients.
@@ -52,11 +58,11 @@ lesion's edge, rather than lighting healthy tissue elsewhere).
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from data_root import data_root
 from flow_restoration import gradient_map, restoration_residual
 from lgg_intensity_dev import flags_at_others_threshold, voxel_metrics
 from scipy import ndimage
@@ -102,6 +108,22 @@ def guided_within(image: np.ndarray, guide: np.ndarray, region: np.ndarray, radi
     return np.where(region, mean(a) * guide + mean(b), 0.0).astype(np.float32)
 
 
+def reconstruct_within(marker: np.ndarray, mask: np.ndarray, region: np.ndarray, in_plane: bool = True) -> np.ndarray:
+    """Greyscale reconstruction by dilation of ``marker`` (<= ``mask``) under ``mask``, over ``region``, zero
+    outside: repeat marker <- min(dilate(marker), mask) until nothing changes. A voxel ends at the largest t with a
+    path inside ``region`` along which ``mask`` >= t to a voxel whose ``marker`` >= t (capped by its own mask).
+    8-connected in-plane, or 26-connected in 3D."""
+    floor = np.float32(-1e9)
+    limit = np.where(region, mask, floor).astype(np.float32)
+    current = np.minimum(np.where(region, marker, floor).astype(np.float32), limit)
+    footprint = np.ones((1, 3, 3) if in_plane else (3, 3, 3), dtype=bool)
+    while True:
+        grown = np.minimum(ndimage.grey_dilation(current, footprint=footprint), limit)
+        if np.array_equal(grown, current):
+            return np.where(region, current, 0.0).astype(np.float32)
+        current = grown
+
+
 def flow_variants(prepared, model, product, region: np.ndarray, sigmas: list[float]) -> dict[str, np.ndarray]:
     """Every variant of FLOW_MAPS on the (Z, S, S) model grid, zero outside the scored brain. ``product`` is
     ``analyse(model, prepared)``: its maps are the model's own ``map_spread``; only the other spread is computed."""
@@ -144,7 +166,7 @@ def pixel_maps(prepared, model, region: np.ndarray, sigmas: list[float], gradien
 
 
 def lgg_scan(patient: str) -> Path:
-    return (Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical"
+    return (data_root() / "medical"
             / "lgg_flair128" / f"{patient}_flair.nii.gz")
 
 
@@ -187,6 +209,8 @@ def main() -> None:
                         help="also measure scan z + W x (the flow map's z against the scan's own brain), per W")
     parser.add_argument("--with-min", action="store_true",
                         help="also measure min(scan z, the flow map's z against the scan's own brain)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="with --with-min: also each gate grown back inside its base map (reconstruct_within)")
     parser.add_argument("--guided", nargs="*", default=[], metavar="R:EPS",
                         help="also measure each flow map refined by a guided filter of radius R and eps EPS")
     parser.add_argument("--gradient", action="store_true", help="also measure the llr's input gradient")
@@ -236,6 +260,16 @@ def main() -> None:
             for sigma in MIN_CONTROL_SIGMAS:  # model-free controls: the scan z gated by a blur of itself
                 blurred_z = intensity_scan_z(smoothed_within(maps[SCAN_Z_MAP], region, sigma), region)
                 maps[f"min({SCAN_Z_MAP},{SCAN_Z_MAP}_s{sigma:g}_z)"] = np.minimum(maps[SCAN_Z_MAP], blurred_z)
+            if args.reconstruct:
+                blur = f"s{MIN_CONTROL_SIGMAS[1]:g}_z"
+                gates = {SCAN_Z_MAP: [f"min({SCAN_Z_MAP},llr_z)", f"min({SCAN_Z_MAP},{SCAN_Z_MAP}_{blur})"],
+                         "intensity_z": ["min(intensity_z,llr_z)", f"min(intensity_z,intensity_z_{blur})"]}
+                bases = {SCAN_Z_MAP: maps[SCAN_Z_MAP], "intensity_z": intensity_z}
+                for base, names in gates.items():
+                    for gate in names:
+                        for tag, in_plane in (("rec", True), ("rec3d", False)):
+                            maps[f"{tag}({base}|{gate})"] = reconstruct_within(maps[gate], bases[base], region,
+                                                                               in_plane)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         for name, image in maps.items():
             if args.maps is None or name in args.maps or name in ("intensity", SCAN_Z_MAP) or "_z" in name:

@@ -41,10 +41,10 @@ baseline's, slice by slice, go to ``slices.csv`` (``benchmarks/lgg_slice_profile
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+from data_root import data_root
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -142,7 +142,7 @@ def main() -> None:
                         help="report only these slice scores (e.g. on the test split, the chosen one and the baseline)")
     parser.add_argument("--thresholds", type=Path, help="metrics.json of another run: Dice at its healthy thresholds")
     args = parser.parse_args()
-    lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
+    lgg = data_root() / "medical" / "lgg_flair128"
     patients = read_split(None)[args.split]
     # The protocol-B preparation: deepbet brain extraction on each scan's own grid.
     config = dataclasses.replace(load_mri_config(args.config).preprocessing.overridden(space="native", brain="deepbet"),

@@ -15,10 +15,10 @@ over its whole scored brain (what ``score`` reports), against its lesion's share
 import argparse
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+from data_root import data_root
 
 from medflowad.bench.mri import LESION_MASKS, read_split
 from medflowad.data.readers import load_scan
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--config", default="mri_cpu")
     args = parser.parse_args()
-    lgg = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "lgg_flair128"
+    lgg = data_root() / "medical" / "lgg_flair128"
     patients = read_split(None)["train"]
     mri = load_mri_config(args.config)
     config = dataclasses.replace(mri.preprocessing.overridden(space="native", brain="deepbet"),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from data_root import data_root
 from scipy.ndimage import uniform_filter
 from sklearn.metrics import roc_auc_score
 
@@ -43,7 +44,7 @@ def peak(values: np.ndarray, fraction: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="MRI model folder, e.g. BENCH/flair_outlier")
-    parser.add_argument("--data", default=os.environ.get("MEDFLOWAD_DATA", "../shared/data"))
+    parser.add_argument("--data", default=str(data_root()))
     parser.add_argument("--split", default=None, help="patient split TSV (default: the bench's)")
     args = parser.parse_args()
     lgg = Path(args.data) / "medical" / "lgg_flair128"

@@ -11,12 +11,11 @@ the field alone, above 1 where the correction dims the lesion's place (the field
 lesion's brightness for shading), below 1 where it brightens it.
 """
 
-import os
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from data_root import data_root
 from scipy import ndimage
 
 from medflowad.data.painting import paint_lesions
@@ -28,7 +27,7 @@ def field(image: np.ndarray, affine: np.ndarray, brain: np.ndarray) -> np.ndarra
 
 
 def main() -> None:
-    ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
+    ixi = data_root() / "medical" / "ixi_t1_2mm"
     for subject in sys.argv[1:] or ["IXI033-HH-1259"]:
         scan = nib.load(str(ixi / f"{subject}_T1.nii.gz"))
         image = np.asarray(scan.get_fdata(dtype=np.float32))

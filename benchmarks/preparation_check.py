@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from data_root import data_root
 
 from medflowad.bench.mri import read_split
 from medflowad.data.readers import ScanError, load_scan
@@ -38,7 +39,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=os.environ.get("MEDFLOWAD_DATA", "../shared/data"))
+    parser.add_argument("--data", default=str(data_root()))
     parser.add_argument("--lgg-registrations", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

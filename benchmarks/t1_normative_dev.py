@@ -40,13 +40,13 @@ brain voxels above the healthy-range map's thresholds, and how often a painted c
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from data_root import data_root
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
     args = parser.parse_args()
-    ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
+    ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config(args.config).preprocessing
     painted_dir = args.out / "painted"

@@ -22,13 +22,13 @@ healthy range on the same voxels, and Dice at 0.1 % voxel FPR on the left-out un
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from data_root import data_root
 from sklearn.metrics import average_precision_score
 from t1_normative_dev import MASKS, development_copies  # benchmarks/, beside this script
 
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=5e-4)
     args = parser.parse_args()
-    ixi = Path(os.path.expandvars(os.environ.get("MEDFLOWAD_DATA", "../shared/data"))) / "medical" / "ixi_t1_2mm"
+    ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config("mri_demo")
     painted_dir = args.out / "painted"
