@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medflowad.mri.analysis import threshold_at_fpr
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.prep import prepare
 from medflowad.storage import atomic_write
@@ -38,7 +37,7 @@ def lesion_overlays(model_dir: Path, scans: Sequence[Path], out: Path, count: in
     for _, path, z, prepared in sorted(candidates, key=lambda c: -c[0])[:count]:
         analysis = analyse(model, prepared)
         panels = [("image + lesion", None, None)] + [
-            (title, analysis.maps[name][z], _healthy_threshold(model.calibration, name, model.config.fpr))
+            (title, analysis.maps[name][z], model.healthy_voxel_threshold(name, model.config.fpr))
             for title, name in maps if name in analysis.maps]
         fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2))
         image = prepared.slices[z, 0].numpy()
@@ -63,8 +62,3 @@ def lesion_overlays(model_dir: Path, scans: Sequence[Path], out: Path, count: in
         written.append(target)
     return written
 
-
-def _healthy_threshold(calibration: dict[str, np.ndarray], name: str, fpr: float) -> float | None:
-    """The value ``fpr`` of the calibration scans' healthy voxels exceed for map ``name``; None without them."""
-    healthy = calibration.get(f"voxel/{name}")
-    return threshold_at_fpr(healthy, fpr) if healthy is not None else None

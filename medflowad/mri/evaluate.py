@@ -26,7 +26,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
 from medflowad.data.scans import to_native
 from medflowad.metrics import stratified_auroc
-from medflowad.mri.analysis import SLICE_SCORES, map_names, threshold_at_fpr
+from medflowad.mri.analysis import SLICE_SCORES, map_names
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.normative import calibrated_normative_maps
 from medflowad.mri.score import scans_the_model_saw
@@ -150,16 +150,15 @@ def evaluate_scans(
         }
     for name, values in voxel_scores.items():
         scores = np.concatenate(values)
-        healthy = model.calibration.get(f"voxel/{name}")
-        threshold = threshold_at_fpr(healthy, fpr) if healthy is not None else float("nan")
+        threshold = model.healthy_voxel_threshold(name, fpr)
+        # at the model's own voxel FPR, when it sets one (the anomaly mask's threshold)
+        mask_threshold = model.healthy_voxel_threshold(name, voxel_fpr) if voxel_fpr is not None else None
         best, best_threshold = best_dice(scores, truth)
         result["voxel"][name] = {
             "auprc": float(average_precision_score(truth, scores)),
-            "dice_at_healthy_fpr": dice(scores > threshold, truth) if healthy is not None else float("nan"),
-            "threshold": threshold,
-            # at the model's own voxel FPR, when it sets one (the anomaly mask's threshold)
-            "dice_at_voxel_fpr": (dice(scores > threshold_at_fpr(healthy, voxel_fpr), truth)
-                                  if healthy is not None and voxel_fpr is not None else float("nan")),
+            "dice_at_healthy_fpr": dice(scores > threshold, truth) if threshold is not None else float("nan"),
+            "threshold": threshold if threshold is not None else float("nan"),
+            "dice_at_voxel_fpr": dice(scores > mask_threshold, truth) if mask_threshold is not None else float("nan"),
             "best_dice_optimistic": best,
             "best_dice_threshold": best_threshold,
         }

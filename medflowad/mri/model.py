@@ -34,6 +34,7 @@ from medflowad.mri.analysis import (
     SLICE_SCORES,
     ScanAnalysis,
     analyse_scan,
+    threshold_at_fpr,
 )
 from medflowad.mri.calibration import validate_calibration
 from medflowad.mri.config import MriConfig, mri_config_from_dict
@@ -65,6 +66,12 @@ class MriModel:
     general_model: Glow
     calibration: dict[str, np.ndarray]  # "slice/<score>", "scan/<score>", "voxel/<map>"
     folder: Path
+
+    def healthy_voxel_threshold(self, name: str, fpr: float) -> float | None:
+        """The value that ``fpr`` of the calibration scans' healthy voxels exceed for map ``name``; None where the
+        calibration holds no healthy voxels of that map (one made before the map existed)."""
+        healthy = self.calibration.get(f"voxel/{name}")
+        return threshold_at_fpr(healthy, fpr) if healthy is not None else None
 
 
 def bundled_models() -> list[str]:
