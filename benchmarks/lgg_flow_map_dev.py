@@ -53,7 +53,13 @@ training; lesion slices too); ``--split test`` reads protocol B's test patients.
 the *other* patients' healthy voxels exceed (lesions dilated by 2 voxels are not healthy). Where the flags
 go, at that threshold: ``lesion_flagged`` (the share of lesion voxels flagged) and ``false_flags_near`` (the
 share of flagged voxels outside the lesion that lie within NEAR_VOXELS of it: a map that spills over the
-lesion's edge, rather than lighting healthy tissue elsewhere).
+lesion's edge, rather than lighting healthy tissue elsewhere). For the maps the product calibrates
+(PRODUCT_MAPS), also at protocol B's threshold, the value 5 % of the reading model's calibration patients' healthy
+voxels exceed: the Dice there, and the share of these patients' healthy voxels and of their lesion voxels above
+it. And once, ``dice_ceiling_5%``: the Dice of a map that flags every lesion voxel and exactly 5 % of the healthy
+ones, 2P / (2P + 0.05 H) (P lesion, H healthy voxels), which no map reaches at a threshold that transfers.
+With ``--matched-fpr F ...``: each map's Dice where exactly F of these patients' own healthy voxels are flagged
+(pooled; it reads these patients' labels, so it is a comparison of maps at one operating point, not a result).
 """
 
 import argparse
@@ -64,7 +70,7 @@ import numpy as np
 import torch
 from data_root import data_root
 from flow_restoration import gradient_map, restoration_residual
-from lgg_intensity_dev import flags_at_others_threshold, voxel_metrics
+from lgg_intensity_dev import HEALTHY_FPR, flags_at_others_threshold, voxel_metrics
 from scipy import ndimage
 
 from medflowad.bench.mri import LESION_MASKS, read_split
@@ -72,12 +78,14 @@ from medflowad.data.readers import load_scan
 from medflowad.data.scans import IN_PLANE_CROSS, to_native
 from medflowad.mri.analysis import (
     MAP_SPREADS,
+    SCAN_Z_AND_LLR_MAP,
     SCAN_Z_MAP,
     analyse_scan,
     intensity_map,
     intensity_scan_z,
     smoothed_within,
 )
+from medflowad.mri.evaluate import dice
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.position import scan_position_classes
 from medflowad.mri.score import scans_the_model_saw
@@ -86,6 +94,8 @@ from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 FLOW_MAPS = ("llr", "llr_c2", "last_scale")
 # --with-min's controls: is the flow's gate more than a blur? The llr's coarsest locations are 8 pixels wide.
 MIN_CONTROL_SIGMAS = (2.0, 4.0, 8.0)
+# the product's name of each map that a model's calibration holds thresholds of, by this script's name
+PRODUCT_MAPS = {"intensity": "intensity", SCAN_Z_MAP: SCAN_Z_MAP, f"min({SCAN_Z_MAP},llr_z)": SCAN_Z_AND_LLR_MAP}
 NEAR_VOXELS = 8  # native in-plane voxels, 16 mm nominal: 4-5 pixels of the 64 x 64 grid (a brain cut from 128 x 128)
 
 
@@ -211,6 +221,8 @@ def main() -> None:
                         help="also measure min(scan z, the flow map's z against the scan's own brain)")
     parser.add_argument("--reconstruct", action="store_true",
                         help="with --with-min: also each gate grown back inside its base map (reconstruct_within)")
+    parser.add_argument("--matched-fpr", type=float, nargs="*", default=[], metavar="F",
+                        help="also each map's Dice at the value F of these patients' own healthy voxels exceed")
     parser.add_argument("--guided", nargs="*", default=[], metavar="R:EPS",
                         help="also measure each flow map refined by a guided filter of radius R and eps EPS")
     parser.add_argument("--gradient", action="store_true", help="also measure the llr's input gradient")
@@ -230,6 +242,8 @@ def main() -> None:
     own_spread = {name: name if spread == "nearest" else f"{name}:{spread}" for name in FLOW_MAPS}
     values: dict[str, list[np.ndarray]] = {}
     labels, healthy_of, patient_of, near_of = [], [], [], []
+    product_names = {**PRODUCT_MAPS, own_spread["llr"]: "llr"}
+    model_thresholds: dict[str, list[float]] = {name: [] for name in product_names}  # per patient
     for i, (model, path) in enumerate(pairs):
         lesion_file = load_scan(companion_path(path, LESION_MASKS))
         prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
@@ -279,13 +293,18 @@ def main() -> None:
         healthy_of.append(~ndimage.binary_dilation(lesion, iterations=2)[native_region])
         near_of.append(ndimage.binary_dilation(lesion, IN_PLANE_CROSS, iterations=NEAR_VOXELS)[native_region])
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
+        for name, product_name in product_names.items():
+            threshold = model.healthy_voxel_threshold(product_name, HEALTHY_FPR)
+            model_thresholds[name].append(np.nan if threshold is None else threshold)
         print(f"{i + 1}/{len(pairs)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
 
     truth, healthy, patient = np.concatenate(labels), np.concatenate(healthy_of), np.concatenate(patient_of)
     near = np.concatenate(near_of)
     result = {"model": str(args.crossfit or args.model), "split": "crossfit" if args.crossfit else args.split,
               "patients": len(pairs), "voxels": int(truth.size),
-              "lesion_voxels": int(truth.sum()), "maps": {}}
+              "lesion_voxels": int(truth.sum()),
+              "dice_ceiling_5%": float(2 * truth.sum() / (2 * truth.sum() + HEALTHY_FPR * healthy.sum())),
+              "maps": {}}
     for name, parts in values.items():
         scores = np.concatenate(parts)
         flagged = flags_at_others_threshold(scores, healthy, patient)
@@ -294,11 +313,27 @@ def main() -> None:
         result["maps"][name] = {"voxel_auprc": auprc, "dice_at_5%_healthy_fpr": dice_lopo,
                                 "healthy_threshold_5%": threshold, "lesion_flagged": float(flagged[truth].mean()),
                                 "false_flags_near": float(near[false_flags].mean()) if false_flags.any() else 0.0}
+        for fpr in args.matched_fpr:
+            own_threshold = np.quantile(scores[healthy], 1 - fpr)
+            result["maps"][name][f"dice_at_own_{fpr:g}_fpr"] = dice(scores > own_threshold, truth)
+        if name in model_thresholds and np.isfinite(model_thresholds[name]).all():
+            above = scores > np.asarray(model_thresholds[name])[patient]
+            result["maps"][name].update({"dice_at_model_threshold": dice(above, truth),
+                                         "healthy_fpr_at_model_threshold": float(above[healthy].mean()),
+                                         "lesion_flagged_at_model_threshold": float(above[truth].mean())})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"Dice ceiling at 5 % healthy FPR: {result['dice_ceiling_5%']:.3f}")
     for name, m in sorted(result["maps"].items(), key=lambda kv: -kv[1]["voxel_auprc"]):
         print(f"{name:28s} AUPRC {m['voxel_auprc']:.3f}  Dice@5% {m['dice_at_5%_healthy_fpr']:.3f}  lesion flagged "
               f"{m['lesion_flagged']:.3f}  false flags near it {m['false_flags_near']:.3f}")
+        if args.matched_fpr:
+            print(f"{'':28s} Dice at these patients' own healthy FPR " + ", ".join(
+                f"{fpr:g}: {m[f'dice_at_own_{fpr:g}_fpr']:.3f}" for fpr in args.matched_fpr))
+        if "dice_at_model_threshold" in m:
+            print(f"{'':28s} at the model's threshold: Dice {m['dice_at_model_threshold']:.3f}  healthy FPR "
+                  f"{m['healthy_fpr_at_model_threshold']:.3f}  lesion flagged "
+                  f"{m['lesion_flagged_at_model_threshold']:.3f}")
 
 
 if __name__ == "__main__":
