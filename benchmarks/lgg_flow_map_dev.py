@@ -85,7 +85,7 @@ from medflowad.mri.analysis import (
     intensity_scan_z,
     smoothed_within,
 )
-from medflowad.mri.evaluate import dice
+from medflowad.mri.evaluate import dice, healthy_voxels
 from medflowad.mri.model import analyse, load_mri_model
 from medflowad.mri.position import scan_position_classes
 from medflowad.mri.score import scans_the_model_saw
@@ -290,7 +290,7 @@ def main() -> None:
                 values.setdefault(name, []).append(to_native(image, prepared)[native_region])
         truth = lesion[native_region]
         labels.append(truth)
-        healthy_of.append(~ndimage.binary_dilation(lesion, iterations=2)[native_region])
+        healthy_of.append(healthy_voxels(lesion)[native_region])
         near_of.append(ndimage.binary_dilation(lesion, IN_PLANE_CROSS, iterations=NEAR_VOXELS)[native_region])
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
         for name, product_name in product_names.items():

@@ -61,7 +61,7 @@ from medflowad.mri.analysis import (
     unclipped_intensity_map,
 )
 from medflowad.mri.config import load_mri_config
-from medflowad.mri.evaluate import dice, position_strata, slice_centrality
+from medflowad.mri.evaluate import dice, healthy_voxels, position_strata, slice_centrality
 from medflowad.prep.stage import companion_path, mask_on_scan, prepare_volume
 
 HEALTHY_FPR = 0.05
@@ -160,8 +160,7 @@ def main() -> None:
         region, maps = scan_maps(prepared, args.sigmas)
         native_region = to_native(region.astype(np.float32), prepared, mode="nearest") > 0.5
         truth = lesion[native_region]
-        # "healthy" leaves out the lesion and 2 voxels around it, as the calibration does
-        near_lesion = ndimage.binary_dilation(lesion, iterations=2)[native_region]
+        healthy = healthy_voxels(lesion)[native_region]  # the lesion and 2 voxels around it left out
         for name, image in maps.items():
             values.setdefault(name, []).append(to_native(image, prepared)[native_region])
         keep = prepared.keep
@@ -180,7 +179,7 @@ def main() -> None:
             slice_rows.append(f"{patient},{z},{int(prepared.lesion_slices[z])},{chosen:.6g},{baseline:.6g}")
         centrality.append(slice_centrality(keep)[keep])
         labels.append(truth)
-        healthy_of.append(~near_lesion)
+        healthy_of.append(healthy)
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
         print(f"{i + 1}/{len(patients)} {patient}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
 

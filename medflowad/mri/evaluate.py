@@ -9,7 +9,9 @@ slice position alone. ``auroc_within_position`` counts only pairs of slices from
 centrality: a score that only tracks position gets about 0.5 there.
 Voxel level, on each scan's native grid inside the foreground of scored slices, pooled over scans:
 AUPRC of each map; Dice at the threshold giving the configured false-positive rate on healthy
-validation voxels; and the best Dice over thresholds, which is tuned on the test labels themselves and
+validation voxels, with the share of these scans' own healthy voxels (brain voxels more than HEALTHY_MARGIN
+steps from a lesion) and of their lesion voxels that this threshold flags: the rate the calibration promised,
+as these scans realise it; and the best Dice over thresholds, which is tuned on the test labels themselves and
 therefore optimistic. Besides the maps that ``score`` writes, each scale's share of the llr map
 (``llr_c<i>``) is evaluated; its Dice at the healthy FPR needs a model calibrated with it (NaN otherwise).
 """
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from medflowad.data.readers import ScanError, absolute_scan_path, load_scan
@@ -38,6 +41,7 @@ from medflowad.storage import write_json, write_text
 
 SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
 POSITION_STRATA = 8
+HEALTHY_MARGIN = 2  # native voxels (6-neighbour steps) around a lesion that are not healthy, as in calibration
 
 
 def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -67,6 +71,12 @@ def slice_centrality(keep: np.ndarray) -> np.ndarray:
         relative = (scored - scored[0]) / (scored[-1] - scored[0])
         centrality[scored] = 1.0 - 2.0 * np.abs(relative - 0.5)
     return centrality
+
+
+def healthy_voxels(lesion: np.ndarray) -> np.ndarray:
+    """Voxels more than HEALTHY_MARGIN 6-neighbour steps from any lesion voxel: a lesion's rim of partial volume
+    and unlabelled oedema is neither lesion nor healthy tissue."""
+    return ~ndimage.binary_dilation(lesion, iterations=HEALTHY_MARGIN)
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -102,6 +112,7 @@ def evaluate_scans(
     normative = calibrated_normative_maps(model.calibration)
     voxel_scores: dict[str, list] = {n: [] for n in (*map_names(model.config.model.levels), *normative)}
     voxel_labels: list[np.ndarray] = []
+    voxel_healthy: list[np.ndarray] = []
     failed = []
     for path in scans:
         try:
@@ -128,6 +139,7 @@ def evaluate_scans(
         for name, values in voxel_scores.items():
             values.append(to_native(analysis.maps[name], prepared)[region])
         voxel_labels.append(lesion[region])
+        voxel_healthy.append(healthy_voxels(lesion)[region])
         if on_scan is not None:
             on_scan(str(path))
     if not slice_labels:
@@ -135,7 +147,7 @@ def evaluate_scans(
 
     labels = np.concatenate(slice_labels)
     position_stratum = position_strata(np.concatenate(slice_scores["position"]))
-    truth = np.concatenate(voxel_labels)
+    truth, healthy = np.concatenate(voxel_labels), np.concatenate(voxel_healthy)
     result: dict = {"scans": len(slice_labels), "failed": failed, "fpr": fpr, "voxel_fpr": voxel_fpr,
                     "trained_or_calibrated": leaked,
                     "slices": len(labels), "lesion_slices": int(labels.sum()),
@@ -158,6 +170,10 @@ def evaluate_scans(
             "auprc": float(average_precision_score(truth, scores)),
             "dice_at_healthy_fpr": dice(scores > threshold, truth) if threshold is not None else float("nan"),
             "threshold": threshold if threshold is not None else float("nan"),
+            "healthy_fpr_realised": (float(np.mean(scores[healthy] > threshold))
+                                     if threshold is not None and healthy.any() else float("nan")),
+            "lesion_share_flagged": (float(np.mean(scores[truth] > threshold))
+                                     if threshold is not None and truth.any() else float("nan")),
             "dice_at_voxel_fpr": dice(scores > mask_threshold, truth) if mask_threshold is not None else float("nan"),
             "best_dice_optimistic": best,
             "best_dice_threshold": best_threshold,
@@ -183,8 +199,11 @@ def metrics_markdown(result: dict) -> str:
         lines += [f"**{len(result['trained_or_calibrated'])} of these scans trained or calibrated the model: the "
                   "figures below are not a test of it.**", ""]
     lines += slice_table(result["slice"])
-    lines += ["", f"| voxel map | AUPRC | Dice at {result['fpr']:.0%} healthy FPR | Dice at the model's voxel FPR "
-              "| best Dice (optimistic, label-tuned) |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | {m.get('dice_at_voxel_fpr', math.nan):.3f} "
-              f"| {m['best_dice_optimistic']:.3f} |" for n, m in result["voxel"].items()]
+    lines += ["", f"| voxel map | AUPRC | Dice at {result['fpr']:.0%} healthy FPR | healthy / lesion voxels flagged "
+              "there | Dice at the model's voxel FPR | best Dice (optimistic, label-tuned) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {m['auprc']:.3f} | {m['dice_at_healthy_fpr']:.3f} | "
+              f"{m.get('healthy_fpr_realised', math.nan):.3f} / {m.get('lesion_share_flagged', math.nan):.3f} | "
+              f"{m.get('dice_at_voxel_fpr', math.nan):.3f} | {m['best_dice_optimistic']:.3f} |"
+              for n, m in result["voxel"].items()]
     return "\n".join(lines) + "\n"

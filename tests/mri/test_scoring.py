@@ -338,3 +338,40 @@ def test_false_positive_rate_outside_zero_one_is_refused(tiny_mri_model, tmp_pat
                                       "-q", "--fpr", fpr])
     assert result.exit_code == 2 and "--fpr must lie strictly between 0 and 1" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_reports_the_healthy_and_lesion_share_its_threshold_flags(tiny_mri_model, tmp_path):
+    from scipy import ndimage
+
+    from medflowad.data.readers import load_scan
+    from medflowad.data.scans import to_native
+    from medflowad.mri.evaluate import evaluate_scans, metrics_markdown
+    from medflowad.mri.model import analyse, load_mri_model
+    from medflowad.prep.stage import mask_on_scan, prepare_volume
+
+    scan = save_nifti(tmp_path / "p.nii.gz", brain_like(seed=131), np.eye(4))
+    lesion = np.zeros(nib.load(str(scan)).shape, np.uint8)
+    lesion[18:26, 20:30, 4:9] = 1
+    save_nifti(tmp_path / "p_mask.nii.gz", lesion, np.eye(4))
+    result = evaluate_scans(tiny_mri_model, [scan], (".nii.gz", "_mask.nii.gz"), device="cpu", fpr=0.05)
+
+    # the same voxels by hand: the native brain voxels of scored slices, "healthy" = taxicab distance > 2
+    model = load_mri_model(tiny_mri_model, "cpu")
+    lesion_file = load_scan(tmp_path / "p_mask.nii.gz")
+    prepared = prepare_volume(load_scan(scan), model.config.preprocessing, lesion_mask=lesion_file)
+    truth_full = mask_on_scan(lesion_file, prepared.native)
+    region = to_native(prepared.scored.astype(np.float32), prepared, mode="nearest") > 0.5
+    distance = ndimage.distance_transform_cdt(~truth_full, metric="taxicab")
+    healthy, truth = (distance > 2)[region], truth_full[region]
+    assert truth.any() and healthy.any() and not (healthy & truth).any()
+    maps = analyse(model, prepared).maps
+    for name in ("intensity", "llr"):
+        row = result["voxel"][name]
+        scores = to_native(maps[name], prepared)[region]
+        calibration = np.sort(model.calibration[f"voxel/{name}"])
+        # threshold_at_fpr by brute force: the smallest calibration value with at most 5 % strictly above it
+        threshold = next(t for t in calibration if np.mean(calibration > t) <= 0.05)
+        assert row["threshold"] == pytest.approx(threshold)
+        assert row["healthy_fpr_realised"] == pytest.approx(np.mean(scores[healthy] > threshold))
+        assert row["lesion_share_flagged"] == pytest.approx(np.mean(scores[truth] > threshold))
+    assert "healthy / lesion voxels flagged there" in metrics_markdown(result)
