@@ -41,7 +41,9 @@ from medflowad.storage import write_json, write_text
 
 SLICE_BASELINES = ("intensity", "position")  # slice scores that use no model
 POSITION_STRATA = 8
-HEALTHY_MARGIN = 2  # native voxels (6-neighbour steps) around a lesion that are not healthy, as in calibration
+# native voxels (6-neighbour steps in 3D) around a lesion that are neither lesion nor healthy; the calibration
+# leaves out calibration.LESION_MARGIN model-grid pixels in-plane (3-4 native voxels of an LGG scan)
+HEALTHY_MARGIN = 2
 
 
 def _slice_intensity_score(intensity_map: np.ndarray, foreground: np.ndarray) -> np.ndarray:
