@@ -176,8 +176,7 @@ def pixel_maps(prepared, model, region: np.ndarray, sigmas: list[float], gradien
 
 
 def lgg_scan(patient: str) -> Path:
-    return (data_root() / "medical"
-            / "lgg_flair128" / f"{patient}_flair.nii.gz")
+    return data_root() / "medical" / "lgg_flair128" / f"{patient}_flair.nii.gz"
 
 
 def split_scans(model, split: str) -> list[Path]:
@@ -244,6 +243,7 @@ def main() -> None:
     labels, healthy_of, patient_of, near_of = [], [], [], []
     product_names = {**PRODUCT_MAPS, own_spread["llr"]: "llr"}
     model_thresholds: dict[str, list[float]] = {name: [] for name in product_names}  # per patient
+    thresholds_of: dict[Path, dict[str, float | None]] = {}  # per model folder
     for i, (model, path) in enumerate(pairs):
         lesion_file = load_scan(companion_path(path, LESION_MASKS))
         prepared = prepare_volume(load_scan(path), model.config.preprocessing, lesion_mask=lesion_file)
@@ -293,8 +293,10 @@ def main() -> None:
         healthy_of.append(healthy_voxels(lesion)[native_region])
         near_of.append(ndimage.binary_dilation(lesion, IN_PLANE_CROSS, iterations=NEAR_VOXELS)[native_region])
         patient_of.append(np.full(truth.size, i, dtype=np.int32))
-        for name, product_name in product_names.items():
-            threshold = model.healthy_voxel_threshold(product_name, HEALTHY_FPR)
+        if model.folder not in thresholds_of:  # one model reads every patient, or one per cross-fit fold
+            thresholds_of[model.folder] = {name: model.healthy_voxel_threshold(product_name, HEALTHY_FPR)
+                                           for name, product_name in product_names.items()}
+        for name, threshold in thresholds_of[model.folder].items():
             model_thresholds[name].append(np.nan if threshold is None else threshold)
         print(f"{i + 1}/{len(pairs)} {path.name}: {truth.size} voxels, {int(truth.sum())} lesion", flush=True)
 
