@@ -2,19 +2,22 @@
 
     MEDFLOWAD_DATA=/path/to/data python benchmarks/lgg_gate_slice.py -m runs/flair_v14            # development
     MEDFLOWAD_DATA=/path/to/data python benchmarks/lgg_gate_slice.py -m runs/flair_v14 --split test  # once
+    MEDFLOWAD_DATA=/path/to/data python benchmarks/lgg_gate_slice.py --crossfit runs/lgg_crossfit      # 60 patients
 
 FLAIR models flag scans by ``intensity_scan_z``'s slice score: the share of a slice's pixels where the scan z
 exceeds 2, averaged with the scored slices beside it (``analysis.scan_z_area``). The same area of
 ``scan_z_and_llr`` (the scan z where the llr's z agrees, min of the two) counts only pixels the flow calls unlike
 healthy tissue too. Printed: slice AUROC and AUROC within position eighths (as ``evaluate``: lesion slices against
 lesion-free slices of the same relative brain level) for both areas, the llr's slice score and the position alone.
-The development split is the model's calibration patients (their lesion slices never entered calibration).
+The development split is the model's calibration patients (their lesion slices never entered calibration);
+``--crossfit`` (``lgg_crossfit.py``'s folder) reads every train patient by the fold model that left it out.
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
-from lgg_flow_map_dev import split_scans
+from lgg_flow_map_dev import crossfit_pairs, split_scans
 from sklearn.metrics import roc_auc_score
 
 from medflowad.bench.mri import LESION_MASKS
@@ -28,13 +31,21 @@ from medflowad.prep.stage import companion_path, prepare_volume
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", required=True)
+    parser.add_argument("-m", "--model", help="the model (else --crossfit)")
+    parser.add_argument("--crossfit", type=Path, help="lgg_crossfit.py's folder: each train patient by the fold "
+                        "model that left it out (instead of --model and --split)")
     parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
     args = parser.parse_args()
-    model = load_mri_model(args.model, "cpu")
+    if args.crossfit:
+        pairs, split = crossfit_pairs(args.crossfit), "crossfit"
+    elif args.model:
+        model = load_mri_model(args.model, "cpu")
+        pairs, split = [(model, path) for path in split_scans(model, args.split)], args.split
+    else:
+        raise SystemExit("give --model or --crossfit")
     scores: dict[str, list[np.ndarray]] = {}
     labels = []
-    for path in split_scans(model, args.split):
+    for model, path in pairs:
         prepared = prepare_volume(load_scan(path), model.config.preprocessing,
                                   lesion_mask=load_scan(companion_path(path, LESION_MASKS)))
         analysis = analyse(model, prepared)
@@ -47,7 +58,7 @@ def main() -> None:
         labels.append(prepared.lesion_slices[keep])
     truth = np.concatenate(labels)
     strata = position_strata(np.concatenate(scores["position"]))
-    print(f"{args.split}: {len(labels)} patients, {truth.size} slices, {int(truth.sum())} with lesion")
+    print(f"{split}: {len(labels)} patients, {truth.size} slices, {int(truth.sum())} with lesion")
     for name, parts in scores.items():
         values = np.concatenate(parts)
         print(f"{name:24s} AUROC {roc_auc_score(truth, values):.3f}  "
