@@ -417,9 +417,12 @@ class Thresholds:
         normative = mask_map if mask_map.endswith("_normative") else (
             "llr_normative" if "voxel/llr_normative" in model.calibration else None)
         zscore = normative is not None and not is_healthy_range(model.calibration, normative.removesuffix("_normative"))
-        return cls(fpr, voxel_fpr, mask_map, threshold_at_fpr(model.calibration[f"voxel/{mask_map}"], voxel_fpr),
-                   headline, healthy_scores, threshold_at_fpr(healthy_scores, fpr), normative, zscore,
-                   unlike_healthy_limit(model.calibration))
+        mask_threshold = model.healthy_voxel_threshold(mask_map, voxel_fpr)
+        if mask_threshold is None:
+            raise ModelFolderError(f"{model.folder}: the calibration holds no healthy voxels of {mask_map}, the map "
+                                   "the anomaly mask thresholds; recalibrate the model (medflowad calibrate)")
+        return cls(fpr, voxel_fpr, mask_map, mask_threshold, headline, healthy_scores,
+                   threshold_at_fpr(healthy_scores, fpr), normative, zscore, unlike_healthy_limit(model.calibration))
 
 
 def unlike_healthy_columns(share: float, limit: float | None) -> dict[str, float | bool]:

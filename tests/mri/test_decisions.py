@@ -16,8 +16,9 @@ from safetensors.numpy import load_file
 from medflowad.mri.analysis import analyse_scan
 from medflowad.mri.config import mri_config_from_dict
 from medflowad.mri.model import load_mri_model
-from medflowad.mri.score import score_scans
+from medflowad.mri.score import Thresholds, score_scans
 from medflowad.prep import prepare
+from medflowad.storage import ModelFolderError
 from tests.mri.conftest import brain_like, oblique_lps_affine, save_nifti
 
 
@@ -107,6 +108,15 @@ def test_calibration_voxels_are_the_scored_foreground_and_its_thresholds_their_q
     for key in ("voxel/llr", "slice/llr", "scan/llr", "voxel/intensity"):
         assert summary["thresholds"][key] == pytest.approx(_threshold(calibration[key], summary["fpr"]), abs=1e-6)
         assert summary["counts"][key] == len(calibration[key])
+
+
+def test_a_calibration_without_the_mask_maps_healthy_voxels_is_an_error_naming_the_map(tiny_mri_model):
+    """The mask's threshold is the healthy voxels' quantile (above); without those voxels there is none to take."""
+    model = load_mri_model(tiny_mri_model, "cpu")
+    assert Thresholds.of(model, 0.05).mask_threshold == _threshold(model.calibration["voxel/llr"], 0.05)
+    del model.calibration["voxel/llr"]
+    with pytest.raises(ModelFolderError, match="no healthy voxels of llr"):
+        Thresholds.of(model, 0.05)
 
 
 def test_a_scan_with_no_slice_to_score_is_an_error_that_says_why(tiny_mri_model, tmp_path):
