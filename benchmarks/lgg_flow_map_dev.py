@@ -205,13 +205,28 @@ def crossfit_pairs(folder: Path) -> list[tuple]:
     return pairs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model with --split, or --crossfit: which models read which patients (:func:`reading_pairs`)."""
     parser.add_argument("-m", "--model", type=Path, help="the model (else --crossfit)")
     parser.add_argument("--crossfit", type=Path, help="lgg_crossfit.py's folder: each train patient by the fold "
                         "model that left it out (instead of --model and --split)")
-    parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
+
+
+def reading_pairs(args: argparse.Namespace) -> list[tuple]:
+    """(model, scan) pairs of :func:`add_reader_arguments`' choice: the cross-fit's, or one model's split."""
+    if args.crossfit:
+        return crossfit_pairs(args.crossfit)
+    if args.model:
+        model = load_mri_model(args.model, "cpu")
+        return [(model, scan) for scan in split_scans(model, args.split)]
+    raise SystemExit("give --model or --crossfit")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_reader_arguments(parser)
+    parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 4.0, 6.0])
     parser.add_argument("--maps", nargs="+", help="report only these maps (the test split: the chosen ones)")
     parser.add_argument("--with-scan-z", type=float, nargs="*", default=[], metavar="W",
@@ -228,13 +243,7 @@ def main() -> None:
     parser.add_argument("--restore", nargs="*", default=[], metavar="STEPS:LR:LAM:BETA",
                         help="also measure restoration residuals, one per setting")
     args = parser.parse_args()
-    if args.crossfit:
-        pairs = crossfit_pairs(args.crossfit)
-    elif args.model:
-        model = load_mri_model(args.model, "cpu")
-        pairs = [(model, scan) for scan in split_scans(model, args.split)]
-    else:
-        raise SystemExit("give --model or --crossfit")
+    pairs = reading_pairs(args)
 
     # each flow map's key under the models' own map_spread (flow_variants names the nearest one plainly)
     spread = pairs[0][0].config.map_spread

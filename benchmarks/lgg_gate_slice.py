@@ -14,10 +14,9 @@ The development split is the model's calibration patients (their lesion slices n
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
-from lgg_flow_map_dev import crossfit_pairs, split_scans
+from lgg_flow_map_dev import add_reader_arguments, reading_pairs
 from sklearn.metrics import roc_auc_score
 
 from medflowad.bench.mri import LESION_MASKS
@@ -25,24 +24,15 @@ from medflowad.data.readers import load_scan
 from medflowad.metrics import stratified_auroc
 from medflowad.mri.analysis import SCAN_Z_AND_LLR_MAP, SCAN_Z_MAP, scan_z_area
 from medflowad.mri.evaluate import position_strata, slice_centrality
-from medflowad.mri.model import analyse, load_mri_model
+from medflowad.mri.model import analyse
 from medflowad.prep.stage import companion_path, prepare_volume
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-m", "--model", help="the model (else --crossfit)")
-    parser.add_argument("--crossfit", type=Path, help="lgg_crossfit.py's folder: each train patient by the fold "
-                        "model that left it out (instead of --model and --split)")
-    parser.add_argument("--split", choices=("calibration", "test"), default="calibration")
+    add_reader_arguments(parser)
     args = parser.parse_args()
-    if args.crossfit:
-        pairs, split = crossfit_pairs(args.crossfit), "crossfit"
-    elif args.model:
-        model = load_mri_model(args.model, "cpu")
-        pairs, split = [(model, path) for path in split_scans(model, args.split)], args.split
-    else:
-        raise SystemExit("give --model or --crossfit")
+    pairs, split = reading_pairs(args), "crossfit" if args.crossfit else args.split
     scores: dict[str, list[np.ndarray]] = {}
     labels = []
     for model, path in pairs:
