@@ -30,6 +30,10 @@ strength S (:func:`medflowad.data.painting.linear_bias_field`), while the statis
 thresholds stay those of the unbiased scans, as a calibration made without the field would be; the output
 adds each map's voxel FPR on the biased unpainted scans at those thresholds.
 
+``--deformable MESH_MM`` measures everything after a B-spline refinement of each prepared scan onto the template
+(``bspline_refinement.py``; the voxels are then the template's, and each painted copy's lesion kind is read on the
+affine grid and carried by its own warp).
+
 ``--standardised`` reads the unclipped image standardised to the fold's healthy subjects' intensity landmarks
 (:mod:`medflowad.mri.landmarks`). ``--phantoms N`` also measures N healthy T1 heads simulated from the MNI
 template (seeds 300 + i; :mod:`medflowad.data.phantoms`: another anatomy, contrast and shading than IXI's
@@ -46,6 +50,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from bspline_refinement import refined
 from data_root import data_root
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -163,6 +168,8 @@ def main() -> None:
                         help="radius of the location's own low bound for --mirror")
     parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
+    parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
+                        "template by a B-spline registration of this control-point spacing (mm; bspline_refinement.py)")
     args = parser.parse_args()
     ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
@@ -188,6 +195,13 @@ def main() -> None:
             painted[subject] = [prepare(measured_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
                                 for k in range(1, args.copies + 1)]
     phantoms = [prepare(path, config) for path in simulated_heads(args.out / "phantoms", args.phantoms)]
+    affine_healthy, affine_painted, warps = dict(healthy), {s: list(v) for s, v in painted.items()}, {}
+    if args.deformable:  # every scan refined onto the template; each painted copy keeps its warp for its lesion kind
+        for subject in subjects:
+            healthy[subject] = refined(healthy[subject], args.deformable)[0]
+            for k, scan in enumerate(painted[subject]):
+                painted[subject][k], warps[(subject, k)] = refined(scan, args.deformable)
+        phantoms = [refined(p, args.deformable)[0] for p in phantoms]
     model = load_mri_model(args.model, "cpu") if args.model else None
     flow_maps = {"llr", "last_scale", *scale_map_names(model.config.model.levels)} if model else set()
     base_read = unclipped_intensity_map if args.unclipped or args.standardised else intensity
@@ -226,7 +240,7 @@ def main() -> None:
             contrast_statistics = (*fit_normative(*contrast_fit), *fit_healthy_range(*contrast_fit))
         measured = biased_healthy.get(subject, healthy[subject])
         measured_image = read(measured)  # what each painted copy's lesion kind is read against
-        for label, scan in [(False, measured)] + [(True, p) for p in painted[subject]]:
+        for index, (label, scan) in enumerate([(False, measured)] + [(True, p) for p in painted[subject]]):
             region, signed, beyond = normative_maps(scan, read, *statistics_of(scan))
             shares["painted" if label else "healthy"].append(beyond_share(beyond, region))
             maps = {"intensity_normative_signed": signed, "intensity_normative_two_sided": np.abs(signed),
@@ -258,7 +272,11 @@ def main() -> None:
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 # lesion kind by how the painted copy differs from its unpainted scan on the same grid
-                brighter.append((read(scan) > measured_image)[region])
+                if args.deformable:  # the kind read on the affine grid, carried by the copy's own warp
+                    kind = read(affine_painted[subject][index - 1]) > read(affine_healthy[subject])
+                    brighter.append((warps[(subject, index - 1)](kind) > 0.5)[region])
+                else:
+                    brighter.append((read(scan) > measured_image)[region])
                 for name in maps:
                     voxel.setdefault(name, []).append(maps[name][region])
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
