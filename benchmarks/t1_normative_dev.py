@@ -15,7 +15,8 @@ unpainted scans and measures on the left-out subject's painted copies:
 - scan AUROC of painted copies against the left-out subject's own unpainted scan, for slice scores that
   are the mean of the top k normative values of a slice (k in --top), aggregated over the top 10 % slices;
 - voxel AUPRC per lesion kind (``voxel_auprc_by_kind``): lesion voxels brighter, or not, than the unpainted
-  scan at the same place, each against every lesion-free voxel.
+  scan at the same place, each against every lesion-free voxel; with ``--by-tissue`` each kind split again by
+  the tissue the lesion voxels replace (white matter, or grey matter and CSF; ``voxel_auprc_by_kind_and_tissue``).
 
 ``--low-radius R`` fits the healthy range's low bound within R pixels instead of the high bound's radius.
 ``--local-contrast S`` also measures the healthy range of the image minus its Gaussian-weighted mean over the
@@ -46,9 +47,10 @@ import argparse
 import json
 import shutil
 import tempfile
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from bspline_refinement import refined
 from data_root import data_root
@@ -56,8 +58,9 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medflowad.bench.mri import read_split
-from medflowad.data.painting import bias_scan_file, paint_scan_file
+from medflowad.data.painting import bias_scan_file, paint_scan_file, tissue_classes
 from medflowad.data.phantoms import load_template, save_scan, simulate_subject
+from medflowad.data.scans import volume_to_display
 from medflowad.mri.analysis import (
     aggregate,
     intensity_scan_z,
@@ -81,6 +84,7 @@ from medflowad.mri.normative import (
     slice_top_mean,
 )
 from medflowad.prep import prepare
+from medflowad.prep.registration import resample, supersampling
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKS = ("_t1", "_t1_mask")
@@ -123,6 +127,25 @@ def mirrored_low(scan, read, low_wide: np.ndarray, low_here: np.ndarray, radius:
     flipped = np.flip(np.where(region, image, np.inf), axis=-1)
     mirror = ndimage.minimum_filter(flipped, size=(3, 2 * radius + 1, 2 * radius + 1), mode="constant", cval=np.inf)
     return np.maximum(low_wide, np.minimum(low_here, mirror)).astype(np.float32)
+
+
+@cache
+def white_matter(ixi: Path, subject: str) -> tuple[np.ndarray, np.ndarray]:
+    """(white-matter indicator, affine) of the unpainted head on its own grid: the painting's k-means classes."""
+    source = nib.load(str(ixi / f"{subject}_T1.nii.gz"))
+    brain = np.asarray(nib.load(str(ixi / f"{subject}_dlmuse.nii.gz")).dataobj) > 0
+    classes = tissue_classes(np.asarray(source.get_fdata(dtype=np.float32)), brain)[0]
+    return (classes == 3).astype(np.float32), source.affine
+
+
+def white_matter_on_grid(ixi: Path, subject: str, scan) -> np.ndarray:
+    """(Z, S, S) share of each model-grid pixel that is the unpainted head's white matter, resampled as the
+    preparation resamples the lesion mask (standard space only)."""
+    indicator, affine = white_matter(ixi, subject)
+    grid_affine = np.asarray(scan.grid.affine, dtype=np.float64)
+    shape = tuple(int(n) for n in scan.grid.shape[1:])
+    return volume_to_display(resample(indicator, affine, grid_affine, shape, scan.transform,
+                                      factor=supersampling(grid_affine, affine)))
 
 
 def simulated_heads(folder: Path, count: int) -> list[Path]:
@@ -168,9 +191,13 @@ def main() -> None:
                         help="radius of the location's own low bound for --mirror")
     parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
+    parser.add_argument("--by-tissue", action="store_true", help="also split each lesion kind's AUPRC by the "
+                        "tissue its voxels replace (white matter or not, by the unpainted head's k-means classes)")
     parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
                         "template by a B-spline registration of this control-point spacing (mm; bspline_refinement.py)")
     args = parser.parse_args()
+    if args.by_tissue and args.deformable:
+        parser.error("--by-tissue reads the tissue on the affine grid: not with --deformable")
     ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config(args.config).preprocessing
@@ -210,7 +237,7 @@ def main() -> None:
                                               "intensity_beyond_healthy_range",
                                               "intensity", "intensity_abs_z")}
     # healthy: each subject's unpainted scan against the others' statistics (biased: as measured)
-    truth, healthy_values, biased_values, brighter = [], [], [], []
+    truth, healthy_values, biased_values, brighter, white = [], [], [], [], []
     scan_scores: dict[str, dict[str, list]] = {}
     phantom_values: list[np.ndarray] = []
     # share of each scan's scored voxels beyond its location's healthy range (at any distance)
@@ -277,6 +304,8 @@ def main() -> None:
                     brighter.append((warps[(subject, index - 1)](kind) > 0.5)[region])
                 else:
                     brighter.append((read(scan) > measured_image)[region])
+                if args.by_tissue:
+                    white.append((white_matter_on_grid(ixi, subject, scan) > 0.5)[region])
                 for name in maps:
                     voxel.setdefault(name, []).append(maps[name][region])
         for phantom in phantoms:  # against this fold's painted copies, under the same statistics
@@ -302,6 +331,15 @@ def main() -> None:
         kind: {n: float(average_precision_score(labels[keep], np.concatenate(v)[keep])) for n, v in voxel.items()
                if v}
         for kind, keep in (("brighter", ~labels | bright), ("darker", ~labels | ~bright))}
+    if args.by_tissue:
+        in_white = np.concatenate(white)
+        groups = {f"{kind}_{tissue}": (side & place) for kind, side in (("brighter", bright), ("darker", ~bright))
+                  for tissue, place in (("white", in_white), ("grey_or_csf", ~in_white))}
+        result["voxel_auprc_by_kind_and_tissue"] = {
+            group: {n: float(average_precision_score(labels[~labels | chosen], np.concatenate(v)[~labels | chosen]))
+                    for n, v in voxel.items() if v} for group, chosen in groups.items()}
+        result["lesion_voxels_by_kind_and_tissue"] = {group: int((labels & chosen).sum())
+                                                      for group, chosen in groups.items()}
     result["lesion_voxels_by_kind"] = {"brighter": int((labels & bright).sum()),
                                        "darker": int((labels & ~bright).sum())}
     # Dice at thresholds giving these voxel FPRs on the healthy scans
