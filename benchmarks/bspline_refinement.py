@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the library's own convention)
 import torch
 
-from medflowad.data.scans import PreparedScan, volume_to_display
-from medflowad.prep.registration import SAMPLING_SEED, resample
-from medflowad.prep.stage import default_cache_dir
+from medflowad.data.scans import PreparedScan
+from medflowad.prep.registration import SAMPLING_SEED
+from medflowad.prep.stage import default_cache_dir, standard_slices
 from medflowad.prep.template import load_template
 
 ITERATIONS = 50
@@ -37,7 +37,7 @@ def template_on_grid(scan: PreparedScan) -> np.ndarray:
     template = load_template()
     affine = np.asarray(scan.grid.affine, dtype=np.float64)
     shape = tuple(int(s) for s in scan.grid.shape[1:])
-    return volume_to_display(resample(template.image, template.affine, affine, shape, factor=2))
+    return standard_slices(template.image, template.affine, affine, shape, None)
 
 
 def _image(array: np.ndarray, spacing: tuple[float, float, float]) -> sitk.Image:

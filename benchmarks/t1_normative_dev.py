@@ -60,7 +60,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from medflowad.bench.mri import read_split
 from medflowad.data.painting import bias_scan_file, paint_scan_file, tissue_classes
 from medflowad.data.phantoms import load_template, save_scan, simulate_subject
-from medflowad.data.scans import volume_to_display
 from medflowad.mri.analysis import (
     aggregate,
     intensity_scan_z,
@@ -84,7 +83,7 @@ from medflowad.mri.normative import (
     slice_top_mean,
 )
 from medflowad.prep import prepare
-from medflowad.prep.registration import resample, supersampling
+from medflowad.prep.stage import standard_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKS = ("_t1", "_t1_mask")
@@ -144,8 +143,7 @@ def white_matter_on_grid(ixi: Path, subject: str, scan) -> np.ndarray:
     indicator, affine = white_matter(ixi, subject)
     grid_affine = np.asarray(scan.grid.affine, dtype=np.float64)
     shape = tuple(int(n) for n in scan.grid.shape[1:])
-    return volume_to_display(resample(indicator, affine, grid_affine, shape, scan.transform,
-                                      factor=supersampling(grid_affine, affine)))
+    return standard_slices(indicator, affine, grid_affine, shape, scan.transform)
 
 
 def simulated_heads(folder: Path, count: int) -> list[Path]:

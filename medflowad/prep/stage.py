@@ -303,6 +303,15 @@ def mask_on_scan(mask: MetaTensor, scan: MetaTensor) -> np.ndarray:
     return ResampleToMatch(mode="nearest")(mask, scan)[0].numpy() > 0.5
 
 
+def standard_slices(volume: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape: tuple[int, ...],
+                    transform: np.ndarray | None) -> np.ndarray:
+    """(Z, S, S) a volume on its own grid (``affine``) as the standard grid's slices, the way a lesion mask goes
+    onto it: each grid voxel the mean of samples spread inside it where the grid is coarser; ``transform`` maps
+    grid world to the volume's world (None: one world)."""
+    return volume_to_display(resample(volume, affine, grid_affine, grid_shape, transform,
+                                      factor=supersampling(grid_affine, affine)))
+
+
 def prepare_volume(scan: MetaTensor, config: ScanPreprocessing, brain_mask: MetaTensor | None = None,
                    lesion_mask: MetaTensor | None = None, cache: Path | None = None) -> PreparedScan:
     """Prepare a scan read by :func:`medflowad.data.readers.load_scan` as ``config`` says (module docstring).
@@ -329,8 +338,7 @@ def prepare_volume(scan: MetaTensor, config: ScanPreprocessing, brain_mask: Meta
     if lesion_mask is not None:
         on_scan = mask_on_scan(lesion_mask, scan).astype(np.float32)
         affine = scan.affine.numpy().astype(np.float64)
-        lesion = volume_to_display(resample(on_scan, affine, grid_affine, grid_shape, preparation.transform,
-                                            factor=supersampling(grid_affine, affine)))
+        lesion = standard_slices(on_scan, affine, grid_affine, grid_shape, preparation.transform)
     foreground = volume_to_display(preparation.standard_brain)
     unclipped = volume_to_display(preparation.standard).astype(np.float32)
     slices = torch.from_numpy(np.round(np.minimum(unclipped, 1.0) * 255).astype(np.uint8))[:, None]
