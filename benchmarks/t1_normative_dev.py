@@ -194,8 +194,8 @@ def main() -> None:
     parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
                         "template by a B-spline registration of this control-point spacing (mm; bspline_refinement.py)")
     args = parser.parse_args()
-    if args.by_tissue and args.deformable:
-        parser.error("--by-tissue reads the tissue on the affine grid: not with --deformable")
+    if args.deformable and (args.by_tissue or args.bias_field):
+        parser.error("--deformable refines the painted and healthy scans only: not with --by-tissue or --bias-field")
     ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config(args.config).preprocessing
