@@ -6,7 +6,9 @@ to the MNI template sampled on the same grid, with a B-spline transform of contr
 apart (Mattes mutual information inside the template brain, L-BFGS-B, two levels), and returns the scan with its
 image, foreground and lesion mask warped onto the template, and the warp itself for other arrays. Transforms are
 cached as ITK text files under $MEDFLOWAD_CACHE/bspline, keyed by the image and the settings.
-``benchmarks/t1_normative_dev.py --deformable MESH_MM`` measures the healthy-range map with it.
+``benchmarks/t1_normative_dev.py --deformable MESH_MM`` measures the healthy-range map with it; ``--deformable 0``
+is its control, every scan shifted by half a pixel along each axis through the same linear interpolation (the
+most blur that interpolation gives, and no alignment).
 
     python benchmarks/bspline_refinement.py runs/t1_dev/painted -o runs/bspline_overlay.png --mesh 30 15
 
@@ -83,7 +85,9 @@ def refined(scan: PreparedScan, mesh_mm: float) -> tuple[PreparedScan, Callable[
     moving = np.where(scan.foreground, image, 0.0).astype(np.float32)
     key = hashlib.sha1(moving.tobytes() + f"{mesh_mm}-{ITERATIONS}".encode()).hexdigest()[:16]
     path = default_cache_dir() / "bspline" / f"{key}.tfm"
-    if path.exists():
+    if mesh_mm == 0:  # the control: half a pixel along every axis, the interpolation's blur without any alignment
+        transform = sitk.TranslationTransform(3, [m / 2 for m in spacing])
+    elif path.exists():
         transform = sitk.ReadTransform(str(path))
     else:
         transform = register_bspline(moving, template_on_grid(scan), spacing, mesh_mm)

@@ -33,7 +33,7 @@ adds each map's voxel FPR on the biased unpainted scans at those thresholds.
 
 ``--deformable MESH_MM`` measures everything after a B-spline refinement of each prepared scan onto the template
 (``bspline_refinement.py``; the voxels are then the template's, and each painted copy's lesion kind is read on the
-affine grid and carried by its own warp).
+affine grid and carried by its own warp, as is its tissue with ``--by-tissue``).
 
 ``--standardised`` reads the unclipped image standardised to the fold's healthy subjects' intensity landmarks
 (:mod:`medflowad.mri.landmarks`). ``--phantoms N`` also measures N healthy T1 heads simulated from the MNI
@@ -192,10 +192,11 @@ def main() -> None:
     parser.add_argument("--by-tissue", action="store_true", help="also split each lesion kind's AUPRC by the "
                         "tissue its voxels replace (white matter or not, by the unpainted head's k-means classes)")
     parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
-                        "template by a B-spline registration of this control-point spacing (mm; bspline_refinement.py)")
+                        "template by a B-spline registration of this control-point spacing (mm; 0: a half-pixel "
+                        "shift, the control; bspline_refinement.py)")
     args = parser.parse_args()
-    if args.deformable and (args.by_tissue or args.bias_field):
-        parser.error("--deformable refines the painted and healthy scans only: not with --by-tissue or --bias-field")
+    if args.deformable is not None and args.bias_field:
+        parser.error("--deformable refines the painted and healthy scans only: not with --bias-field")
     ixi = data_root() / "medical" / "ixi_t1_2mm"
     subjects = read_split(None, "ixi_t1_split.tsv")["train"]
     config = load_mri_config(args.config).preprocessing
@@ -221,7 +222,7 @@ def main() -> None:
                                 for k in range(1, args.copies + 1)]
     phantoms = [prepare(path, config) for path in simulated_heads(args.out / "phantoms", args.phantoms)]
     affine_healthy, affine_painted, warps = dict(healthy), {s: list(v) for s, v in painted.items()}, {}
-    if args.deformable:  # every scan refined onto the template; each painted copy keeps its warp for its lesion kind
+    if args.deformable is not None:  # every scan refined onto the template; painted copies keep their warps
         for subject in subjects:
             healthy[subject] = refined(healthy[subject], args.deformable)[0]
             for k, scan in enumerate(painted[subject]):
@@ -297,12 +298,15 @@ def main() -> None:
             if label:
                 truth.append(scan.lesion[region] > 0.5)
                 # lesion kind by how the painted copy differs from its unpainted scan on the same grid
-                if args.deformable:  # the kind read on the affine grid, carried by the copy's own warp
+                if args.deformable is not None:  # the kind read on the affine grid, carried by the copy's own warp
                     kind = read(affine_painted[subject][index - 1]) > read(affine_healthy[subject])
                     brighter.append((warps[(subject, index - 1)](kind) > 0.5)[region])
                 else:
                     brighter.append((read(scan) > measured_image)[region])
-                if args.by_tissue:
+                if args.by_tissue and args.deformable is not None:  # read on the affine grid like the kind
+                    share = white_matter_on_grid(ixi, subject, affine_painted[subject][index - 1])
+                    white.append((warps[(subject, index - 1)](share) > 0.5)[region])
+                elif args.by_tissue:
                     white.append((white_matter_on_grid(ixi, subject, scan) > 0.5)[region])
                 for name in maps:
                     voxel.setdefault(name, []).append(maps[name][region])
