@@ -18,6 +18,7 @@ unpainted scans and measures on the left-out subject's painted copies:
   scan at the same place, each against every lesion-free voxel; with ``--by-tissue`` each kind split again by
   the tissue the lesion voxels replace (white matter, or grey matter and CSF; ``voxel_auprc_by_kind_and_tissue``).
 
+``--smooth S`` reads the image smoothed in-plane within the brain (Gaussian, sigma S pixels) before everything.
 ``--low-radius R`` fits the healthy range's low bound within R pixels instead of the high bound's radius.
 ``--local-contrast S`` also measures the healthy range of the image minus its Gaussian-weighted mean over the
 brain (sigma S pixels), and the larger of that range's and the intensity's distances.
@@ -108,13 +109,19 @@ def normative_maps(scan, read, centre, spread, low, high) -> tuple[np.ndarray, n
             beyond_healthy_range(image, region, level, low, high, spread))
 
 
-def local_contrast(scan, read, sigma: float) -> np.ndarray:
-    """The image minus its Gaussian-weighted mean over the scored region, slice by slice (zero outside it): a
-    voxel against its surroundings, which a dark blob in white matter stands out from and thin sulcal CSF less."""
+def brain_smoothed(scan, read, sigma: float) -> np.ndarray:
+    """The image's Gaussian-weighted mean over the scored region, slice by slice (zero outside it): outside voxels
+    neither darken the brain's edge nor count."""
     image, region = read(scan), scan.scored.astype(np.float32)
     weight = ndimage.gaussian_filter(region, (0, sigma, sigma))
     mean = ndimage.gaussian_filter(image * region, (0, sigma, sigma)) / np.maximum(weight, 1e-6)
-    return np.where(region > 0, image - mean, 0.0).astype(np.float32)
+    return np.where(region > 0, mean, 0.0).astype(np.float32)
+
+
+def local_contrast(scan, read, sigma: float) -> np.ndarray:
+    """The image minus its Gaussian-weighted mean over the scored region, slice by slice (zero outside it): a
+    voxel against its surroundings, which a dark blob in white matter stands out from and thin sulcal CSF less."""
+    return np.where(scan.scored, read(scan) - brain_smoothed(scan, read, sigma), 0.0).astype(np.float32)
 
 
 def mirrored_low(scan, read, low_wide: np.ndarray, low_here: np.ndarray, radius: int) -> np.ndarray:
@@ -189,6 +196,8 @@ def main() -> None:
                         help="radius of the location's own low bound for --mirror")
     parser.add_argument("--low-radius", type=int, default=None, help="in-plane radius of the healthy range's low "
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
+    parser.add_argument("--smooth", type=float, default=0.0, help="read the image smoothed in-plane within the "
+                        "brain by a Gaussian of this sigma (pixels) first, in the statistics and the measured scans")
     parser.add_argument("--by-tissue", action="store_true", help="also split each lesion kind's AUPRC by the "
                         "tissue its voxels replace (white matter or not, by the unpainted head's k-means classes)")
     parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
@@ -245,6 +254,8 @@ def main() -> None:
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
         read = fold_read(base_read, others, args.standardised)
+        if args.smooth:
+            read = partial(brain_smoothed, read=read, sigma=args.smooth)
         fit = ([read(p) for p in others], [healthy_parts(p)[1] for p in others],
                [slice_levels(p, True) for p in others], others[0].num_slices, True)
         centre, spread = fit_normative(*fit)
