@@ -18,6 +18,8 @@ unpainted scans and measures on the left-out subject's painted copies:
   scan at the same place, each against every lesion-free voxel; with ``--by-tissue`` each kind split again by
   the tissue the lesion voxels replace (white matter, or grey matter and CSF; ``voxel_auprc_by_kind_and_tissue``).
 
+``--held-apart`` reads a setting chosen here once on protocol D's held-apart test heads (sample_data/mri, healthy
+and painted) against the statistics of all five training subjects: voxel AUPRC pooled, by kind and by tissue.
 ``--smooth S`` reads the image smoothed in-plane within the brain (Gaussian, sigma S pixels) before everything.
 ``--low-radius R`` fits the healthy range's low bound within R pixels instead of the high bound's radius.
 ``--local-contrast S`` also measures the healthy range of the image minus its Gaussian-weighted mean over the
@@ -153,6 +155,44 @@ def white_matter_on_grid(ixi: Path, subject: str, scan) -> np.ndarray:
     return standard_slices(indicator, affine, grid_affine, shape, scan.transform)
 
 
+def held_apart(args, ixi: Path, healthy: dict, config, base_read) -> None:
+    """The held-apart test heads of sample_data/mri (protocol D's test split, healthy and painted) against the
+    statistics of all five training subjects: voxel AUPRC pooled, by lesion kind and by tissue, and the share of
+    the healthy test heads beyond the range. For reading a setting chosen on development once, not for choosing."""
+    scans = list(healthy.values())
+    read = fold_read(base_read, scans, args.standardised)
+    if args.smooth:
+        read = partial(brain_smoothed, read=read, sigma=args.smooth)
+    fit = ([read(p) for p in scans], [healthy_parts(p)[1] for p in scans], [slice_levels(p, True) for p in scans],
+           scans[0].num_slices, True)
+    statistics = (*fit_normative(*fit), *fit_healthy_range(*fit))
+    samples = ROOT / "sample_data" / "mri"
+    truth, values, brighter, white, shares = [], [], [], [], {}
+    for subject in read_split(None, "ixi_t1_split.tsv")["test"]:
+        unpainted = prepare(samples / f"{subject}_t1.nii.gz", config)
+        region, _, beyond = normative_maps(unpainted, read, *statistics)
+        shares[subject] = beyond_share(beyond, region)
+        for path in sorted(samples.glob(f"{subject}-painted?_t1.nii.gz")):
+            scan = prepare(path, config, MASKS)
+            region, _, beyond = normative_maps(scan, read, *statistics)
+            truth.append(scan.lesion[region] > 0.5)
+            values.append(beyond[region])
+            brighter.append((read(scan) > read(unpainted))[region])
+            white.append((white_matter_on_grid(ixi, subject, scan) > 0.5)[region])
+    labels, scores = np.concatenate(truth), np.concatenate(values)
+    bright, in_white = np.concatenate(brighter), np.concatenate(white)
+    groups = {"all": np.ones_like(labels), "brighter": bright, "darker": ~bright,
+              **{f"{kind}_{tissue}": side & place for kind, side in (("brighter", bright), ("darker", ~bright))
+                 for tissue, place in (("white", in_white), ("grey_or_csf", ~in_white))}}
+    result = {"smooth": args.smooth, "voxels": int(labels.size), "healthy_share_beyond": shares,
+              "lesion_voxels": {g: int((labels & c).sum()) for g, c in groups.items()},
+              "voxel_auprc": {g: float(average_precision_score(labels[~labels | c], scores[~labels | c]))
+                              for g, c in groups.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "held_apart.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def simulated_heads(folder: Path, count: int) -> list[Path]:
     """``count`` healthy T1 heads simulated from the MNI template in sample_data (seeds 300 + i), written once."""
     paths = [folder / f"sim-{300 + i}_t1.nii.gz" for i in range(count)]
@@ -198,6 +238,8 @@ def main() -> None:
                         "bound (default: the high bound's, normative.RANGE_RADIUS)")
     parser.add_argument("--smooth", type=float, default=0.0, help="read the image smoothed in-plane within the "
                         "brain by a Gaussian of this sigma (pixels) first, in the statistics and the measured scans")
+    parser.add_argument("--held-apart", action="store_true", help="measure the held-apart test heads of "
+                        "sample_data/mri once against all training subjects (held_apart.json) instead")
     parser.add_argument("--by-tissue", action="store_true", help="also split each lesion kind's AUPRC by the "
                         "tissue its voxels replace (white matter or not, by the unpainted head's k-means classes)")
     parser.add_argument("--deformable", type=float, default=None, help="refine every prepared scan onto the "
@@ -229,6 +271,10 @@ def main() -> None:
                     bias_scan_file(source, biased_dir / f"{subject}_t1.nii.gz", args.bias_field), config)
             painted[subject] = [prepare(measured_dir / f"{subject}-painted{k}_t1.nii.gz", config, MASKS)
                                 for k in range(1, args.copies + 1)]
+    base_read = unclipped_intensity_map if args.unclipped or args.standardised else intensity
+    if args.held_apart:
+        held_apart(args, ixi, healthy, config, base_read)
+        return
     phantoms = [prepare(path, config) for path in simulated_heads(args.out / "phantoms", args.phantoms)]
     affine_healthy, affine_painted, warps = dict(healthy), {s: list(v) for s, v in painted.items()}, {}
     if args.deformable is not None:  # every scan refined onto the template; painted copies keep their warps
@@ -239,7 +285,6 @@ def main() -> None:
         phantoms = [refined(p, args.deformable)[0] for p in phantoms]
     model = load_mri_model(args.model, "cpu") if args.model else None
     flow_maps = {"llr", "last_scale", *scale_map_names(model.config.model.levels)} if model else set()
-    base_read = unclipped_intensity_map if args.unclipped or args.standardised else intensity
 
     voxel: dict[str, list] = {n: [] for n in ("intensity_normative_signed", "intensity_normative_two_sided",
                                               "intensity_beyond_healthy_range",
