@@ -83,16 +83,17 @@ def refined(scan: PreparedScan, mesh_mm: float) -> tuple[PreparedScan, Callable[
     spacing = (pixel, pixel, slice_mm)
     image = scan.unclipped if scan.unclipped is not None else scan.slices[:, 0].numpy() / 255.0
     moving = np.where(scan.foreground, image, 0.0).astype(np.float32)
-    key = hashlib.sha1(moving.tobytes() + f"{mesh_mm}-{ITERATIONS}".encode()).hexdigest()[:16]
-    path = default_cache_dir() / "bspline" / f"{key}.tfm"
     if mesh_mm == 0:  # the control: half a pixel along every axis, the interpolation's blur without any alignment
         transform = sitk.TranslationTransform(3, [m / 2 for m in spacing])
-    elif path.exists():
-        transform = sitk.ReadTransform(str(path))
     else:
-        transform = register_bspline(moving, template_on_grid(scan), spacing, mesh_mm)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sitk.WriteTransform(transform, str(path))
+        key = hashlib.sha1(moving.tobytes() + f"{mesh_mm}-{ITERATIONS}".encode()).hexdigest()[:16]
+        path = default_cache_dir() / "bspline" / f"{key}.tfm"
+        if path.exists():
+            transform = sitk.ReadTransform(str(path))
+        else:
+            transform = register_bspline(moving, template_on_grid(scan), spacing, mesh_mm)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sitk.WriteTransform(transform, str(path))
 
     def warp(array: np.ndarray) -> np.ndarray:
         return _warp(np.asarray(array, dtype=np.float32), transform, spacing)

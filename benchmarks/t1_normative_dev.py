@@ -155,16 +155,28 @@ def white_matter_on_grid(ixi: Path, subject: str, scan) -> np.ndarray:
     return standard_slices(indicator, affine, grid_affine, shape, scan.transform)
 
 
-def held_apart(args, ixi: Path, healthy: dict, config, base_read) -> None:
-    """The held-apart test heads of sample_data/mri (protocol D's test split, healthy and painted) against the
-    statistics of all five training subjects: voxel AUPRC pooled, by lesion kind and by tissue, and the share of
-    the healthy test heads beyond the range. For reading a setting chosen on development once, not for choosing."""
-    scans = list(healthy.values())
+def fold_read_and_fit(scans: list, base_read, args) -> tuple:
+    """The fold's read of the image (standardised to ``scans``' landmarks, smoothed with --smooth) and the
+    arguments of the per-location fits (normative.fit_normative, fit_healthy_range) on ``scans``."""
     read = fold_read(base_read, scans, args.standardised)
     if args.smooth:
         read = partial(brain_smoothed, read=read, sigma=args.smooth)
     fit = ([read(p) for p in scans], [healthy_parts(p)[1] for p in scans], [slice_levels(p, True) for p in scans],
            scans[0].num_slices, True)
+    return read, fit
+
+
+def kind_and_tissue_groups(bright: np.ndarray, in_white: np.ndarray) -> dict[str, np.ndarray]:
+    """Each lesion kind (brighter or darker than the unpainted scan) split by the tissue it replaces."""
+    return {f"{kind}_{tissue}": side & place for kind, side in (("brighter", bright), ("darker", ~bright))
+            for tissue, place in (("white", in_white), ("grey_or_csf", ~in_white))}
+
+
+def held_apart(args, ixi: Path, healthy: dict, config, base_read) -> None:
+    """The held-apart test heads of sample_data/mri (protocol D's test split, healthy and painted) against the
+    statistics of all five training subjects: voxel AUPRC pooled, by lesion kind and by tissue, and the share of
+    the healthy test heads beyond the range. For reading a setting chosen on development once, not for choosing."""
+    read, fit = fold_read_and_fit(list(healthy.values()), base_read, args)
     statistics = (*fit_normative(*fit), *fit_healthy_range(*fit))
     samples = ROOT / "sample_data" / "mri"
     truth, values, brighter, white, shares = [], [], [], [], {}
@@ -182,8 +194,7 @@ def held_apart(args, ixi: Path, healthy: dict, config, base_read) -> None:
     labels, scores = np.concatenate(truth), np.concatenate(values)
     bright, in_white = np.concatenate(brighter), np.concatenate(white)
     groups = {"all": np.ones_like(labels), "brighter": bright, "darker": ~bright,
-              **{f"{kind}_{tissue}": side & place for kind, side in (("brighter", bright), ("darker", ~bright))
-                 for tissue, place in (("white", in_white), ("grey_or_csf", ~in_white))}}
+              **kind_and_tissue_groups(bright, in_white)}
     result = {"smooth": args.smooth, "voxels": int(labels.size), "healthy_share_beyond": shares,
               "lesion_voxels": {g: int((labels & c).sum()) for g, c in groups.items()},
               "voxel_auprc": {g: float(average_precision_score(labels[~labels | c], scores[~labels | c]))
@@ -298,11 +309,7 @@ def main() -> None:
     phantom_wins: dict[str, list[float]] = {}
     for subject in subjects:
         others = [healthy[s] for s in subjects if s != subject]
-        read = fold_read(base_read, others, args.standardised)
-        if args.smooth:
-            read = partial(brain_smoothed, read=read, sigma=args.smooth)
-        fit = ([read(p) for p in others], [healthy_parts(p)[1] for p in others],
-               [slice_levels(p, True) for p in others], others[0].num_slices, True)
+        read, fit = fold_read_and_fit(others, base_read, args)
         centre, spread = fit_normative(*fit)
         low, high = fit_healthy_range(*fit)
         if args.low_radius is not None:
@@ -390,9 +397,7 @@ def main() -> None:
                if v}
         for kind, keep in (("brighter", ~labels | bright), ("darker", ~labels | ~bright))}
     if args.by_tissue:
-        in_white = np.concatenate(white)
-        groups = {f"{kind}_{tissue}": (side & place) for kind, side in (("brighter", bright), ("darker", ~bright))
-                  for tissue, place in (("white", in_white), ("grey_or_csf", ~in_white))}
+        groups = kind_and_tissue_groups(bright, np.concatenate(white))
         result["voxel_auprc_by_kind_and_tissue"] = {
             group: {n: float(average_precision_score(labels[~labels | chosen], np.concatenate(v)[~labels | chosen]))
                     for n, v in voxel.items() if v} for group, chosen in groups.items()}
